@@ -1,0 +1,10 @@
+"""Token-tree MDPs, reward families and the stored response tree."""
+
+from .families import FAMILIES, compact_rewards, make_mdp, parse_mdp_spec, spec_help, tree_rewards
+from .mdp import TokenMDP
+from .rewards import CompactRewards, Rewards, TreeRewards, TwinRewards
+from .tree import DEFAULT_MAX_NODES, TokenTree, count_nodes
+
+__all__ = ["CompactRewards", "DEFAULT_MAX_NODES", "FAMILIES", "Rewards", "TokenMDP", "TokenTree", "TreeRewards",
+           "TwinRewards", "compact_rewards", "count_nodes", "make_mdp", "parse_mdp_spec", "spec_help",
+           "tree_rewards"]
