@@ -1,0 +1,152 @@
+"""The ``tpg`` command line.
+
+Commands:
+    tpg exact  (--case FILE | --mdp SPEC) [--json] [--save-case FILE]
+    tpg prove  [--statement NAME ...] [--json]
+    tpg mdp-help
+and the commands registered by sub-packages (``register(subparsers)`` functions listed in
+``_COMMAND_MODULES``). Bad input prints one line ``tpg: error: ...`` and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+# modules that add sub-commands: each has register(subparsers); missing ones are skipped
+_COMMAND_MODULES = ("tpg.verify.cli",)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's usage errors: one line, status 2
+        self.exit(2, f"tpg: error: {message}\n")
+
+
+def add_problem_args(p: argparse.ArgumentParser) -> None:
+    """``--case FILE`` / ``--mdp SPEC`` / ``--max-nodes`` / ``--save-case``, shared by every command."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--case", metavar="FILE", help="a tpg-case/1 JSON file (MDP and tabular policy)")
+    src.add_argument("--mdp", metavar="SPEC",
+                     help="a generated MDP with a seeded random policy, FAMILY:key=value,... "
+                          "(e.g. dense:vocab=3,horizon=4,eos=0,prompts=2,seed=0; see `tpg mdp-help`)")
+    p.add_argument("--max-nodes", type=int, default=None, metavar="N", help="size guard of the stored tree")
+    p.add_argument("--save-case", metavar="FILE", default=None,
+                   help="also write the MDP and policy as a case file")
+
+
+def load_problem_from_args(args):
+    """``(mdp, policy)`` from the shared arguments; writes ``--save-case`` when given."""
+    from .cases import load_problem, save_case
+    mdp, policy = load_problem(case=args.case, mdp_spec=args.mdp, max_nodes=args.max_nodes)
+    if getattr(args, "save_case", None):
+        save_case(args.save_case, mdp, policy)
+        print(f"wrote case file {args.save_case}", file=sys.stderr)
+    return mdp, policy
+
+
+# ------------------------------------------------------------------------------ exact
+def _cmd_exact(args) -> int:
+    from .exact import solve
+    mdp, policy = load_problem_from_args(args)
+    sol = solve(mdp, policy)
+    tree = mdp.tree
+    if args.json:
+        grad = sol.grad_logits
+        entries = []
+        for k in range(tree.num_nonterminal):
+            prompt, prefix = tree.prefix(int(tree.nt_node_k[k]))
+            entries.append({"prompt": prompt, "prefix": prefix, "grad": [float(x) for x in grad[k]]})
+        print(json.dumps({"J": sol.J, "grad": entries}))
+        return 0
+    gnorm = float(sol.flat_grad().norm())
+    print(mdp.describe())
+    print(f"J              = {sol.J:.12g}")
+    print(f"|grad J|       = {gnorm:.6g}  (over {sum(p.numel() for p in policy.parameters())} parameters)")
+    print(f"responses      = {tree.num_leaves:,}")
+    print(f"non-terminal   = {tree.num_nonterminal:,} states")
+    for p in range(mdp.num_prompts):
+        print(f"V(prompt {p})   = {float(sol.value[p]):.12g}   rho = {float(mdp.prompt_weights[p]):.6g}")
+    top = sol.grad_logits.abs().flatten().topk(min(5, sol.grad_logits.numel()))
+    print("largest |dJ/dlogit| entries:")
+    for idx in top.indices.tolist():
+        k, w = divmod(idx, mdp.vocab_size)
+        prompt, prefix = tree.prefix(int(tree.nt_node_k[k]))
+        print(f"  prompt {prompt} prefix {prefix} token {w}: {float(sol.grad_logits[k, w]):+.6g}")
+    return 0
+
+
+# ------------------------------------------------------------------------------ prove
+def _cmd_prove(args) -> int:
+    from proofs_checks.runner import format_table, run_checks
+    rows = run_checks(statements=args.statement or None, progress=not args.json)
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        print(format_table(rows))
+        bad = [r for r in rows if not r["passed"]]
+        n_stat = sum(r["kind"] == "statement" for r in rows)
+        print(f"\n{len(rows) - len(bad)} of {len(rows)} checks as expected "
+              f"({n_stat} statement checks must hold, {len(rows) - n_stat} negative controls must fail)")
+    return 1 if any(not r["passed"] for r in rows) else 0
+
+
+def _cmd_mdp_help(args) -> int:
+    from .mdp.families import FAMILIES, spec_help
+    print(f"--mdp FAMILY:key=value,...   families: {', '.join(FAMILIES)}\nkeys:\n{spec_help()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="tpg", description="Test policy-gradient estimators against exact gradients "
+                                             "of token-level objectives.")
+    parser.add_argument("--version", action="version", version=f"tpg {__import__('tpg').__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("exact", help="exact J and grad J of an MDP and policy (float64)")
+    add_problem_args(p)
+    p.add_argument("--json", action="store_true",
+                   help='print {"J": float, "grad": [{"prompt", "prefix", "grad": [V floats]}, ...]} '
+                        "with one entry per non-terminal node (dJ/dlogits)")
+    p.set_defaults(func=_cmd_exact)
+
+    p = sub.add_parser("prove", help="exact checks of every statement of THEORY.md section 2, "
+                                     "with negative controls")
+    p.add_argument("--statement", action="append", metavar="NAME",
+                   help="only this statement (repeatable); default all")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.set_defaults(func=_cmd_prove)
+
+    p = sub.add_parser("mdp-help", help="the keys of --mdp FAMILY:key=value,...")
+    p.set_defaults(func=_cmd_mdp_help)
+
+    for name in _COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name and name.startswith(exc.name):
+                continue
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as exc:
+        print(f"tpg: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # e.g. `tpg exact --json | head`
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        print("tpg: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
