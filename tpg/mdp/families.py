@@ -172,6 +172,8 @@ def make_mdp(family: str = "dense", vocab: int = 3, horizon: int = 3, eos: int |
         raise ValueError(f"prompts must be an integer >= 1, got {prompts!r}")
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p (sparse reward probability) must be in [0, 1], got {p!r}")
+    if weights not in ("uniform", "random"):
+        raise ValueError(f"weights must be 'uniform' or 'random', got {weights!r}")
     if weights == "random":
         gen = torch.Generator().manual_seed(int(seed) + 7)
         w = torch.rand(prompts, generator=gen, dtype=torch.float64) + 0.1

@@ -71,6 +71,8 @@ class SharedSoftmax(Policy):
         logits = torch.as_tensor(logits, dtype=dtype)
         if tuple(logits.shape) != shape:
             raise ValueError(f"shared logits must have shape [H, V + P, V] = {list(shape)}, got {list(logits.shape)}")
+        if not bool(torch.isfinite(logits).all()):
+            raise ValueError("shared logits must be finite")
         self.horizon = horizon
         self.num_prompts = num_prompts
         self.logits = nn.Parameter(logits.clone())

@@ -1,0 +1,123 @@
+"""The flat response tree: node counts, layout invariants, navigation, size guard."""
+
+import re
+
+import pytest
+import torch
+
+from tpg.mdp.tree import TokenTree, count_nodes
+from tpg.reference import enumerate_responses
+
+SHAPES = [  # (prompts, vocab, horizon, eos)
+    (1, 2, 1, None), (1, 2, 1, 0), (2, 3, 1, 2), (1, 3, 3, None), (1, 3, 3, 0), (2, 3, 3, 1),
+    (3, 2, 4, None), (2, 2, 4, 1), (1, 4, 2, 3), (2, 5, 3, 0),
+]
+
+
+@pytest.mark.parametrize("P,V,H,eos", SHAPES)
+def test_count_nodes_matches_closed_form_and_built_tree(P, V, H, eos):
+    counts = count_nodes(P, V, H, eos)
+    b = V - 1 if eos is not None else V  # branching of a non-terminal node into non-terminals
+    assert counts == [P] + [P * V * b ** (d - 1) for d in range(1, H + 1)]
+    tree = TokenTree.build(P, V, H, eos)
+    assert tree.num_nodes == sum(counts)
+    assert [tree.level_start[d + 1] - tree.level_start[d] for d in range(H + 1)] == counts
+    assert tree.num_nonterminal == sum(P * b ** d for d in range(H))
+    assert tree.num_leaves == tree.num_nodes - tree.num_nonterminal
+
+
+def test_count_nodes_horizon_one():
+    assert count_nodes(3, 4, 1, None) == [3, 12]
+    assert count_nodes(3, 4, 1, 0) == [3, 12]
+    tree = TokenTree.build(3, 4, 1, 0)
+    assert tree.num_nonterminal == 3
+    assert tree.leaf_ids.tolist() == list(range(3, 15))
+
+
+@pytest.mark.parametrize("P,V,H,eos", SHAPES)
+def test_layout_invariants(P, V, H, eos):
+    tree = TokenTree.build(P, V, H, eos)
+    n = tree.num_nodes
+    assert tree.depth_n[:P].tolist() == [0] * P
+    assert tree.prompt_n[:P].tolist() == list(range(P))
+    assert tree.parent_n[:P].tolist() == [-1] * P and tree.token_n[:P].tolist() == [-1] * P
+    # non-terminals numbered in increasing node id, nt_index_n is their inverse
+    assert bool((tree.nt_node_k[1:] > tree.nt_node_k[:-1]).all())
+    assert tree.nt_index_n[tree.nt_node_k].tolist() == list(range(tree.num_nonterminal))
+    # the child of non-terminal k by token v is P + k V + v, and every non-root node is such a child
+    k = torch.arange(tree.num_nonterminal).repeat_interleave(V)
+    v = torch.arange(V).repeat(tree.num_nonterminal)
+    child = P + k * V + v
+    assert child.tolist() == list(range(P, n))
+    assert torch.equal(tree.parent_n[child], tree.nt_node_k[k])
+    assert torch.equal(tree.token_n[child], v)
+    assert torch.equal(tree.depth_n[child], tree.depth_n[tree.nt_node_k[k]] + 1)
+    assert torch.equal(tree.prompt_n[child], tree.prompt_n[tree.nt_node_k[k]])
+    assert torch.equal(tree.child(tree.nt_node_k[k], v), child)
+    # terminal iff H tokens or ends with EOS
+    ends_eos = tree.token_n == eos if eos is not None else torch.zeros(n, dtype=torch.bool)
+    terminal = (tree.depth_n == H) | ends_eos
+    assert torch.equal(tree.nt_index_n < 0, terminal)
+    assert torch.equal(tree.leaf_ids, torch.nonzero(terminal).flatten())
+    # levels: depth is constant on each level block, nt_children reshape to [n, V]
+    for d in range(H + 1):
+        assert bool((tree.depth_n[tree.level_start[d]:tree.level_start[d + 1]] == d).all())
+        nt = tree.nt_node_k[tree.nt_level_start[d]:tree.nt_level_start[d + 1]]
+        assert bool((tree.depth_n[nt] == d).all())
+    for d in range(H):
+        kids = torch.arange(n)[tree.nt_children(d)].view(-1, V)
+        assert torch.equal(tree.parent_n[kids], tree.nt_node_k[tree.level_nt(d)].unsqueeze(1).expand(-1, V))
+
+
+@pytest.mark.parametrize("P,V,H,eos", SHAPES)
+def test_leaves_are_the_enumerated_responses(P, V, H, eos):
+    tree = TokenTree.build(P, V, H, eos)
+    responses = list(enumerate_responses(V, H, eos))
+    assert tree.num_leaves == P * len(responses)
+    if eos is None:
+        assert len(responses) == V ** H
+    else:  # EOS at T < H after T-1 other tokens, or H tokens of which the first H-1 are not EOS
+        assert len(responses) == sum((V - 1) ** (T - 1) for T in range(1, H)) + (V - 1) ** (H - 1) * V
+    got = {(p, tuple(pre)) for p, pre in map(tree.prefix, tree.leaf_ids.tolist())}
+    assert got == {(p, r) for p in range(P) for r in responses}
+    nt_path, tok_path, lengths = tree.leaf_paths()
+    assert torch.equal(lengths, tree.depth_n[tree.leaf_ids])
+    for i, leaf in enumerate(tree.leaf_ids.tolist()):
+        _, prefix = tree.prefix(leaf)
+        L = len(prefix)
+        assert tok_path[i, :L].tolist() == prefix and bool((tok_path[i, L:] == -1).all())
+        assert bool((nt_path[i, L:] == -1).all())
+        node = tree.nt_node_k[nt_path[i, :L]]
+        assert tree.depth_n[node].tolist() == list(range(L))
+        assert int(tree.child(node[-1], tok_path[i, L - 1])) == leaf
+
+
+@pytest.mark.parametrize("P,V,H,eos", SHAPES)
+def test_node_id_prefix_round_trip(P, V, H, eos):
+    tree = TokenTree.build(P, V, H, eos)
+    for node in range(tree.num_nodes):
+        prompt, prefix = tree.prefix(node)
+        assert len(prefix) == int(tree.depth_n[node])
+        assert tree.node_id(prompt, prefix) == node
+
+
+def test_node_id_rejects_bad_prefixes():
+    tree = TokenTree.build(2, 3, 3, 0)
+    with pytest.raises(ValueError, match="prompt"):
+        tree.node_id(2, [])
+    with pytest.raises(ValueError, match="position 1"):
+        tree.node_id(0, [1, 3])
+    with pytest.raises(ValueError, match="terminal"):
+        tree.node_id(0, [0, 1])  # continues past EOS
+    with pytest.raises(ValueError, match="terminal"):
+        tree.node_id(0, [1, 1, 1, 1])  # past the horizon
+    with pytest.raises(ValueError, match="terminal"):
+        tree.child(tree.node_id(0, [2, 0]), 1)
+
+
+def test_size_guard_names_the_node_count():
+    total = sum(count_nodes(2, 10, 6, None))
+    with pytest.raises(ValueError, match=re.escape(f"{total:,} nodes")) as err:
+        TokenTree.build(2, 10, 6, None, max_nodes=total - 1)
+    assert "max_nodes" in str(err.value)
+    assert TokenTree.build(1, 3, 2, None, max_nodes=sum(count_nodes(1, 3, 2, None))).num_nodes == 13
