@@ -10,7 +10,8 @@ surrogate loss is
 so its single-batch gradient estimate is ``g = sum_{b,t} w A grad log pi`` (PPO's clipped-ratio
 form has the same gradient at ratio 1). Estimators never see the true token rewards; the one
 exception, the token-level oracle, declares ``uses_token_rewards = True`` and receives the
-full :class:`~tpg.rollouts.Rollouts`.
+full :class:`~tpg.rollouts.Rollouts` (one batch) or a ``ResponseBatch`` built with
+``from_rollouts(..., keep_token_rewards=True)`` (stacked batches, KL options).
 
 Batches may stack independent mini-batches (``batch`` ids) and groups (``group`` ids):
 group statistics (GRPO, RLOO) are taken within a group, batch statistics (REINFORCE++
@@ -18,7 +19,11 @@ whitening, ``token-mean`` aggregation) within a batch id. The verifier uses this
 every element of a sample space, or thousands of Monte Carlo batches, in one call.
 
 What an estimator needs beyond the batch comes through an :class:`EstimatorContext`:
-ReMax's greedy response, TRePO's Monte Carlo continuations, PPO's critic values.
+ReMax's greedy response, TRePO's Monte Carlo continuations, PPO's critic values, the exact
+prompt value of the oracle baseline.
+
+Group statistics are taken per ``(batch, group)`` pair, so group ids need only be unique
+within a batch id; :func:`stack_batches` stacks independent batches with fresh ids.
 """
 
 from __future__ import annotations
@@ -46,6 +51,9 @@ class ResponseBatch:
         ref_logp: ``log pi_ref`` per token ``[B, H]`` when a reference policy is set, else None.
         gamma: the MDP's discount (``RM`` is already discounted with it).
         vocab_size, horizon: of the MDP.
+        token_rewards: the true token rewards ``[B, H]``; None except for the token-level oracle
+            (``reward_to_go``), which is the one estimator allowed to read them (added for it:
+            a ``Rollouts`` carries no batch ids, so stacked batches reach the oracle this way).
     """
 
     prompt: torch.Tensor
@@ -61,6 +69,7 @@ class ResponseBatch:
     gamma: float
     vocab_size: int
     horizon: int
+    token_rewards: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -68,8 +77,9 @@ class ResponseBatch:
 
     @classmethod
     def from_rollouts(cls, ro, batch: torch.Tensor | None = None, ref_logp: torch.Tensor | None = None,
-                      dtype: torch.dtype = torch.float64) -> "ResponseBatch":
-        """Strip the true token rewards from :class:`~tpg.rollouts.Rollouts`."""
+                      dtype: torch.dtype = torch.float64, keep_token_rewards: bool = False) -> "ResponseBatch":
+        """Strip the true token rewards from :class:`~tpg.rollouts.Rollouts` (keep them with
+        ``keep_token_rewards=True``, for the token-level oracle only)."""
         B, H = ro.tokens.shape
         tlr = torch.zeros(B, H, dtype=dtype)
         rows = torch.nonzero(ro.length > 0).flatten()
@@ -77,7 +87,8 @@ class ResponseBatch:
         return cls(prompt=ro.prompt, group=ro.group, batch=torch.zeros(B, dtype=torch.long) if batch is None else batch,
                    tokens=ro.tokens, mask=ro.mask, logp=ro.logp.to(dtype), token_level_rewards=tlr,
                    rm=ro.rm.to(dtype), length=ro.length, ref_logp=None if ref_logp is None else ref_logp.to(dtype),
-                   gamma=ro.gamma, vocab_size=ro.vocab_size, horizon=ro.horizon)
+                   gamma=ro.gamma, vocab_size=ro.vocab_size, horizon=ro.horizon,
+                   token_rewards=ro.token_rewards.to(dtype) if keep_token_rewards else None)
 
     def index(self, rows: torch.Tensor) -> "ResponseBatch":
         kw = {}
@@ -85,6 +96,39 @@ class ResponseBatch:
             v = getattr(self, f.name)
             kw[f.name] = v[rows] if isinstance(v, torch.Tensor) else v
         return ResponseBatch(**kw)
+
+
+def stack_batches(batches: list[ResponseBatch]) -> ResponseBatch:
+    """Stack independent batches into one: batch ids and group ids are offset so that no two
+    input batches share an id (each input's own ids are kept relative to it)."""
+    if not batches:
+        raise ValueError("stack_batches needs at least one batch")
+    first = batches[0]
+    for b in batches[1:]:
+        if (b.horizon, b.vocab_size, b.gamma) != (first.horizon, first.vocab_size, first.gamma):
+            raise ValueError("stack_batches: batches differ in horizon, vocab_size or gamma")
+        if any((getattr(b, k) is None) != (getattr(first, k) is None) for k in ("ref_logp", "token_rewards")):
+            raise ValueError("stack_batches: either every batch carries ref_logp/token_rewards or none does")
+    kw = {}
+    batch_off = group_off = 0
+    batch_ids, group_ids = [], []
+    for b in batches:
+        batch_ids.append(b.batch + batch_off)
+        group_ids.append(b.group + group_off)
+        if b.batch_size:
+            batch_off += int(b.batch.max()) + 1
+            group_off += int(b.group.max()) + 1
+    for f in fields(first):
+        v = getattr(first, f.name)
+        if f.name == "batch":
+            kw[f.name] = torch.cat(batch_ids)
+        elif f.name == "group":
+            kw[f.name] = torch.cat(group_ids)
+        elif isinstance(v, torch.Tensor):
+            kw[f.name] = torch.cat([getattr(b, f.name) for b in batches])
+        else:
+            kw[f.name] = v
+    return ResponseBatch(**kw)
 
 
 @dataclass
@@ -113,7 +157,14 @@ class EstimatorOutput:
 class EstimatorContext(Protocol):
     """The documented hooks an estimator may call. The verifier supplies an exact context
     (expectations: exact values where the advantage is linear in the hook's output) or a
-    Monte Carlo context (samples)."""
+    Monte Carlo context (samples).
+
+    Optional attribute ``tokens_sampled: int``: a running count of the policy tokens the
+    context has sampled for estimators (continuations beyond their given prefix, greedy
+    responses). Estimators read it with ``getattr(ctx, "tokens_sampled", None)`` before and
+    after their calls and report the difference as ``EstimatorOutput.tokens_spent``; a context
+    without it makes them report 0 and say so in ``info``.
+    """
 
     exact: bool
     """True when the hook returns expectations (the verifier's exact mode)."""
@@ -132,6 +183,10 @@ class EstimatorContext(Protocol):
 
     def random_generator(self) -> torch.Generator:
         """The generator for an estimator's own randomness (random anchors)."""
+
+    def prompt_values(self, prompt_b: torch.Tensor) -> torch.Tensor:
+        """The exact prompt value ``V'(s_1) = E[RM(W) | x]`` of each prompt, ``[B]``, in either mode
+        (the oracle baseline of ``reinforce_baseline:baseline=exact``)."""
 
 
 def aggregation_weights(mask_bt: torch.Tensor, batch_b: torch.Tensor, mode: str, horizon: int,
