@@ -24,9 +24,10 @@ import torch
 
 from .mdp.families import make_mdp, parse_mdp_spec
 from .mdp.mdp import TokenMDP, validate_shape
+from .mdp.tasks import make_task, parse_task_spec
 from .mdp.rewards import TreeRewards
 from .mdp.tree import DEFAULT_MAX_NODES, TokenTree
-from .policies import SharedSoftmax, TabularSoftmax
+from .policies import SharedSoftmax, TabularSoftmax, TinyTransformerPolicy
 
 CASE_FORMAT = "tpg-case/1"
 _TOP_KEYS = {"format", "vocab_size", "horizon", "eos_token", "gamma", "prompt_weights", "token_rewards", "policy"}
@@ -55,6 +56,21 @@ def mdp_from_spec(spec: str):
     mdp = make_mdp(**kw)
     pol = make_policy(mdp, kw.get("policy", "tabular"), kw.get("policy_seed"), kw.get("seed", 0),
                       kw.get("scale", 1.0))
+    return mdp, pol
+
+
+_TRANSFORMER_KEYS = ("n_layer", "d_model", "n_head", "init_scale")
+
+
+def problem_from_task_spec(spec: str):
+    """``(task MDP, seeded TinyTransformerPolicy)`` from ``TASK:key=value,...`` (see ``tpg task-help``).
+
+    The policy is seeded with ``policy_seed`` (default ``seed + 1000``); ``n_layer``, ``d_model``,
+    ``n_head`` and ``init_scale`` set its shape."""
+    kw = parse_task_spec(spec)
+    mdp = make_task(**kw)
+    pol = TinyTransformerPolicy.from_mdp(mdp, seed=kw.get("policy_seed", kw.get("seed", 0) + 1000),
+                                         **{k: kw[k] for k in _TRANSFORMER_KEYS if k in kw})
     return mdp, pol
 
 
@@ -208,12 +224,18 @@ def save_case(path: str | Path, mdp: TokenMDP, policy) -> None:
     Path(path).write_text(json.dumps(case_to_dict(mdp, policy), indent=1) + "\n")
 
 
-def load_problem(case: str | None = None, mdp_spec: str | None = None, max_nodes: int | None = None):
-    """``(mdp, policy)`` from a case file or a generated-MDP spec (exactly one of them)."""
-    if (case is None) == (mdp_spec is None):
-        raise ValueError("give exactly one of --case FILE and --mdp SPEC")
+def load_problem(case: str | None = None, mdp_spec: str | None = None, max_nodes: int | None = None,
+                 task_spec: str | None = None):
+    """``(mdp, policy)`` from a case file, a generated-MDP spec or a transformer task spec
+    (exactly one of them)."""
+    if sum(x is not None for x in (case, mdp_spec, task_spec)) != 1:
+        raise ValueError("give exactly one of --case FILE, --mdp SPEC and --task SPEC")
     if case is not None:
         return load_case(case, max_nodes or DEFAULT_MAX_NODES)
+    if task_spec is not None:
+        if max_nodes is not None:
+            task_spec = f"{task_spec}{',' if ':' in task_spec else ':'}max_nodes={max_nodes}"
+        return problem_from_task_spec(task_spec)
     if max_nodes is not None:
         mdp_spec = f"{mdp_spec}{',' if ':' in mdp_spec else ':'}max_nodes={max_nodes}"
     return mdp_from_spec(mdp_spec)

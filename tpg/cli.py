@@ -1,9 +1,9 @@
 """The ``tpg`` command line.
 
 Commands:
-    tpg exact  (--case FILE | --mdp SPEC) [--json] [--save-case FILE]
+    tpg exact  (--case FILE | --mdp SPEC | --task SPEC) [--json] [--save-case FILE]
     tpg prove  [--statement NAME ...] [--json]
-    tpg mdp-help
+    tpg mdp-help | task-help
 and the commands registered by sub-packages (``register(subparsers)`` functions listed in
 ``_COMMAND_MODULES``). Bad input prints one line ``tpg: error: ...`` and exits with status 2.
 """
@@ -16,7 +16,7 @@ import json
 import sys
 
 # modules that add sub-commands: each has register(subparsers); missing ones are skipped
-_COMMAND_MODULES = ("tpg.verify.cli",)
+_COMMAND_MODULES = ("tpg.verify.cli", "tpg.train.cli")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -25,12 +25,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 def add_problem_args(p: argparse.ArgumentParser) -> None:
-    """``--case FILE`` / ``--mdp SPEC`` / ``--max-nodes`` / ``--save-case``, shared by every command."""
+    """``--case FILE`` / ``--mdp SPEC`` / ``--task SPEC`` / ``--max-nodes`` / ``--save-case``, shared by
+    every command that takes a problem."""
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--case", metavar="FILE", help="a tpg-case/1 JSON file (MDP and tabular policy)")
     src.add_argument("--mdp", metavar="SPEC",
                      help="a generated MDP with a seeded random policy, FAMILY:key=value,... "
                           "(e.g. dense:vocab=3,horizon=4,eos=0,prompts=2,seed=0; see `tpg mdp-help`)")
+    src.add_argument("--task", metavar="SPEC",
+                     help="a transformer task with a seeded tiny transformer policy, TASK:key=value,... "
+                          "(e.g. copy:vocab=4,length=2; see `tpg task-help`)")
     p.add_argument("--max-nodes", type=int, default=None, metavar="N", help="size guard of the stored tree")
     p.add_argument("--save-case", metavar="FILE", default=None,
                    help="also write the MDP and policy as a case file")
@@ -39,7 +43,8 @@ def add_problem_args(p: argparse.ArgumentParser) -> None:
 def load_problem_from_args(args):
     """``(mdp, policy)`` from the shared arguments; writes ``--save-case`` when given."""
     from .cases import load_problem, save_case
-    mdp, policy = load_problem(case=args.case, mdp_spec=args.mdp, max_nodes=args.max_nodes)
+    mdp, policy = load_problem(case=args.case, mdp_spec=args.mdp, max_nodes=args.max_nodes,
+                               task_spec=getattr(args, "task", None))
     if getattr(args, "save_case", None):
         save_case(args.save_case, mdp, policy)
         print(f"wrote case file {args.save_case}", file=sys.stderr)
@@ -98,6 +103,12 @@ def _cmd_mdp_help(args) -> int:
     return 0
 
 
+def _cmd_task_help(args) -> int:
+    from .mdp.tasks import task_help
+    print(task_help())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tpg", description="Test policy-gradient estimators against exact gradients "
                                              "of token-level objectives.")
@@ -120,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("mdp-help", help="the keys of --mdp FAMILY:key=value,...")
     p.set_defaults(func=_cmd_mdp_help)
+
+    p = sub.add_parser("task-help", help="the transformer tasks and the keys of --task TASK:key=value,...")
+    p.set_defaults(func=_cmd_task_help)
 
     for name in _COMMAND_MODULES:
         try:
