@@ -1,0 +1,49 @@
+"""The standard suite: every verdict agrees with THEORY.md's table (asserted here), within budget."""
+
+import pytest
+
+from tpg.verify.suite import ENTRIES, SETTINGS, format_suite, run_suite
+
+
+@pytest.fixture(scope="module")
+def result():
+    return run_suite("standard")
+
+
+def test_every_verdict_as_expected(result):
+    bad = [(r["spec"], r["setting"], r["verdict"], r.get("scale"), r.get("error")) for r in result["disagreements"]]
+    assert not bad, bad
+    assert len(result["records"]) == len(SETTINGS) * len(ENTRIES)
+
+
+def test_suite_covers_the_catalog(result):
+    from tpg.estimators import CATALOG
+    names = {r["estimator"] for r in result["records"]}
+    assert set(CATALOG) <= names
+
+
+def test_suite_scales_are_exact(result):
+    for r in result["records"]:
+        if r["spec"] in ("grpo:std_norm=false", "dr_grpo"):
+            G = next(s.group_size for s in SETTINGS if s.name == r["setting"])
+            assert abs(r["scale"] - (1 - 1 / G)) < 1e-12
+
+
+def test_suite_matrix_text(result):
+    text = format_suite(result)
+    assert all(s.name in text.splitlines()[0] for s in SETTINGS)
+    assert f"{len(result['records'])} of {len(result['records'])} verdicts as expected" in text
+
+
+def test_suite_settings_cover_the_brief():
+    from tpg.cases import mdp_from_spec
+    facts = set()
+    for s in SETTINGS:
+        mdp, _ = mdp_from_spec(s.mdp)
+        facts.add(("eos", mdp.eos_token is not None))
+        facts.add(("prompts", mdp.num_prompts))
+        facts.add(("gamma", mdp.gamma))
+        facts.add(("G", s.group_size))
+        facts.add(("family", s.mdp.split(":")[0]))
+    assert {("eos", True), ("eos", False), ("prompts", 1), ("prompts", 3), ("gamma", 1.0), ("gamma", 0.9),
+            ("G", 2), ("G", 4), ("family", "dense"), ("family", "terminal")} <= facts

@@ -1,0 +1,405 @@
+"""Training with every estimator of the catalog, logging the exact objective at every iteration.
+
+One iteration (:meth:`Trainer.step`):
+
+1. sample ``prompts`` prompts from ``rho`` and ``group_size`` responses each (:func:`tpg.rollouts.sample`);
+2. the estimator maps the batch to advantages ``A [B, H]`` and aggregation weights ``w [B, H]``
+   once, from the sampling policy (its context, :class:`TrainContext`, samples TRePO's
+   continuations and ReMax's greedy response with the current policy and serves PPO's learned critic);
+3. ``epochs`` passes over the batch in ``minibatches`` random minibatches, each one Adam step on
+   PPO's clipped surrogate (:func:`~tpg.estimators.ppo.ppo_clip_loss`),
+
+       L = - sum_{b,t} M w min(rho A, clip(rho, 1 - eps, 1 + eps) A) + beta sum_{b,t} M w k(log pi - log pi_ref),
+
+   ``rho = pi_theta / pi_old`` against the sampling log-probabilities, the KL term only for the loss
+   kinds ``k1 | k2 | k3`` (``k1_reward`` is inside ``A``), ``M`` the number of minibatches (so each
+   minibatch's loss is on the scale of the whole batch's), the gradient's global norm clipped to
+   ``max_grad_norm``. At the first step ``rho = 1`` and the gradient is the estimator's ``g``;
+4. PPO's critic (when learned) regresses on the lambda-returns in the same minibatches;
+5. the exact engine evaluates the new policy: ``J``, ``KL(pi || pi_ref)``, entropy.
+
+All randomness (sampling, continuations, random anchors, minibatch order, critic noise) comes
+from one ``torch.Generator`` seeded by ``TrainConfig.seed``, so a run is bitwise reproducible on
+CPU, and a checkpoint (policy, optimiser, critic, estimator state such as a running baseline,
+the generator's state and the log) resumes it exactly.
+
+Log columns (one row per iteration; row 0 is the initial policy, before any update):
+
+* ``iter``; ``J`` — exact ``E_x E_W RM(W)`` of the policy after the iteration's updates (the
+  zero-reward twin has the same ``J``); ``kl_ref`` — exact sequence ``KL(pi || pi_ref)`` to the
+  frozen initial policy; ``entropy`` — exact expected *per-response* entropy
+  ``E_x H(W | x) = sum_s mu(s) H(pi(.|s))`` in nats; ``entropy_token`` — that divided by the
+  expected length ``E[T]`` (``length``);
+* ``grad_norm`` — mean over the iteration's optimiser steps of the policy gradient's global
+  norm before clipping; ``loss``, ``clip_frac`` (fraction of tokens whose ratio left
+  ``[1 - eps, 1 + eps]``), ``rm_mean`` (the batch's mean ``RM``), ``critic_loss`` (PPO);
+* ``tokens`` — policy forward tokens spent on sampling: the batch's sampled tokens
+  (``tokens_sampled``) plus the estimator's extra ones (``tokens_extra``: TRePO's
+  continuations, ReMax's greedy responses); ``tokens_total`` cumulative;
+* ``wall_s`` — seconds of the training step (sampling, advantages, updates; the memory meter's
+  overhead included when on); ``eval_s`` — seconds of the exact evaluation;
+* ``peak_mem_bytes`` — ``held_bytes`` (tensor bytes held when the step starts: the policy and
+  its Adam state, the critic and its optimiser, the reference when a KL term is on, the reward
+  model) plus the measured transient peak of the step (:mod:`tpg.train.memory`);
+* ``algo``, ``spec`` (the estimator's canonical spec), ``critic`` (``none``, ``table`` or
+  ``transformer``: PPO's learned critic), ``seed``, ``reward``, ``problem``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from ..estimators import ResponseBatch, ppo_clip_loss
+from ..estimators.kl import KL_LOSS_KINDS, canonical_kl_kind, kl_value
+from ..exact.engine import solve
+from ..rollouts import sample
+from ..verify.context import MonteCarloContext, node_paths
+from .config import RESUME_FREE_FIELDS, TrainConfig
+from .critic import make_critic
+from .memory import TensorMemoryMeter, optimizer_tensors, param_count, reward_model_tensors, tensor_bytes
+from .methods import build_estimator, needs_learned_critic
+
+CHECKPOINT_FORMAT = "tpg-train-checkpoint/1"
+#: columns that differ between two runs of the same seed (time and memory measurements)
+UNREPRODUCIBLE_COLUMNS = ("wall_s", "eval_s", "peak_mem_bytes")
+LOG_COLUMNS = ("iter", "J", "kl_ref", "entropy", "entropy_token", "length", "grad_norm", "loss", "clip_frac",
+               "rm_mean", "critic_loss", "tokens", "tokens_sampled", "tokens_extra", "tokens_total", "wall_s",
+               "eval_s", "held_bytes", "peak_mem_bytes", "algo", "spec", "critic", "seed", "reward", "problem")
+
+
+@contextmanager
+def torch_threads(n: int):
+    """Run the block with ``n`` torch intra-op threads, restoring the previous number after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class TrainContext(MonteCarloContext):
+    """The Monte Carlo estimator context of :mod:`tpg.verify.context`, sampling with the current
+    policy and the trainer's generator, plus the trainer's learned critic: ``critic_values`` of kind
+    ``tabular`` returns the critic's values (and keeps them in ``last_critic_values`` for the
+    critic's regression targets); the other kinds are the verifier's (``exact`` is an oracle)."""
+
+    def __init__(self, mdp, policy, generator, seed, ref_policy, sol, critic=None):
+        super().__init__(mdp, policy, generator=generator, seed=seed, ref_policy=ref_policy, sol=sol)
+        self.critic = critic
+        self.last_critic_values = None
+
+    def greedy_rm(self, prompt_b):
+        # greedy decoding is deterministic: a trainer decodes each distinct prompt of the batch once
+        # (verl's ReMax: one greedy response per prompt), so only those tokens are counted
+        uniq, inv = torch.unique(torch.as_tensor(prompt_b, dtype=torch.long), return_inverse=True)
+        return super().greedy_rm(uniq)[inv]
+
+    def critic_values(self, batch, kind, gamma, options):
+        if kind == "tabular" and self.critic is not None:
+            self._called("critic_values")
+            values = self.critic.values(batch.prompt, batch.tokens, batch.mask)
+            self.last_critic_values = values
+            return values
+        return super().critic_values(batch, kind, gamma, options)
+
+
+class _FixedLogProbs:
+    """A policy stand-in returning precomputed ``log pi [N_nt, V]`` (one tree forward serves J and KL)."""
+
+    def __init__(self, logp):
+        self.logp = logp
+
+    def node_log_probs(self, tree):
+        return self.logp
+
+
+class Trainer:
+    """A training run's state: problem, policy, reference, optimiser, critic, generator, log.
+
+    Build with ``Trainer(config)`` (fresh) or :meth:`Trainer.load` (from a checkpoint); :meth:`run`
+    trains up to ``config.iters`` and returns the log as a DataFrame."""
+
+    def __init__(self, config: TrainConfig):
+        from .problem import load_train_problem
+
+        config.validate()
+        problem = load_train_problem(config.task, config.mdp, config.case, config.reward)
+        self.config = cfg = config.resolved(problem.kind)
+        self.kind = problem.kind
+        self.mdp, self.policy = problem.mdp, problem.policy
+        self.tree = self.mdp.tree
+        self.problem_spec = problem.spec
+        self.ref = copy.deepcopy(self.policy)
+        for p in self.ref.parameters():
+            p.requires_grad_(False)
+        self.method, self.estimator = build_estimator(cfg.algo, cfg.kl, cfg.kl_beta)
+        self.kl_kind = canonical_kl_kind(cfg.kl)
+        self.params = [p for p in self.policy.parameters() if p.requires_grad]
+        self.opt = torch.optim.Adam(self.params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                                    foreach=True)
+        self.critic = None
+        if needs_learned_critic(self.estimator):
+            self.critic = make_critic(cfg.critic_model, self.mdp, self.policy, cfg.critic_lr, cfg.seed + 2000,
+                                      (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_eps, cfg.max_grad_norm)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        with torch.no_grad():
+            self.ref_logp_kv = self.ref.node_log_probs(self.tree).to(torch.float64)
+        self.iteration = 0
+        self.rows: list[dict] = []
+        self.tokens_total = 0
+        self._sol = None
+
+    # ------------------------------------------------------------------ pieces
+    def _token_log_probs(self, policy, prompt_b, tokens_bt, mask_bt, nt_bt) -> torch.Tensor:
+        """``log pi(w_t | s_t)`` of each token, ``[b, H]``, differentiable, 0 on padding: one
+        forward of the transformer over the rows, or the policy's table gathered at the states."""
+        if self.kind == "transformer":
+            return policy.token_log_probs(prompt_b, tokens_bt, mask_bt)
+        lp = policy.node_log_probs(self.tree)[nt_bt.clamp(min=0), tokens_bt]
+        return torch.where(mask_bt, lp, torch.zeros((), dtype=lp.dtype))
+
+    def _state_nt(self, ro) -> torch.Tensor | None:
+        if self.kind == "transformer":
+            return None
+        H = ro.horizon
+        nodes = ro.nodes if ro.nodes is not None else node_paths(self.tree, ro.prompt, ro.tokens, ro.mask)[:, :H]
+        return torch.where(nodes >= 0, self.tree.nt_index_n[nodes.clamp(min=0)], torch.full_like(nodes, -1))
+
+    def held_tensors(self) -> dict[str, list[torch.Tensor]]:
+        """The tensors the method holds between steps, by model (see :func:`models`)."""
+        out = {"policy": list(self.policy.parameters()) + optimizer_tensors(self.opt)}
+        if self.critic is not None:
+            out["critic"] = self.critic.held_tensors()
+        if self.kl_kind != "none":
+            out["reference"] = list(self.ref.parameters())
+        out["reward_model"] = reward_model_tensors(self.mdp)[1]
+        return out
+
+    def held_bytes(self) -> int:
+        return tensor_bytes(t for ts in self.held_tensors().values() for t in ts)
+
+    def models(self) -> dict:
+        """Parameter counts of the models the method holds: ``policy``, ``critic`` (PPO with a
+        learned critic), ``reference`` (when a KL term is on), ``reward_model`` (and its kind)."""
+        rm_kind, rm_tensors = reward_model_tensors(self.mdp)
+        return {"policy": param_count(self.policy.parameters()),
+                "critic": param_count(self.critic.parameters()) if self.critic is not None else 0,
+                "critic_kind": self.critic.kind if self.critic is not None else "none",
+                "reference": param_count(self.ref.parameters()) if self.kl_kind != "none" else 0,
+                "reward_model": param_count(rm_tensors), "reward_model_kind": rm_kind}
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> dict:
+        """Exact ``J``, ``KL(pi || pi_ref)``, entropy and expected length of the current policy."""
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            logp = self.policy.node_log_probs(self.tree).to(torch.float64)
+            fixed = _FixedLogProbs(logp)
+            sol = solve(self.mdp, fixed, with_grad=False)
+            kl = solve(self.mdp, fixed, with_grad=False, r_kv=logp - self.ref_logp_kv, gamma=1.0).J
+            pi = logp.exp()
+            reach = sol.reach[self.tree.nt_node_k]
+            ent = float((reach * -torch.special.xlogy(pi, pi).sum(1)).sum())
+            length = float(reach.sum())
+        self._sol = sol
+        return {"J": sol.J, "kl_ref": kl, "entropy": ent, "entropy_token": ent / length if length > 0 else 0.0,
+                "length": length, "eval_s": time.perf_counter() - t0}
+
+    # ------------------------------------------------------------------ one iteration
+    def _update(self) -> dict:
+        cfg, est = self.config, self.estimator
+        with torch.no_grad():
+            ro = sample(self.mdp, self.policy, num_prompts=cfg.prompts, group_size=cfg.group_size, generator=self.gen)
+            nt = self._state_nt(ro)
+            ref_logp = None
+            if self.kl_kind != "none":
+                ref_logp = self._token_log_probs(self.ref, ro.prompt, ro.tokens, ro.mask, nt)
+            batch = ResponseBatch.from_rollouts(ro, ref_logp=ref_logp, keep_token_rewards=est.uses_token_rewards)
+            ctx = TrainContext(self.mdp, self.policy, self.gen, cfg.seed, self.ref, self._sol, self.critic)
+            out = est(batch, ctx)
+        adv, w = out.advantages.detach(), out.weights.detach()
+        returns = None
+        if self.critic is not None:
+            H = batch.horizon
+            returns = torch.where(batch.mask, adv + ctx.last_critic_values[:, :H], torch.zeros((), dtype=adv.dtype))
+        B, M = batch.batch_size, cfg.minibatches
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+        norms, losses, clipped, critic_losses = [], [], [], []
+        n_tokens = float(batch.mask.sum())
+        for _ in range(cfg.epochs):
+            perm = torch.randperm(B, generator=self.gen)
+            for rows in perm.tensor_split(M):
+                mask = batch.mask[rows]
+                logp_new = self._token_log_probs(self.policy, batch.prompt[rows], batch.tokens[rows], mask,
+                                                 None if nt is None else nt[rows])
+                w_mb = w[rows] * M
+                loss = ppo_clip_loss(logp_new, batch.logp[rows], adv[rows], w_mb, cfg.clip_eps)
+                if self.kl_kind in KL_LOSS_KINDS:
+                    delta = torch.where(mask, logp_new - batch.ref_logp[rows], torch.zeros((), dtype=logp_new.dtype))
+                    loss = loss + self.config.kl_beta * (w_mb * kl_value(delta, self.kl_kind) * mask).sum()
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                norms.append(float(torch.nn.utils.clip_grad_norm_(self.params, max_norm)))
+                self.opt.step()
+                losses.append(float(loss.detach()))
+                with torch.no_grad():
+                    ratio = torch.exp(logp_new.detach() - batch.logp[rows])
+                    clipped.append(float((((ratio - 1).abs() > cfg.clip_eps) & mask).sum()))
+                if self.critic is not None:
+                    critic_losses.append(self.critic.update(batch.prompt[rows], batch.tokens[rows], mask,
+                                                            returns[rows], w_mb))
+        self.opt.zero_grad(set_to_none=True)
+        steps = len(norms)
+        extra = int(round(ctx.tokens_sampled))
+        return {"grad_norm": sum(norms) / steps, "loss": sum(losses) / steps,
+                "clip_frac": sum(clipped) / (cfg.epochs * n_tokens) if n_tokens else 0.0,
+                "rm_mean": float(batch.rm.mean()),
+                "critic_loss": sum(critic_losses) / len(critic_losses) if critic_losses else math.nan,
+                "tokens_sampled": ro.num_tokens, "tokens_extra": extra, "tokens": ro.num_tokens + extra}
+
+    def step(self) -> dict:
+        """One training iteration and the exact evaluation after it; returns (and logs) its row."""
+        if self._sol is None:  # after a resume: the context needs the current policy's exact solution
+            self.evaluate()
+        held = self.held_bytes()
+        meter = TensorMemoryMeter() if self.config.measure_memory else nullcontext()
+        t0 = time.perf_counter()
+        with meter:
+            stats = self._update()
+        wall = time.perf_counter() - t0
+        self.iteration += 1
+        self.tokens_total += stats["tokens"]
+        row = self._row(self.iteration, {**stats, "wall_s": wall, "held_bytes": held,
+                                         "peak_mem_bytes": held + meter.peak if self.config.measure_memory
+                                         else math.nan})
+        self.rows.append(row)
+        return row
+
+    def _row(self, it: int, stats: dict) -> dict:
+        ev = self.evaluate()
+        cfg = self.config
+        row = {"iter": it, **ev, "grad_norm": math.nan, "loss": math.nan, "clip_frac": math.nan,
+               "rm_mean": math.nan, "critic_loss": math.nan, "tokens": 0, "tokens_sampled": 0, "tokens_extra": 0,
+               "wall_s": 0.0, "held_bytes": self.held_bytes(), "peak_mem_bytes": math.nan}
+        row.update(stats)
+        row.update(tokens_total=self.tokens_total, algo=self.method, spec=self.estimator.spec,
+                   critic=self.critic.kind if self.critic is not None else "none", seed=cfg.seed,
+                   reward=cfg.reward, problem=self.problem_spec)
+        return {k: row[k] for k in LOG_COLUMNS}
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, progress: bool | None = None):
+        """Train up to ``config.iters`` iterations (checkpointing as configured); the log as a DataFrame."""
+        cfg = self.config
+        with torch_threads(cfg.threads):
+            return self._run(cfg.progress if progress is None else progress)
+
+    def _run(self, show: bool):
+        from tqdm import tqdm
+
+        cfg = self.config
+        if not self.rows:
+            self.rows.append(self._row(0, {}))
+        bar = tqdm(total=cfg.iters, initial=self.iteration, file=sys.stderr, disable=not show,
+                   desc=f"{self.method} seed {cfg.seed}", dynamic_ncols=True, leave=True)
+        bar.set_postfix(J=f"{self.rows[-1]['J']:.4f}")
+        try:
+            while self.iteration < cfg.iters:
+                row = self.step()
+                bar.update(1)
+                bar.set_postfix(J=f"{row['J']:.4f}")
+                if cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0 and cfg.checkpoint_path:
+                    self.save(cfg.checkpoint_path)
+        finally:
+            bar.close()
+        if cfg.checkpoint_path:
+            self.save(cfg.checkpoint_path)
+        return self.log()
+
+    def log(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.rows, columns=list(LOG_COLUMNS))
+
+    # ------------------------------------------------------------------ checkpoints
+    def state(self) -> dict:
+        est_state = {k: v.clone() for k, v in vars(self.estimator).items()
+                     if k.startswith("_") and isinstance(v, torch.Tensor)}
+        return {"format": CHECKPOINT_FORMAT, "config": self.config.to_dict(), "iteration": self.iteration,
+                "tokens_total": self.tokens_total, "policy": self.policy.state_dict(),
+                "reference": self.ref.state_dict(), "optimizer": self.opt.state_dict(),
+                "critic": None if self.critic is None else self.critic.state_dict(),
+                "estimator": est_state, "generator": self.gen.get_state(), "rows": list(self.rows)}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the checkpoint atomically (a temporary file, then a rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(self.state(), tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, config: TrainConfig, path: str | os.PathLike | None = None) -> "Trainer":
+        """The trainer of a checkpoint, continuing under ``config`` (only the fields of
+        :data:`~tpg.train.config.RESUME_FREE_FIELDS` may differ from the checkpointed run's)."""
+        path = Path(path or config.checkpoint_path)
+        if not path.is_file():
+            raise ValueError(f"TrainConfig.checkpoint: no checkpoint at {str(path)!r} to resume from")
+        try:
+            state = torch.load(path, weights_only=True)
+        except Exception as exc:  # a truncated or foreign file
+            raise ValueError(f"TrainConfig.checkpoint: cannot read {str(path)!r}: {exc}") from None
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"TrainConfig.checkpoint: {str(path)!r} is not a {CHECKPOINT_FORMAT} file")
+        trainer = cls(config)
+        saved = state["config"]
+        for f in fields(TrainConfig):
+            if f.name in RESUME_FREE_FIELDS:
+                continue
+            if saved.get(f.name) != getattr(trainer.config, f.name):
+                raise ValueError(f"TrainConfig.{f.name}: the checkpoint was made with {f.name}={saved.get(f.name)!r}, "
+                                 f"not {getattr(trainer.config, f.name)!r}")
+        if state["iteration"] > config.iters:
+            raise ValueError(f"TrainConfig.iters: the checkpoint is at iteration {state['iteration']}, past "
+                             f"iters={config.iters}")
+        trainer.policy.load_state_dict(state["policy"])
+        trainer.ref.load_state_dict(state["reference"])
+        trainer.opt.load_state_dict(state["optimizer"])
+        if trainer.critic is not None:
+            trainer.critic.load_state_dict(state["critic"])
+        for k, v in state["estimator"].items():
+            setattr(trainer.estimator, k, v.clone())
+        trainer.gen.set_state(state["generator"])
+        trainer.iteration = state["iteration"]
+        trainer.tokens_total = state["tokens_total"]
+        trainer.rows = list(state["rows"])
+        with torch.no_grad():
+            trainer.ref_logp_kv = trainer.ref.node_log_probs(trainer.tree).to(torch.float64)
+        trainer._sol = None
+        return trainer
+
+
+def train(config: TrainConfig):
+    """Run ``config`` (resuming from its checkpoint with ``config.resume``); the log as a
+    ``pandas.DataFrame`` (columns: see the module docstring), also written to ``config.out``."""
+    from .logio import write_log
+
+    trainer = Trainer.load(config) if config.resume else Trainer(config)
+    df = trainer.run()
+    if config.out:
+        write_log(df, config.out)
+    return df
+
+
+__all__ = ["Trainer", "TrainContext", "train", "LOG_COLUMNS", "UNREPRODUCIBLE_COLUMNS", "CHECKPOINT_FORMAT"]

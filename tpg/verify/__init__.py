@@ -1,0 +1,30 @@
+"""Statistics and the verification harness: estimators against the exact gradient.
+
+    from tpg.verify import verify
+    records = verify(mdp, policy, ["rloo", "grpo:std_norm=false"], group_size=3)   # exact mode
+    records = verify(mdp, policy, "all", mode="mc", samples=4000, seed=0)          # Monte Carlo
+
+Modules: :mod:`.context` (the exact and Monte Carlo estimator contexts), :mod:`.score` (per-batch
+gradients from the analytic score, the logit-to-parameter map), :mod:`.exact_moments` (``E[g]`` and
+``Cov[g]`` by enumerating the sample space), :mod:`.montecarlo` (sampled batches and the split
+Hotelling test), :mod:`.verdict` (unbiased / scaled / biased), :mod:`.harness` (:func:`verify`),
+:mod:`.suite` (the standard suite), :mod:`.cli` (``tpg verify``, ``tpg probe``).
+"""
+
+from .context import ExactContext, MonteCarloContext
+from .exact_moments import ExactMoments, batch_layout, exact_moments
+from .harness import default_reference, format_records, verify
+from .montecarlo import GradientSamples, MCResult, mc_test, sample_gradient_terms
+from .score import ParamMap
+from .suite import ENTRIES, SETTINGS, format_suite, run_suite
+from .verdict import VERDICTS, Verdict, exact_verdict, hotelling_test
+
+__all__ = [
+    "verify", "format_records", "default_reference",
+    "ExactContext", "MonteCarloContext",
+    "exact_moments", "ExactMoments", "batch_layout",
+    "sample_gradient_terms", "GradientSamples", "mc_test", "MCResult",
+    "exact_verdict", "hotelling_test", "Verdict", "VERDICTS",
+    "ParamMap",
+    "run_suite", "format_suite", "SETTINGS", "ENTRIES",
+]
