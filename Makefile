@@ -16,9 +16,10 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-## the main job: the proof checks on the default MDP set
+## the main job: the proof checks on the default MDP set, then the standard verification suite
 run: $(STAMP)
 	$(VENV)/bin/tpg prove
+	$(VENV)/bin/tpg verify --suite standard
 
 ## the default test run (slow studies excluded)
 test: $(STAMP)
@@ -31,6 +32,9 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/exact_bench.py
 	$(PY) benchmarks/sampler_bench.py
+	$(PY) benchmarks/verify_bench.py
+	$(PY) benchmarks/prefix_bench.py
+	$(PY) benchmarks/train_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
