@@ -27,8 +27,20 @@ def dense_ids(*keys_b: torch.Tensor) -> tuple[torch.Tensor, int]:
     B = keys_b[0].numel()
     if B == 0:
         return torch.zeros(0, dtype=torch.long), 0
-    stacked = torch.stack([k.reshape(-1).to(torch.long) for k in keys_b], 1)
-    _, inv = torch.unique(stacked, dim=0, return_inverse=True)
+    # mixed-radix 1-D key: a 1-D unique is a plain sort, many times faster than unique(dim=0)
+    key = torch.zeros(B, dtype=torch.long)
+    span = 1
+    for k in keys_b:
+        k = k.reshape(-1).to(torch.long)
+        k = k - k.min()
+        radix = int(k.max()) + 1
+        span *= radix
+        if span >= 2 ** 62:  # the key would overflow: fall back to row-wise unique
+            stacked = torch.stack([x.reshape(-1).to(torch.long) for x in keys_b], 1)
+            _, inv = torch.unique(stacked, dim=0, return_inverse=True)
+            return inv, int(inv.max()) + 1
+        key = key * radix + k
+    _, inv = torch.unique(key, return_inverse=True)
     return inv, int(inv.max()) + 1
 
 
