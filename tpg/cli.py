@@ -24,7 +24,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"tpg: error: {message}\n")
 
 
-def add_problem_args(p: argparse.ArgumentParser) -> None:
+def add_problem_args(p: argparse.ArgumentParser):
     """``--case FILE`` / ``--mdp SPEC`` / ``--task SPEC`` / ``--max-nodes`` / ``--save-case``, shared by
     every command that takes a problem."""
     src = p.add_mutually_exclusive_group(required=True)
@@ -38,6 +38,7 @@ def add_problem_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-nodes", type=int, default=None, metavar="N", help="size guard of the stored tree")
     p.add_argument("--save-case", metavar="FILE", default=None,
                    help="also write the MDP and policy as a case file")
+    return src  # the required group of problem sources, for commands that add one (--suite, --lm)
 
 
 def load_problem_from_args(args):

@@ -30,11 +30,12 @@ def _add_verify(sub) -> None:
                        description="Verify policy-gradient estimators against the exact gradient of the token-level "
                                    "objective, exactly (enumerating the sample space) or by a calibrated Monte Carlo "
                                    "test.")
-    add_problem_args(p)
-    # --suite joins the problem sources' required group: exactly one of them (or the suite)
-    src = next(g for g in p._mutually_exclusive_groups if any("--case" in a.option_strings for a in g._group_actions))
+    # --suite and --lm join the problem sources' required group: exactly one of them
+    src = add_problem_args(p)
     src.add_argument("--suite", choices=SUITES,
                      help="the whole catalog in exact mode on a fixed set of MDPs: prints the verdict matrix")
+    from .lm import add_lm_args
+    add_lm_args(p, src)
     p.add_argument("--estimator", action="append", metavar="SPEC",
                    help="NAME[:key=value,...], 'all', or FILE.py:FUNCTION (repeatable), e.g. grpo:std_norm=false, "
                         "ppo_gae:lambda=0.9,critic=noisy,sigma=0.1, trepo:anchors=random:2,fill=interpolate,K=4")
@@ -80,9 +81,12 @@ def cmd_verify(args) -> int:
         raise ValueError(f"--alpha must be in (0, 1), got {args.alpha}")
     if args.group_size < 1:
         raise ValueError(f"--group-size must be >= 1, got {args.group_size}")
-    from ..cli import load_problem_from_args
-
-    mdp, policy = load_problem_from_args(args)
+    if getattr(args, "lm", None):
+        from .lm import problem_from_lm_args
+        mdp, policy = problem_from_lm_args(args)
+    else:
+        from ..cli import load_problem_from_args
+        mdp, policy = load_problem_from_args(args)
     records = verify(mdp, policy, args.estimator, group_size=args.group_size, mode=args.mode, samples=args.samples,
                      seed=args.seed, dtype=_DTYPES[args.dtype], alpha=args.alpha, max_rows=args.max_rows,
                      progress=not args.json, on_error="record_all")
