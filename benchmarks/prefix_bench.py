@@ -12,7 +12,7 @@ Run on demand (not part of the test suite)::
     .venv/bin/python benchmarks/prefix_bench.py            # default sizes, 3 repeats
     .venv/bin/python benchmarks/prefix_bench.py --quick    # smaller, 1 repeat
 
-Writes ``benchmarks/results/prefix.json`` and ``benchmarks/PREFIX_SECTION.md``.
+Writes ``benchmarks/results/prefix.json`` and ``benchmarks/results/prefix.md`` (merged by hand into BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per method (median reported)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1, for stable timings)")
     ap.add_argument("--json", type=Path, default=HERE / "results" / "prefix.json")
-    ap.add_argument("--md", type=Path, default=HERE / "PREFIX_SECTION.md")
+    ap.add_argument("--md", type=Path, default=HERE / "results" / "prefix.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     sizes, repeats = (QUICK, 1) if args.quick else (SIZES, args.repeats)

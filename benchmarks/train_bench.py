@@ -20,7 +20,7 @@ Run on demand (not part of the test suite)::
     .venv/bin/python benchmarks/train_bench.py            # 30 timed iterations per method
     .venv/bin/python benchmarks/train_bench.py --quick    # a few iterations
 
-Writes ``benchmarks/results/train.json`` and ``benchmarks/TRAIN_SECTION.md``.
+Writes ``benchmarks/results/train.json`` and ``benchmarks/results/train.md`` (merged by hand into BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     ap.add_argument("--problems", default="tabular,transformer", help="tabular, transformer or both")
     ap.add_argument("--algos", default=",".join(TRAIN_ALGOS), help="methods, comma-separated (default all)")
     ap.add_argument("--json", type=Path, default=HERE / "results" / "train.json")
-    ap.add_argument("--md", type=Path, default=HERE / "TRAIN_SECTION.md")
+    ap.add_argument("--md", type=Path, default=HERE / "results" / "train.md")
     args = ap.parse_args(argv)
     warmup, iters = (1, 2) if args.quick else (args.warmup, args.iters)
     problems = [p.strip() for p in args.problems.split(",") if p.strip()]

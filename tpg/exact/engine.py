@@ -21,6 +21,7 @@ Also the exact sequence-level ``KL(pi || pi_ref)`` and its gradient (:func:`exac
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -73,35 +74,141 @@ class ExactSolution:
         return torch.cat([g.reshape(-1) for g in self.grads])
 
 
+@contextmanager
+def _intra_op_threads(n: int):
+    """Run torch with ``n`` intra-op threads inside the block (the previous setting is restored).
+
+    :func:`solve` runs its dynamic programme on one thread: it is a chain of cheap passes, one
+    tree level at a time, and with several intra-op threads each pass ends in a thread barrier
+    that, on a machine shared with other jobs, can wait a whole scheduler tick for a
+    descheduled worker (measured: 3x slower on 2 threads than on 1 under load, about as fast
+    idle). The policy's own calls (``node_log_probs``, the chain rule) keep the caller's
+    setting. The setting is process-wide: do not solve from several Python threads at once.
+    """
+    old = torch.get_num_threads()
+    if old == n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _nt_children(block_nv: torch.Tensor, eos_token: int | None) -> torch.Tensor:
+    """Entries of a level's child block ``[n, V]`` at the non-terminal children, in
+    non-terminal index order (row-major over (parent, token), the EOS column dropped).
+
+    Without EOS this is a view of the block (no copy)."""
+    if eos_token is None:
+        return block_nv.reshape(-1)
+    return torch.cat([block_nv[:, :eos_token], block_nv[:, eos_token + 1:]], 1).reshape(-1)
+
+
+def _set_nt_children(block_nv: torch.Tensor, nt_values: torch.Tensor, eos_token: int) -> None:
+    """Inverse of :func:`_nt_children` (EOS case): write the values of the non-terminal
+    children into their columns of the child block and 0 into the EOS column."""
+    vals = nt_values.view(block_nv.shape[0], -1)
+    block_nv[:, :eos_token] = vals[:, :eos_token]
+    block_nv[:, eos_token] = 0.0
+    block_nv[:, eos_token + 1:] = vals[:, eos_token:]
+
+
+def _forward_pass(tree: TokenTree, pi: torch.Tensor, rho: torch.Tensor | None, r_kv: torch.Tensor | None,
+                  gamma: float) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``mu(s)`` (if ``rho`` is given) and ``c(s)`` (if ``r_kv`` is given) for every node.
+
+    Both are pushed down one level at a time, writing each level's child block ``[n_d, V]``
+    in place (it is a contiguous slice of node ids): ``mu(s w) = mu(s) pi(w|s)`` and
+    ``c(s w) = c(s) + gamma^d r(s, w)``. The non-terminal entries of a child block are the next
+    level's non-terminal values, so no node-indexed gather or scatter is needed."""
+    P, V, H, eos = tree.num_prompts, tree.vocab_size, tree.horizon, tree.eos_token
+    mu = past = None
+    if rho is not None:
+        mu = torch.empty(tree.num_nodes, dtype=pi.dtype)
+        mu[:P] = rho
+        mu_lvl = mu[:P]
+    if r_kv is not None:
+        past = torch.empty(tree.num_nodes, dtype=r_kv.dtype)
+        past[:P] = 0.0
+        past_lvl = past[:P]
+    for depth in range(H):
+        lvl = tree.level_nt(depth)
+        kids = tree.nt_children(depth)
+        n = lvl.stop - lvl.start
+        last = depth + 1 == H
+        if mu is not None:
+            block = mu[kids].view(n, V)
+            torch.mul(mu_lvl.unsqueeze(1), pi[lvl], out=block)
+            if not last:
+                mu_lvl = _nt_children(block, eos)
+        if past is not None:
+            block = past[kids].view(n, V)
+            g = gamma ** depth
+            if depth == 0:
+                block.copy_(r_kv[lvl])
+            elif g == 1.0:
+                torch.add(past_lvl.unsqueeze(1), r_kv[lvl], out=block)
+            else:
+                torch.add(past_lvl.unsqueeze(1), r_kv[lvl], alpha=g, out=block)
+            if not last:
+                past_lvl = _nt_children(block, eos)
+    return mu, past
+
+
+def _backward_pass(tree: TokenTree, pi: torch.Tensor, r_kv: torch.Tensor, gamma: float):
+    """``V`` per node, ``V`` per non-terminal ``[N_nt]`` and ``Q`` ``[N_nt, V]``, deepest level first.
+
+    ``Q(s, w) = r(s, w) + gamma V(s w)`` reads the level's child block of node values (a
+    contiguous slice); ``V(s) = sum_w pi(w|s) Q(s, w)`` is written straight into the parent
+    level's child block (without EOS the non-terminal nodes are node ids ``0 .. N_nt - 1``, so
+    the per-non-terminal values are a view of the node values)."""
+    P, V, H, eos = tree.num_prompts, tree.vocab_size, tree.horizon, tree.eos_token
+    dtype = torch.promote_types(pi.dtype, r_kv.dtype)
+    value = torch.empty(tree.num_nodes, dtype=dtype)
+    value[tree.level_start[H]:] = 0.0  # the deepest level is all terminal
+    n_nt = tree.num_nonterminal
+    value_nt = value[:n_nt] if eos is None else torch.empty(n_nt, dtype=dtype)
+    q = torch.empty(n_nt, V, dtype=dtype)
+    widest = max(tree.nt_level_start[d + 1] - tree.nt_level_start[d] for d in range(H))
+    prod = torch.empty(widest, V, dtype=dtype)
+    for depth in reversed(range(H)):
+        lvl = tree.level_nt(depth)
+        n = lvl.stop - lvl.start
+        child_value = value[tree.nt_children(depth)].view(n, V)
+        q_lvl = q[lvl]
+        if gamma == 1.0:
+            torch.add(r_kv[lvl], child_value, out=q_lvl)
+        else:
+            torch.add(r_kv[lvl], child_value, alpha=gamma, out=q_lvl)
+        scratch = prod[:n]
+        torch.mul(pi[lvl], q_lvl, out=scratch)
+        torch.sum(scratch, 1, out=value_nt[lvl])
+        if eos is not None:
+            if depth == 0:
+                value[:P] = value_nt[lvl]
+            else:
+                parent = tree.level_nt(depth - 1)
+                block = value[tree.nt_children(depth - 1)].view(parent.stop - parent.start, V)
+                _set_nt_children(block, value_nt[lvl], eos)
+    return value, value_nt, q
+
+
 def reach_probabilities(tree: TokenTree, pi: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
     """``mu(s) = rho(x) P(s | x)`` for every node, level by level."""
-    mu = torch.zeros(tree.num_nodes, dtype=pi.dtype)
-    mu[: tree.num_prompts] = rho
-    for depth in range(tree.horizon):
-        lvl = tree.level_nt(depth)
-        parents = tree.nt_node_k[lvl]
-        mu[tree.nt_children(depth)] = (mu[parents].unsqueeze(1) * pi[lvl]).reshape(-1)
+    mu, _ = _forward_pass(tree, pi, torch.as_tensor(rho, dtype=pi.dtype), None, 1.0)
     return mu
 
 
 def backward_values(tree: TokenTree, pi: torch.Tensor, r_kv: torch.Tensor, gamma: float):
     """Token-level ``V`` per node and ``Q`` per (non-terminal, token) for rewards ``r_kv [N_nt, V]``."""
-    value = torch.zeros(tree.num_nodes, dtype=pi.dtype)
-    V = tree.vocab_size
-    for depth in reversed(range(tree.horizon)):
-        lvl = tree.level_nt(depth)
-        q = r_kv[lvl] + gamma * value[tree.nt_children(depth)].view(-1, V)
-        value[tree.nt_node_k[lvl]] = (pi[lvl] * q).sum(1)
-    q_all = r_kv + gamma * value[tree.num_prompts:].view(-1, V)
-    return value, q_all
+    value, _, q = _backward_pass(tree, pi, r_kv, gamma)
+    return value, q
 
 
 def _past_rewards(tree: TokenTree, r_kv: torch.Tensor, gamma: float) -> torch.Tensor:
-    past = torch.zeros(tree.num_nodes, dtype=r_kv.dtype)
-    for depth in range(tree.horizon):
-        lvl = tree.level_nt(depth)
-        parents = tree.nt_node_k[lvl]
-        past[tree.nt_children(depth)] = (past[parents].unsqueeze(1) + gamma ** depth * r_kv[lvl]).reshape(-1)
+    _, past = _forward_pass(tree, r_kv, None, r_kv, gamma)
     return past
 
 
@@ -126,29 +233,58 @@ def solve(mdp: TokenMDP, policy, with_grad: bool = True, r_kv: torch.Tensor | No
 
     ``r_kv`` and ``gamma`` override the MDP's rewards and discount (used for the KL and the
     proof checks). Raises ``ValueError`` when the tree exceeds the MDP's size guard.
+
+    The gradient uses ``mu(s) pi(w|s) = mu(s w)``: ``dJ/dlogit_s[w] = gamma^d mu(s w) (Q - V)``,
+    so it is one product of the child-indexed reach ``mu[P:].view(N_nt, V)`` with the advantage.
     """
     tree = mdp.tree
-    gamma = mdp.gamma if gamma is None else gamma
+    gamma = float(mdp.gamma if gamma is None else gamma)
     r_kv = mdp.reward_matrix() if r_kv is None else r_kv
-    with torch.no_grad():
-        logp = policy.node_log_probs(tree).to(torch.float64)
+    r_kv = torch.as_tensor(r_kv, dtype=torch.float64).contiguous()
+    P, V, H = tree.num_prompts, tree.vocab_size, tree.horizon
+    # One forward of the policy serves both the DP (detached, renormalised in float64) and the
+    # chain rule: each row of dJ/dlogits sums to zero, so backpropagating it through
+    # log-probabilities equals backpropagating it through logits (log_softmax's Jacobian only
+    # removes a row-constant), and either may serve.
+    params = [p for p in policy.parameters() if p.requires_grad] if with_grad else []
+    with torch.set_grad_enabled(bool(params)):
+        try:  # logits where the policy has them: for a tabular policy grads are then grad_logits exactly
+            logits = policy.node_logits(tree)
+        except (AttributeError, NotImplementedError):
+            logits = policy.node_log_probs(tree)
+    logp = torch.log_softmax(logits.detach().to(torch.float64), dim=-1)
+    with torch.no_grad(), _intra_op_threads(1):
         pi = logp.exp()
         rho = mdp.prompt_weights
-        mu = reach_probabilities(tree, pi, rho)
-        value, q = backward_values(tree, pi, r_kv, gamma)
-        past = _past_rewards(tree, r_kv, gamma)
-        disc_n = gamma ** tree.depth_n.to(torch.float64)
-        value_resp = past + disc_n * value
-        v_nt = value[tree.nt_node_k]
-        adv = q - v_nt.unsqueeze(1)
-        mu_nt = mu[tree.nt_node_k]
-        grad_logits = (mu_nt * nt_discount(tree, gamma)).unsqueeze(1) * pi * adv
-        J = float((rho * value[: tree.num_prompts]).sum())
-    grads = policy_gradient_from_logit_grad(policy, tree, grad_logits) if with_grad else None
-    leaves = tree.leaf_ids
+        mu, past = _forward_pass(tree, pi, rho, r_kv, gamma)
+        value, value_nt, q = _backward_pass(tree, pi, r_kv, gamma)
+        adv = torch.sub(q, value_nt.unsqueeze(1))
+        grad_logits = torch.mul(mu[P:].view(-1, V), adv)
+        if gamma == 1.0:
+            value_resp = torch.add(past, value)
+        else:
+            value_resp = torch.empty_like(past)
+            for depth in range(H + 1):
+                nodes = slice(tree.level_start[depth], tree.level_start[depth + 1])
+                torch.add(past[nodes], value[nodes], alpha=gamma ** depth, out=value_resp[nodes])
+                if depth < H:
+                    grad_logits[tree.level_nt(depth)] *= gamma ** depth
+        J = float((rho * value[:P]).sum())
+        leaves = tree.leaf_ids
+        if tree.eos_token is None:  # the leaves are exactly the deepest level, a slice of node ids
+            deepest = slice(tree.level_start[H], tree.num_nodes)
+            response_prob, response_rm = mu[deepest].clone(), past[deepest].clone()
+        else:
+            response_prob, response_rm = mu[leaves], past[leaves]
+    grads = None
+    if with_grad:
+        grads = [torch.zeros_like(p) for p in params]
+        if params and logits.requires_grad:
+            got = torch.autograd.grad(logits, params, grad_outputs=grad_logits.to(logits.dtype), allow_unused=True)
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, got)]
     return ExactSolution(J=J, logp=logp, reach=mu, value=value, past=past, value_resp=value_resp, q=q,
                          advantage=adv, grad_logits=grad_logits, grads=grads, leaf_ids=leaves,
-                         response_prob=mu[leaves], response_rm=past[leaves], gamma=gamma)
+                         response_prob=response_prob, response_rm=response_rm, gamma=gamma)
 
 
 # ---------------------------------------------------------------------------- enumeration
