@@ -1,0 +1,24 @@
+"""Every public name of tpg and its sub-packages imports and is what __all__ says."""
+
+import importlib
+
+import pytest
+
+PACKAGES = ["tpg", "tpg.mdp", "tpg.policies", "tpg.exact", "tpg.estimators", "tpg.verify", "tpg.train"]
+
+
+@pytest.mark.parametrize("name", PACKAGES)
+def test_all_names_import(name):
+    mod = importlib.import_module(name)
+    assert mod.__all__, f"{name} has an empty __all__"
+    missing = [n for n in mod.__all__ if not hasattr(mod, n)]
+    assert not missing, f"{name}.__all__ names missing attributes: {missing}"
+    assert len(set(mod.__all__)) == len(mod.__all__), f"{name}.__all__ has duplicates"
+
+
+def test_cli_entry_point_builds_every_command():
+    from tpg.cli import build_parser
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for cmd in ("exact", "prove", "verify", "probe", "train", "compare-runs", "mdp-help", "task-help"):
+        assert cmd in sub.choices, f"tpg {cmd} is not registered"
