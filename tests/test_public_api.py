@@ -22,3 +22,12 @@ def test_cli_entry_point_builds_every_command():
     sub = next(a for a in parser._actions if a.dest == "command")
     for cmd in ("exact", "prove", "verify", "probe", "train", "compare-runs", "mdp-help", "task-help"):
         assert cmd in sub.choices, f"tpg {cmd} is not registered"
+
+
+def test_top_level_names_do_not_shadow_subpackages():
+    import types
+
+    import tpg
+    for sub in ("mdp", "policies", "exact", "estimators", "verify", "train", "cases", "rollouts"):
+        importlib.import_module(f"tpg.{sub}")
+        assert isinstance(getattr(tpg, sub), types.ModuleType), f"tpg.{sub} is shadowed by a re-exported name"

@@ -5,7 +5,8 @@ produces rollouts (:mod:`tpg.rollouts`); estimators (:mod:`tpg.estimators`) turn
 advantages and a surrogate loss; the exact engine (:mod:`tpg.exact`) produces the truth; the
 verifier (:mod:`tpg.verify`) compares the two; training (:mod:`tpg.train`) and experiments
 (:mod:`tpg.experiments`) sit on top. The names below are the curated public API; the
-sub-packages export more.
+sub-packages export more (the verifier's entry point is ``tpg.verify.verify``: a top-level
+``verify`` function would shadow the ``tpg.verify`` package).
 """
 
 __version__ = "0.1.0"
@@ -16,9 +17,8 @@ from .exact import exact_kl, grad_by_enumeration, solve  # noqa: E402
 from .mdp import TokenMDP, TokenTree, make_mdp, make_task  # noqa: E402
 from .policies import Policy, SharedSoftmax, TabularSoftmax, TinyTransformerPolicy  # noqa: E402
 from .rollouts import Rollouts, sample, sample_continuations  # noqa: E402
-from .verify import verify  # noqa: E402
 
 __all__ = ["EstimatorOutput", "Policy", "ResponseBatch", "Rollouts", "SharedSoftmax", "TabularSoftmax",
            "TinyTransformerPolicy", "TokenMDP", "TokenTree", "__version__", "exact_kl", "get_estimator",
            "grad_by_enumeration", "load_case", "load_problem", "make_mdp", "make_task", "mdp_from_spec",
-           "problem_from_task_spec", "sample", "sample_continuations", "save_case", "solve", "verify"]
+           "problem_from_task_spec", "sample", "sample_continuations", "save_case", "solve"]
