@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_CPU ?= torch==2.13.0
 STAMP := $(VENV)/.tpg-installed
 
-.PHONY: run test test-slow bench setup clean
+.PHONY: run figures test test-slow bench setup clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,10 +16,22 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-## the main job: the proof checks on the default MDP set, then the standard verification suite
+## the main job: proof checks, the standard verification suite, every study in quick form,
+## the figures and the claims report (figures/, figures/REPORT.md)
 run: $(STAMP)
 	$(VENV)/bin/tpg prove
 	$(VENV)/bin/tpg verify --suite standard
+	$(VENV)/bin/tpg study all --quick
+	$(VENV)/bin/tpg figures
+	$(VENV)/bin/tpg report
+	@echo "claims report: figures/REPORT.md (figures in figures/)"
+
+## the full studies, their figures and report in figures/full/ (about 15 minutes on 2 cores)
+figures: $(STAMP)
+	$(VENV)/bin/tpg study all
+	$(VENV)/bin/tpg figures --out-dir figures/full
+	$(VENV)/bin/tpg report --out figures/full/REPORT.md
+	@echo "claims report: figures/full/REPORT.md"
 
 ## the default test run (slow studies excluded)
 test: $(STAMP)

@@ -4,7 +4,8 @@ import importlib
 
 import pytest
 
-PACKAGES = ["tpg", "tpg.mdp", "tpg.policies", "tpg.exact", "tpg.estimators", "tpg.verify", "tpg.train"]
+PACKAGES = ["tpg", "tpg.mdp", "tpg.policies", "tpg.exact", "tpg.estimators", "tpg.verify", "tpg.train",
+            "tpg.experiments"]
 
 
 @pytest.mark.parametrize("name", PACKAGES)
@@ -20,7 +21,8 @@ def test_cli_entry_point_builds_every_command():
     from tpg.cli import build_parser
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    for cmd in ("exact", "prove", "verify", "probe", "train", "compare-runs", "mdp-help", "task-help"):
+    for cmd in ("exact", "prove", "verify", "probe", "train", "compare-runs", "mdp-help", "task-help",
+                "study", "figures", "report"):
         assert cmd in sub.choices, f"tpg {cmd} is not registered"
 
 

@@ -16,7 +16,7 @@ import json
 import sys
 
 # modules that add sub-commands: each has register(subparsers); missing ones are skipped
-_COMMAND_MODULES = ("tpg.verify.cli", "tpg.train.cli")
+_COMMAND_MODULES = ("tpg.verify.cli", "tpg.train.cli", "tpg.experiments.cli")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,0 +1,131 @@
+"""The claims report: proof-check rules, row gathering, fallbacks, Markdown, and the CLI commands."""
+
+from __future__ import annotations
+
+import math
+import types
+
+import pandas as pd
+import pytest
+
+from tpg.experiments import report
+from tpg.experiments.report import collect_rows, format_markdown, format_number, proof_status, proof_summary
+
+
+def proof_rows(violate: str | None = None, unflagged: str | None = None) -> list[dict]:
+    """Synthetic ``run_checks`` rows: two cases per statement."""
+    rows = []
+    for name in ("lemma1", "lemma2", "theorem1", "eq26_gamma", "theorem2", "critic_identity", "td_identity",
+                 "gae_equality"):
+        for case in ("a", "b"):
+            bad = name == violate and case == "b"
+            rows.append({"statement": name, "case": case, "kind": "statement", "difference": 1e-3 if bad else 1e-16,
+                         "threshold": 1e-10, "passed": not bad})
+            weak = name == unflagged and case == "a"
+            rows.append({"statement": name, "case": case, "kind": "negative control",
+                         "difference": 1e-9 if weak else 0.1, "threshold": 1e-6, "passed": not weak})
+    return rows
+
+
+def test_proof_status_branches():
+    s = proof_summary(proof_rows())
+    assert proof_status(s["lemma1"]) == "confirmed"
+    assert s["lemma1"] == {"cases": 2, "hold": 2, "controls": 2, "flagged": 2, "max_difference": 1e-16,
+                           "min_control": 0.1}
+    assert proof_status(proof_summary(proof_rows(unflagged="lemma2"))["lemma2"]) == "qualified"
+    assert proof_status(proof_summary(proof_rows(violate="td_identity"))["td_identity"]) == "refuted"
+    assert proof_status({"cases": 0, "hold": 0, "controls": 0, "flagged": 0}) == "refuted"
+
+
+def test_rows_from_proofs_alone(tmp_path):
+    rows, info, summaries = collect_rows(tmp_path, studies=[], proof_rows=proof_rows(violate="lemma2"))
+    by = {r["id"]: r for r in rows}
+    ids = [r["id"] for r in rows]
+    assert ids[:8] == ["lemma1", "lemma2", "thm1", "eq26", "thm2", "critic_identity", "td_identity", "gae"]
+    assert ids[8:15] == [f"claim{i}" for i in range(1, 8)]
+    assert by["lemma1"]["status"] == "confirmed" and by["lemma2"]["status"] == "refuted"
+    # a theorem whose study did not run falls back on its proof check, and says so
+    assert by["thm1"]["source"] == "proof checks" and "tpg study bias" in by["thm1"]["detail"]
+    assert by["claim3"]["status"] == "not run" and "tpg study centering" in by["claim3"]["rule"]
+    assert by["thm1"]["proof"] == "2/2 hold, 2/2 controls fail"
+    text = format_markdown(rows, info, summaries, tmp_path)
+    assert "| lemma2 |" in text and "**refuted**" in text and "## Proof checks" in text
+
+
+def test_study_rows_take_precedence_and_further_checks_are_listed(tmp_path, monkeypatch):
+    def fake_study_rows(cache_dir, studies=None):
+        rows = [{"id": "thm1", "claim": "T1", "status": "qualified", "number": 1e-16, "uncertainty": None,
+                 "unit": "max relative bias", "figure": "figures/bias_heatmap.png", "rule": "r", "detail": "",
+                 "source": "study bias"},
+                {"id": "claim3", "claim": "C3", "status": "refuted", "number": 0.9, "uncertainty": 0.05,
+                 "unit": "variance ratio", "figure": "figures/centering.png", "rule": "r2", "source": "study centering"},
+                {"id": "extra", "claim": "E", "status": "confirmed", "number": 2.0, "uncertainty": None, "unit": "",
+                 "figure": "figures/x.png", "rule": "r3", "source": "study x"}]
+        return rows, {"bias": {"status": "ok", "rows": 3, "cells": 1, "grid_cells": 1, "quick": True, "error": ""}}
+
+    monkeypatch.setattr(report, "study_rows", fake_study_rows)
+    rows, info, summaries = collect_rows(tmp_path, proof_rows=proof_rows())
+    by = {r["id"]: r for r in rows}
+    assert by["thm1"]["status"] == "qualified" and by["thm1"]["source"] == "study bias"
+    assert by["claim3"]["status"] == "refuted"
+    assert by["extra"]["section"] == "further"
+    text = format_markdown(rows, info, summaries)
+    assert "0.9 ± 0.05 (variance ratio)" in text
+    assert "[bias_heatmap.png](bias_heatmap.png)" in text
+    assert "## Further checks" in text and "| bias | ok | quick | 1 / 1 | 3 |" in text
+
+
+def test_format_number():
+    assert format_number({"number": 0.123456, "uncertainty": None, "unit": "u"}) == "0.123 (u)"
+    assert format_number({"number": 2.0, "uncertainty": 0.25, "unit": ""}) == "2 ± 0.25"
+    assert format_number({"number": math.nan, "uncertainty": None, "unit": ""}) == "-"
+
+
+def test_a_broken_rule_is_reported_not_fatal(tmp_path, monkeypatch):
+    from tpg.experiments import runner, studies
+
+    broken = types.SimpleNamespace(NAME="bias", claim_rows=lambda df: 1 / 0)
+    monkeypatch.setattr(studies, "load_study", lambda name: broken)
+    monkeypatch.setattr(runner, "load_results", lambda name, cache_dir: pd.DataFrame({"cell_key": ["k"], "x": [1]}))
+    rows, info = report.study_rows(tmp_path, studies=["bias"])
+    assert rows == [] and info["bias"]["status"] == "error" and "ZeroDivisionError" in info["bias"]["error"]
+
+
+def test_write_report_and_cli_commands_end_to_end(tmp_path, monkeypatch, capsys):
+    """`tpg study` (tiny grid), `tpg figures` (one script) and `tpg report` through the CLI module."""
+    from tpg.experiments import cli
+    from tpg.experiments.studies import gamma
+
+    tiny = [gamma.Cell(family="terminal", vocab=2, horizon=2, gammas=(0.9, 1.0), lambdas=(1.0,))]
+    monkeypatch.setattr(gamma, "cells", lambda quick=False: tiny)
+    cache, figs = tmp_path / "cache", tmp_path / "figs"
+    assert cli.main(["study", "gamma", "--quick", "--backend", "sequential", "--cache-dir", str(cache),
+                     "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "study gamma: 1 cells" in out and "eq26" in out and "confirmed" in out
+    assert cli.main(["figures", "gamma_bias", "--cache-dir", str(cache), "--out-dir", str(figs)]) == 0
+    assert (figs / "gamma_bias.png").stat().st_size > 1000
+    assert "1 of 1 figure scripts ran" in capsys.readouterr().out
+    assert cli.main(["figures", "bias_heatmap", "--cache-dir", str(cache), "--out-dir", str(figs)]) == 0
+    assert "skipped" in capsys.readouterr().out
+    assert cli.main(["report", "--cache-dir", str(cache), "--out", str(figs / "REPORT.md"), "--no-proofs"]) == 0
+    text = (figs / "REPORT.md").read_text()
+    assert "| eq26 |" in text and "**confirmed**" in text and "| gamma | ok | quick | 1 / 1 |" in text
+    assert "wrote the claims report" in capsys.readouterr().out
+    assert cli.main(["study", "nope", "--cache-dir", str(cache)]) == 2
+    assert cli.main(["figures", "no_such_figure", "--cache-dir", str(cache)]) == 2
+
+
+def test_register_adds_the_three_commands():
+    import argparse
+
+    from tpg.experiments.cli import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["study", "all", "--quick", "--jobs", "3", "--backend", "sequential"])
+    assert (args.name, args.quick, args.jobs, args.backend) == ("all", True, 3, "sequential")
+    args = parser.parse_args(["report", "--out", "x.md"])
+    assert args.out == "x.md" and args.cache_dir == ".tpg-cache"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["study", "bias", "--backend", "spark"])

@@ -1,0 +1,168 @@
+"""``tpg study``, ``tpg figures``, ``tpg report``: run the studies, draw their figures, write the claims report.
+
+    tpg study NAME|all [--quick] [--backend processes|sequential|dask|ray] [--jobs N] [--cache-dir DIR]
+    tpg figures [NAME ...] [--cache-dir DIR] [--out-dir DIR] [--scripts-dir DIR]
+    tpg report [--cache-dir DIR] [--out FILE] [--no-proofs]
+
+``register(subparsers)`` adds them to ``tpg`` (:mod:`tpg.cli`); ``python -m tpg.experiments.cli``
+runs them on their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_CACHE = ".tpg-cache"
+DEFAULT_FIGURES = "figures"
+
+
+def default_scripts_dir() -> Path:
+    """``paper_repro/`` of the source tree tpg runs from (an editable install or a checkout)."""
+    import tpg
+
+    return Path(tpg.__file__).resolve().parents[1] / "paper_repro"
+
+
+def figure_scripts(scripts_dir: str | Path | None = None, names=None) -> list[Path]:
+    """The figure scripts (every ``*.py`` of ``paper_repro/`` but ``style.py`` and private files),
+    optionally only those named (``bias_heatmap`` or ``bias_heatmap.py``)."""
+    d = Path(scripts_dir) if scripts_dir else default_scripts_dir()
+    if not d.is_dir():
+        raise ValueError(f"no figure scripts at {d}: run from a tpg checkout or pass --scripts-dir")
+    scripts = sorted(p for p in d.glob("*.py") if p.stem != "style" and not p.stem.startswith("_"))
+    if names:
+        wanted = {Path(n).stem for n in names}
+        unknown = wanted - {p.stem for p in scripts}
+        if unknown:
+            raise ValueError(f"unknown figure script(s) {', '.join(sorted(unknown))}; "
+                             f"the scripts are {', '.join(p.stem for p in scripts)}")
+        scripts = [p for p in scripts if p.stem in wanted]
+    return scripts
+
+
+def run_figure_script(path: Path, cache_dir: str, out_dir: str) -> list[Path]:
+    """Import a figure script from its file and call its ``main(cache_dir, out_dir)``."""
+    spec = importlib.util.spec_from_file_location(f"paper_repro_{path.stem}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    if not hasattr(mod, "main"):
+        raise ValueError(f"{path.name} has no main(cache_dir, out_dir)")
+    return list(mod.main(cache_dir=cache_dir, out_dir=out_dir) or [])
+
+
+# ------------------------------------------------------------------------------ commands
+def _cmd_study(args) -> int:
+    from .report import format_table
+    from .runner import run_study
+    from .studies import STUDIES, available_studies, load_study
+
+    names = available_studies() if args.name == "all" else [args.name]
+    if args.name != "all" and args.name not in STUDIES:
+        raise ValueError(f"unknown study {args.name!r}; the studies are {', '.join(STUDIES)} (or all)")
+    claim_rows = []
+    for name in names:
+        start = time.perf_counter()
+        df = run_study(name, quick=args.quick, backend=args.backend, n_jobs=args.jobs, cache_dir=args.cache_dir,
+                       progress=not args.no_progress)
+        mod = load_study(name)
+        print(f"study {name}: {df['cell_key'].nunique() if len(df) else 0} cells, {len(df)} rows "
+              f"({'quick' if args.quick else 'full'}) in {time.perf_counter() - start:.1f} s; "
+              f"cache {Path(args.cache_dir) / name}", flush=True)
+        if len(df):
+            claim_rows += mod.claim_rows(df)
+    if claim_rows:
+        print(format_table(claim_rows))
+    return 0
+
+
+def _cmd_figures(args) -> int:
+    scripts = figure_scripts(args.scripts_dir, args.names)
+    failed = skipped = 0
+    for path in scripts:
+        start = time.perf_counter()
+        try:
+            written = run_figure_script(path, args.cache_dir, args.out_dir)
+        except Exception as exc:  # one broken figure must not stop the others
+            # by name: a script may import the style module under another name (paper_repro.style, style)
+            if any(c.__name__ == "MissingResults" for c in type(exc).__mro__):
+                skipped += 1
+                print(f"{path.stem}: skipped ({exc})", flush=True)
+                continue
+            failed += 1
+            print(f"{path.stem}: FAILED: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            continue
+        names = ", ".join(str(p) for p in written)
+        print(f"{path.stem}: wrote {names} in {time.perf_counter() - start:.1f} s", flush=True)
+    print(f"{len(scripts) - failed - skipped} of {len(scripts)} figure scripts ran"
+          + (f", {skipped} skipped (no cached results)" if skipped else "")
+          + (f", {failed} failed" if failed else ""))
+    return 1 if failed else 0
+
+
+def _cmd_report(args) -> int:
+    from .report import collect_rows, format_markdown, format_table
+
+    rows, info, summaries = collect_rows(args.cache_dir, proofs=not args.no_proofs)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(format_markdown(rows, info, summaries, args.cache_dir))
+    print(format_table(rows))
+    print(f"\nwrote the claims report {out}")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``study``, ``figures`` and ``report`` to a ``tpg`` sub-parser set."""
+    from .runner import BACKENDS
+    from .studies import STUDIES
+
+    p = subparsers.add_parser("study", help="run a study (or all) and cache its cells",
+                              description="Run every cell of a study's grid that is not cached yet, in parallel; "
+                                          "print its claim rows.")
+    p.add_argument("name", metavar="NAME", help=f"one of {', '.join(STUDIES)}, or all")
+    p.add_argument("--quick", action="store_true", help="the small grid (seconds to a minute)")
+    p.add_argument("--backend", choices=BACKENDS, default="processes",
+                   help="joblib backend: local processes (default), sequential, or a dask / ray cluster")
+    p.add_argument("--jobs", type=int, default=2, metavar="N", help="parallel workers (default 2)")
+    p.add_argument("--cache-dir", default=DEFAULT_CACHE, metavar="DIR", help=f"result cache (default {DEFAULT_CACHE})")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_study)
+
+    p = subparsers.add_parser("figures", help="draw every figure (paper_repro/*.py) from the cached results")
+    p.add_argument("names", nargs="*", metavar="NAME", help="only these figure scripts (default all)")
+    p.add_argument("--cache-dir", default=DEFAULT_CACHE, metavar="DIR", help=f"result cache (default {DEFAULT_CACHE})")
+    p.add_argument("--out-dir", default=DEFAULT_FIGURES, metavar="DIR", help=f"where figures go (default {DEFAULT_FIGURES})")
+    p.add_argument("--scripts-dir", default=None, metavar="DIR", help="the figure scripts (default paper_repro/)")
+    p.set_defaults(func=_cmd_figures)
+
+    p = subparsers.add_parser("report", help="write the claims report (figures/REPORT.md) from the cached results")
+    p.add_argument("--cache-dir", default=DEFAULT_CACHE, metavar="DIR", help=f"result cache (default {DEFAULT_CACHE})")
+    p.add_argument("--out", default=f"{DEFAULT_FIGURES}/REPORT.md", metavar="FILE",
+                   help=f"the report (default {DEFAULT_FIGURES}/REPORT.md)")
+    p.add_argument("--no-proofs", action="store_true", help="leave out the proof checks (they take a few seconds)")
+    p.set_defaults(func=_cmd_report)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tpg.experiments.cli study|figures|report ...``."""
+    from tpg.cli import _Parser
+
+    parser = _Parser(prog="tpg")
+    register(parser.add_subparsers(dest="command", required=True, parser_class=_Parser))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as exc:
+        print(f"tpg: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # e.g. `... | head`
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
