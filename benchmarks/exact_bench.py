@@ -49,6 +49,9 @@ from tpg.mdp.mdp import TokenMDP
 from tpg.mdp.tree import TokenTree
 from tpg.policies import TabularSoftmax
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script, or imported by path
+from _common import cpu_model  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 TARGET_S = 0.2
 AGREEMENT_TOL = 1e-10
@@ -58,15 +61,7 @@ AGREEMENT_CASES = [(3, 4, None, 1, 1.0), (3, 4, 0, 2, 0.9), (4, 3, 2, 2, 1.0), (
 
 def machine_info() -> dict:
     """nproc, CPU model, torch version and threads, date, load average."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return dict(nproc=len(os.sched_getaffinity(0)), cpu=cpu, torch=torch.__version__,
                 torch_threads=torch.get_num_threads(), python=platform.python_version(),
                 date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),

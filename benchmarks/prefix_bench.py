@@ -33,6 +33,9 @@ from tpg.exact.transformer import grad_full_sequences, node_logits_naive, work_c
 from tpg.mdp import make_mdp
 from tpg.policies.transformer import TinyTransformerPolicy
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script, or imported by path
+from _common import cpu_model  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 SIZES = [
     dict(vocab=8, horizon=4, eos=None, prompts=2, d_model=64),
@@ -92,15 +95,7 @@ def bench_case(vocab: int, horizon: int, eos: int | None, prompts: int, d_model:
 
 
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return (f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__} "
             f"({torch.get_num_threads()} intra-op threads), Python {platform.python_version()}")
 

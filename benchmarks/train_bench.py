@@ -39,6 +39,9 @@ import torch
 from tpg.train import TRAIN_ALGOS, Trainer, TrainConfig
 from tpg.train.report import memory_report
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script, or imported by path
+from _common import cpu_model  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 PROBLEMS = {
     "tabular": dict(mdp="dense:vocab=4,horizon=4,eos=0,prompts=4"),
@@ -80,15 +83,7 @@ def bench(problem: str, algos, warmup: int, iters: int, threads: int) -> list[di
 
 
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__}, Python {platform.python_version()}"
 
 

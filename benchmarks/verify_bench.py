@@ -37,6 +37,9 @@ from tpg.verify.score import ParamMap  # noqa: E402
 from tpg.verify.suite import format_suite, run_suite  # noqa: E402
 from tpg.verify.verdict import hotelling_test  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script, or imported by path
+from _common import cpu_model  # noqa: E402
+
 CASES = (
     # (label, --mdp spec, estimator spec, G)
     ("reinforce / tabular", "dense:vocab=3,horizon=3,eos=0,prompts=2,seed=1", "reinforce", 1),
@@ -47,14 +50,7 @@ CASES = (
 
 
 def machine() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model(platform.processor() or "")
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
 

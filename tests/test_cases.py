@@ -16,6 +16,8 @@ from tpg.exact import solve
 from tpg.mdp import make_mdp
 from tpg.reference import enumerate_nonterminal_prefixes, reference_from_case
 
+from _helpers import assert_matches_reference_grad
+
 TOL = 1e-10
 
 
@@ -30,13 +32,7 @@ def assert_matches_reference(case: dict):
     mdp, pol = case_from_dict(json.loads(json.dumps(case)))
     sol = solve(mdp, pol)
     J_ref, grad_ref = reference_from_case(case)
-    assert sol.J == pytest.approx(J_ref, abs=TOL)
-    tree = mdp.tree
-    assert len(grad_ref) == tree.num_nonterminal
-    for k in range(tree.num_nonterminal):
-        prompt, prefix = tree.prefix(int(tree.nt_node_k[k]))
-        row = torch.tensor(grad_ref[(prompt, tuple(prefix))], dtype=torch.float64)
-        assert float((sol.grad_logits[k] - row).abs().max()) < TOL, (prompt, prefix)
+    assert_matches_reference_grad(mdp, sol, J_ref, grad_ref, TOL)
     assert float((sol.flat_grad() - sol.grad_logits.reshape(-1)).abs().max()) == 0  # tabular: identity map
     return sol
 

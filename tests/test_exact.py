@@ -14,6 +14,8 @@ from tpg.mdp import FAMILIES, make_mdp
 from tpg.policies import SharedSoftmax, TabularSoftmax
 from tpg.reference import reference_from_case
 
+from _helpers import assert_matches_reference_grad
+
 TOL = 1e-10
 
 
@@ -88,13 +90,7 @@ def test_dp_matches_reference(spec):
     mdp, pol = problem(**spec)
     sol = solve(mdp, pol)
     J_ref, grad_ref = reference_from_case(case_to_dict(mdp, pol))
-    assert sol.J == pytest.approx(J_ref, abs=TOL)
-    tree = mdp.tree
-    assert len(grad_ref) == tree.num_nonterminal
-    for k in range(tree.num_nonterminal):
-        prompt, prefix = tree.prefix(int(tree.nt_node_k[k]))
-        row = torch.tensor(grad_ref[(prompt, tuple(prefix))], dtype=torch.float64)
-        assert float((sol.grad_logits[k] - row).abs().max()) < TOL, (prompt, prefix)
+    assert_matches_reference_grad(mdp, sol, J_ref, grad_ref, TOL)
 
 
 def test_reference_sees_a_changed_reward():

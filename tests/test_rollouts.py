@@ -3,51 +3,22 @@ with the exact engine, seeding, group layout, continuations, and sampling past t
 
 import pytest
 import torch
-from scipy.stats import chisquare
 
 from tpg.cases import make_policy
 from tpg.exact import path_log_probs, solve
 from tpg.mdp import make_mdp
 from tpg.rollouts import PAD_TOKEN, sample, sample_continuations
 
+from _helpers import chisquare_p, leaf_of
+
 N = 20_000
 P_MIN = 1e-3
-
-
-def leaf_of(tree, prompt_b, tokens_bt, mask_bt):
-    """Node id of each sampled response, walking the tree from its tokens (not the sampler's ids)."""
-    node = prompt_b.clone()
-    for t in range(tokens_bt.shape[1]):
-        step = tree.num_prompts + tree.nt_index_n[node].clamp(min=0) * tree.vocab_size + tokens_bt[:, t]
-        node = torch.where(mask_bt[:, t], step, node)
-    assert bool((tree.nt_index_n[node] < 0).all()), "a sampled response does not end at a leaf"
-    return node
 
 
 def leaf_position(tree):
     pos = torch.full((tree.num_nodes,), -1, dtype=torch.long)
     pos[tree.leaf_ids] = torch.arange(tree.num_leaves)
     return pos
-
-
-def chisquare_p(observed, prob):
-    """Goodness-of-fit p-value; bins with expected count < 5 are merged into one (or into the
-    smallest kept bin when their total is still below 5)."""
-    observed = observed.to(torch.float64)
-    expected = prob.to(torch.float64) / prob.sum() * observed.sum()
-    assert float(observed[prob == 0].sum()) == 0, "a zero-probability response was sampled"
-    big = expected >= 5
-    obs, exp = observed[big].tolist(), expected[big].tolist()
-    rest_o, rest_e = float(observed[~big].sum()), float(expected[~big].sum())
-    if rest_e >= 5:
-        obs.append(rest_o)
-        exp.append(rest_e)
-    elif rest_e > 0:
-        i = min(range(len(exp)), key=exp.__getitem__)
-        obs[i] += rest_o
-        exp[i] += rest_e
-    assert len(obs) >= 2
-    return float(chisquare(obs, exp).pvalue)
 
 
 def problem(policy="tabular", eos=0, compact=False, vocab=3, horizon=3, prompts=2, gamma=1.0, seed=0):

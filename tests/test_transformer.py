@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from scipy.stats import chisquare
 
 from tpg.exact import grad_by_enumeration, path_log_probs, solve
 from tpg.exact.transformer import (grad_brute_force, grad_full_sequences, node_logits_naive, objective_full_sequences,
@@ -16,6 +15,9 @@ from tpg.mdp import make_mdp
 from tpg.mdp.tasks import make_task
 from tpg.policies.transformer import TinyTransformerPolicy
 from tpg.rollouts import sample, sample_continuations
+
+from _helpers import chisquare_p as _chisquare_p
+from _helpers import leaf_of
 
 N = 20_000
 P_MIN = 1e-3
@@ -32,33 +34,9 @@ def max_diff(a, b):
     return max(float((x - y).abs().max()) for x, y in zip(a, b))
 
 
-def leaf_of(tree, prompt_b, tokens_bt, mask_bt):
-    node = prompt_b.clone()
-    for t in range(tokens_bt.shape[1]):
-        step = tree.num_prompts + tree.nt_index_n[node].clamp(min=0) * tree.vocab_size + tokens_bt[:, t]
-        node = torch.where(mask_bt[:, t], step, node)
-    assert bool((tree.nt_index_n[node] < 0).all())
-    return node
-
-
 def chisquare_p(observed, prob):
-    """Goodness-of-fit p-value; responses with expected count < 5 are pooled into one bin (into the
-    smallest kept bin when the pool is still under 5)."""
-    observed = observed.to(torch.float64)
-    expected = prob.to(torch.float64) / prob.sum() * observed.sum()
-    assert float(observed[prob == 0].sum()) == 0, "a zero-probability response was sampled"
-    big = expected >= 5
-    obs, exp = observed[big].tolist(), expected[big].tolist()
-    rest_o, rest_e = float(observed[~big].sum()), float(expected[~big].sum())
-    if rest_e >= 5:
-        obs.append(rest_o)
-        exp.append(rest_e)
-    elif rest_e > 0:
-        i = min(range(len(exp)), key=exp.__getitem__)
-        obs[i] += rest_o
-        exp[i] += rest_e
-    assert len(obs) > 10
-    return float(chisquare(obs, exp).pvalue)
+    """Goodness-of-fit p-value over more than 10 bins (see :func:`_helpers.chisquare_p`)."""
+    return _chisquare_p(observed, prob, min_bins=11)
 
 
 # ----------------------------------------------------------------------------- the model

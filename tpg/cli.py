@@ -147,9 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def run_command(args) -> int:
+    """Run a parsed command (``args.func``): its exit code; a ``ValueError`` is printed as
+    ``tpg: error: ...`` and gives 2, a closed output pipe gives 0."""
     try:
         return int(args.func(args) or 0)
     except ValueError as exc:
@@ -158,6 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `tpg exact --json | head`
         sys.stderr.close()
         return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run_command(args)
     except KeyboardInterrupt:
         print("tpg: interrupted", file=sys.stderr)
         return 130

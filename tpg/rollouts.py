@@ -12,11 +12,11 @@ inverse CDF of their ``step_log_probs``.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
 import torch
 
+from ._threads import intra_op_threads as _intra_op_threads
 from .mdp.mdp import TokenMDP
 from .mdp.rewards import CompactRewards
 
@@ -251,29 +251,6 @@ def _compact_token_rewards(table: torch.Tensor, prompt_b: torch.Tensor, tokens_b
     torch.index_select(table.reshape(-1), 0, flat.view(-1), out=out_bt.view(-1))
     if mask_bt is not None:
         out_bt.masked_fill_(~mask_bt, 0.0)
-
-
-@contextmanager
-def _intra_op_threads(n: int):
-    """Run torch with ``n`` intra-op threads inside the block (the previous setting is restored).
-
-    The samplers run on one thread: their ops are cheap passes over ``[B]`` vectors, and with
-    several intra-op threads each one ends in a thread barrier that, on a machine shared with
-    other jobs, can wait a whole scheduler tick for a descheduled worker (measured: the V = 8,
-    H = 16 benchmark ran 10x slower on 2 threads than on 1 under load, and about as fast
-    idle). Only a policy's ``step_log_probs`` (e.g. a transformer's forward) runs with the
-    caller's setting. The setting is process-wide: do not sample from several
-    Python threads at once.
-    """
-    old = torch.get_num_threads()
-    if old == n:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 #: Rows sampled at a time from a table: the per-position vectors of a chunk (and its random

@@ -21,11 +21,11 @@ Also the exact sequence-level ``KL(pi || pi_ref)`` and its gradient (:func:`exac
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
+from .._threads import intra_op_threads as _intra_op_threads
 from ..mdp.mdp import TokenMDP
 from ..mdp.tree import TokenTree
 
@@ -72,28 +72,6 @@ class ExactSolution:
         if self.grads is None:
             raise ValueError("gradient was not requested (solve(..., with_grad=True))")
         return torch.cat([g.reshape(-1) for g in self.grads])
-
-
-@contextmanager
-def _intra_op_threads(n: int):
-    """Run torch with ``n`` intra-op threads inside the block (the previous setting is restored).
-
-    :func:`solve` runs its dynamic programme on one thread: it is a chain of cheap passes, one
-    tree level at a time, and with several intra-op threads each pass ends in a thread barrier
-    that, on a machine shared with other jobs, can wait a whole scheduler tick for a
-    descheduled worker (measured: 3x slower on 2 threads than on 1 under load, about as fast
-    idle). The policy's own calls (``node_log_probs``, the chain rule) keep the caller's
-    setting. The setting is process-wide: do not solve from several Python threads at once.
-    """
-    old = torch.get_num_threads()
-    if old == n:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _nt_children(block_nv: torch.Tensor, eos_token: int | None) -> torch.Tensor:

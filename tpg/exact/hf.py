@@ -31,7 +31,7 @@ from ..mdp.mdp import TokenMDP
 from ..mdp.tree import DEFAULT_MAX_NODES, TokenTree
 from ..policies.hf import HFRestrictedPolicy
 from .engine import ExactSolution, path_returns, solve
-from .transformer import node_prefixes
+from .transformer import prefix_logits_by_depth
 
 
 class _FixedLogits:
@@ -78,15 +78,9 @@ def naive_node_logits(policy, tree: TokenTree, full_head: bool = False) -> torch
     """``[N_nt, K]`` logits with no sharing: for each depth ``d``, one full forward of every
     non-terminal node's ``prompt + d`` tokens (differentiable)."""
     policy.check_tree(tree)
-    out = []
-    for depth in range(tree.horizon):
-        lvl = tree.level_nt(depth)
-        if lvl.stop == lvl.start:
-            break
-        prompts = tree.prompt_n[tree.nt_node_k[lvl]]
-        logits = policy.sequence_logits(prompts, node_prefixes(tree, depth), full_head=full_head)
-        out.append(logits[:, -1])
-    return torch.cat(out, 0).to(device=policy.out_device, dtype=policy.out_dtype)
+    logits = prefix_logits_by_depth(tree, lambda prompts, tokens: policy.sequence_logits(prompts, tokens,
+                                                                                        full_head=full_head))
+    return logits.to(device=policy.out_device, dtype=policy.out_dtype)
 
 
 def enumerate_lm(mdp: TokenMDP, policy, with_grad: bool = True, max_tokens: int = 8192,

@@ -50,6 +50,21 @@ def _leaf_inputs(tree: TokenTree, policy) -> tuple[torch.Tensor, torch.Tensor, t
     return tree.prompt_n[tree.leaf_ids], tok_path.clamp(min=0), mask, nt_path
 
 
+def prefix_logits_by_depth(tree: TokenTree, sequence_logits) -> torch.Tensor:
+    """``[N_nt, V]`` logits with no prefix sharing: for each depth ``d``, one full forward
+    ``sequence_logits(prompts, tokens)`` of every non-terminal node's prompt and ``d`` tokens,
+    its last position's logits kept (differentiable; rows in the tree's non-terminal order)."""
+    out = []
+    for depth in range(tree.horizon):
+        lvl = tree.level_nt(depth)
+        if lvl.stop == lvl.start:
+            break
+        prompts = tree.prompt_n[tree.nt_node_k[lvl]]
+        logits = sequence_logits(prompts, node_prefixes(tree, depth))
+        out.append(logits[:, -1])
+    return torch.cat(out, 0)
+
+
 def node_logits_naive(policy, tree: TokenTree, by: str = "prefix") -> torch.Tensor:
     """``[N_nt, V]`` logits with no prefix sharing (differentiable).
 
@@ -59,15 +74,7 @@ def node_logits_naive(policy, tree: TokenTree, by: str = "prefix") -> torch.Tens
     _check_policy(policy)
     policy._check_tree(tree)
     if by == "prefix":
-        out = []
-        for depth in range(tree.horizon):
-            lvl = tree.level_nt(depth)
-            if lvl.stop == lvl.start:
-                break
-            prompts = tree.prompt_n[tree.nt_node_k[lvl]]
-            logits = policy.sequence_logits(prompts, node_prefixes(tree, depth))
-            out.append(logits[:, -1])
-        return torch.cat(out, 0)
+        return prefix_logits_by_depth(tree, policy.sequence_logits)
     if by == "response":
         prompt_l, tok_lh, mask_lh, nt_lh = _leaf_inputs(tree, policy)
         L, H = tok_lh.shape
@@ -83,16 +90,21 @@ def _response_returns(mdp: TokenMDP) -> torch.Tensor:
     return path_returns(mdp.tree, mdp.edge_rewards(), mdp.gamma)
 
 
-def objective_brute_force(mdp: TokenMDP, policy) -> torch.Tensor:
-    """``J = sum_W rho(x) P(W|x) RM(W)`` with one separate full forward per complete response
-    (a Python loop; differentiable). ``P(W|x) = prod_t pi(w_t | x, w_<t)`` from that sequence's
-    own logits, ``RM(W)`` from the MDP's edge rewards."""
+def _response_inputs(mdp: TokenMDP, policy):
+    """The policy and tree checked, then for every complete response: prompt ``[L]``, tokens and
+    mask ``[L, H]`` (:func:`_leaf_inputs`), return ``RM(W)`` and prompt weight ``rho(x)`` ``[L]``."""
     _check_policy(policy)
     tree = mdp.tree
     policy._check_tree(tree)
     prompt_l, tok_lh, mask_lh, _ = _leaf_inputs(tree, policy)
-    rm_l = _response_returns(mdp)
-    rho_l = mdp.prompt_weights[prompt_l]
+    return prompt_l, tok_lh, mask_lh, _response_returns(mdp), mdp.prompt_weights[prompt_l]
+
+
+def objective_brute_force(mdp: TokenMDP, policy) -> torch.Tensor:
+    """``J = sum_W rho(x) P(W|x) RM(W)`` with one separate full forward per complete response
+    (a Python loop; differentiable). ``P(W|x) = prod_t pi(w_t | x, w_<t)`` from that sequence's
+    own logits, ``RM(W)`` from the MDP's edge rewards."""
+    prompt_l, tok_lh, mask_lh, rm_l, rho_l = _response_inputs(mdp, policy)
     terms = []
     for i in range(prompt_l.numel()):
         T = int(mask_lh[i].sum())
@@ -107,12 +119,7 @@ def objective_full_sequences(mdp: TokenMDP, policy, batch_size: int | None = Non
     """``J`` by batching every complete response as one right-padded full sequence
     (causal attention makes right padding harmless); ``batch_size`` responses per forward
     (default all). Differentiable."""
-    _check_policy(policy)
-    tree = mdp.tree
-    policy._check_tree(tree)
-    prompt_l, tok_lh, mask_lh, _ = _leaf_inputs(tree, policy)
-    rm_l = _response_returns(mdp)
-    rho_l = mdp.prompt_weights[prompt_l]
+    prompt_l, tok_lh, mask_lh, rm_l, rho_l = _response_inputs(mdp, policy)
     L = prompt_l.numel()
     step = L if batch_size is None else int(batch_size)
     J = torch.zeros((), dtype=torch.float64)

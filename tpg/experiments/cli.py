@@ -149,19 +149,11 @@ def register(subparsers) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m tpg.experiments.cli study|figures|report ...``."""
-    from tpg.cli import _Parser
+    from tpg.cli import _Parser, run_command
 
     parser = _Parser(prog="tpg")
     register(parser.add_subparsers(dest="command", required=True, parser_class=_Parser))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except ValueError as exc:
-        print(f"tpg: error: {exc}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:  # e.g. `... | head`
-        sys.stderr.close()
-        return 0
+    return run_command(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -129,19 +129,25 @@ def _parse_float(key: str, text: str) -> float:
         raise ValueError(f"--mdp key {key!r} must be a number, got {text!r}") from None
 
 
+def spec_items(rest: str, flag: str):
+    """The ``key=value`` entries of a spec's option part (after ``NAME:``) as ``(key, value)`` pairs,
+    the key stripped, one at a time; ``ValueError`` naming ``flag`` for an entry without ``=``."""
+    if not rest.strip():
+        return
+    for item in rest.split(","):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"{flag} entries must look like key=value, got {item!r}")
+        yield key.strip(), value
+
+
 def parse_mdp_spec(spec: str) -> dict:
     """Parse ``FAMILY:key=value,...`` into the keyword arguments of :func:`make_mdp`."""
     family, _, rest = spec.partition(":")
     family = family.strip()
     _check_family(family)
     out: dict = {"family": family}
-    if not rest.strip():
-        return out
-    for item in rest.split(","):
-        key, eq, value = item.partition("=")
-        key = key.strip()
-        if not eq:
-            raise ValueError(f"--mdp entries must look like key=value, got {item!r}")
+    for key, value in spec_items(rest, "--mdp"):
         if key not in _SPEC_KEYS:
             raise ValueError(f"unknown --mdp key {key!r}; allowed keys: {', '.join(_SPEC_KEYS)}")
         if key in ("vocab", "horizon", "prompts", "seed", "policy_seed", "max_nodes"):

@@ -32,7 +32,7 @@ import math
 
 import torch
 
-from .families import compact_rewards
+from .families import compact_rewards, spec_items
 from .mdp import TokenMDP
 from .rewards import Rewards, TwinRewards, _check_finite
 from .tree import DEFAULT_MAX_NODES, TokenTree
@@ -345,13 +345,7 @@ def parse_task_spec(spec: str) -> dict:
     _check_task(name)
     allowed = task_keys(name)
     out: dict = {"name": name}
-    if not rest.strip():
-        return out
-    for item in rest.split(","):
-        key, eq, value = item.partition("=")
-        key = key.strip()
-        if not eq:
-            raise ValueError(f"--task entries must look like key=value, got {item!r}")
+    for key, value in spec_items(rest, "--task"):
         if key not in allowed:
             raise ValueError(f"unknown key {key!r} for task {name!r}; allowed keys: {', '.join(allowed)}")
         if key in out:

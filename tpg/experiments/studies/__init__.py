@@ -48,6 +48,16 @@ def single_thread():
         torch.set_num_threads(before)
 
 
+def solved_cell(cell):
+    """``(mdp, policy, sol)``: the cell's MDP and seeded policy (from ``cell.mdp_spec()``) and
+    their exact solution (:func:`tpg.exact.solve`), the start of most studies' ``run_cell``."""
+    from tpg.cases import mdp_from_spec
+    from tpg.exact import solve
+
+    mdp, policy = mdp_from_spec(cell.mdp_spec())
+    return mdp, policy, solve(mdp, policy)
+
+
 def load_study(name: str) -> ModuleType:
     """The module ``tpg.experiments.studies.<name>``; ``ValueError`` for a name not in :data:`STUDIES`."""
     if name not in STUDIES:
@@ -62,5 +72,5 @@ def available_studies() -> list[str]:
     return [n for n in STUDIES if importlib.util.find_spec(f"{__name__}.{n}") is not None]
 
 
-__all__ = ["STUDIES", "load_study", "available_studies", "claim_row", "single_thread", "EXACT_TOL", "BIAS_TOL", "CLAIM_STATUSES",
+__all__ = ["STUDIES", "load_study", "available_studies", "claim_row", "single_thread", "solved_cell", "EXACT_TOL", "BIAS_TOL", "CLAIM_STATUSES",
            "CLAIM_KEYS"]

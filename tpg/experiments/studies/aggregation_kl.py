@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from . import BIAS_TOL, EXACT_TOL, claim_row, single_thread
+from . import BIAS_TOL, EXACT_TOL, claim_row, single_thread, solved_cell
 
 NAME = "aggregation_kl"
 TITLE = "bias of each loss aggregation mode under variable lengths; KL estimators and placements vs the exact KL gradient"
@@ -156,11 +156,7 @@ def _run_cell(cell: Cell) -> pd.DataFrame:
     """Rows per (estimator, mode) or (estimator, KL kind); see :data:`COLUMNS`."""
     import torch
 
-    from tpg.cases import mdp_from_spec
-    from tpg.exact import solve
-
-    mdp, policy = mdp_from_spec(cell.mdp_spec())
-    sol = solve(mdp, policy)
+    mdp, policy, sol = solved_cell(cell)
     if cell.part == "agg":
         rows = _agg_rows(mdp, policy, cell)
     elif cell.part == "kl":

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from . import EXACT_TOL, claim_row, single_thread
+from . import EXACT_TOL, claim_row, single_thread, solved_cell
 
 NAME = "bias"
 TITLE = "exact verdict matrix: estimator x reward family x EOS x gamma x group size x aggregation"
@@ -122,12 +122,10 @@ def run_cell(cell: Cell) -> pd.DataFrame:
 
 def _run_cell(cell: Cell) -> pd.DataFrame:
     """One row per estimator: the exact verdict and its numbers (see :data:`COLUMNS`)."""
-    from tpg.cases import mdp_from_spec
-    from tpg.exact import solve
     from tpg.verify import verify
 
-    mdp, policy = mdp_from_spec(cell.mdp_spec())
-    grad_norm = float(solve(mdp, policy).flat_grad().norm())
+    mdp, policy, sol = solved_cell(cell)
+    grad_norm = float(sol.flat_grad().norm())
     specs = [with_agg(s, cell.agg) for s in cell.estimators]
     records = verify(mdp, policy, specs, group_size=cell.group_size, mode="exact", seed=cell.seed,
                      on_error="record")

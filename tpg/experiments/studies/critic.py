@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from . import BIAS_TOL, EXACT_TOL, claim_row, single_thread
+from . import BIAS_TOL, EXACT_TOL, claim_row, single_thread, solved_cell
 
 NAME = "critic"
 TITLE = "PPO/GAE bias and variance against critic error, lambda in {0, 0.5, 0.9, 1}; critic-free and global baselines"
@@ -145,13 +145,10 @@ def _run_cell(cell: Cell) -> pd.DataFrame:
     """Rows per (sigma, lambda) of PPO/GAE, or per baseline; see :data:`COLUMNS`."""
     import torch
 
-    from tpg.cases import mdp_from_spec
-    from tpg.exact import solve
     from tpg.verify.context import ExactContext
     from tpg.verify.score import ParamMap
 
-    mdp, policy = mdp_from_spec(cell.mdp_spec())
-    sol = solve(mdp, policy)
+    mdp, policy, sol = solved_cell(cell)
     grad_j = sol.flat_grad().to(torch.float64)
     pmap = ParamMap(policy, mdp.tree)
     ctx = ExactContext(mdp, policy, seed=cell.critic_seed, sol=sol)

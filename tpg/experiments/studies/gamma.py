@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from . import BIAS_TOL, EXACT_TOL, claim_row, single_thread
+from . import BIAS_TOL, EXACT_TOL, claim_row, single_thread, solved_cell
 
 NAME = "gamma"
 TITLE = "bias of GAE with gamma < 1 on zero-reward-assumption rewards (Eq. 26)"
@@ -90,12 +90,10 @@ def run_cell(cell: Cell) -> pd.DataFrame:
 def _run_cell(cell: Cell) -> pd.DataFrame:
     """Rows per (method, gamma, lambda); see :data:`COLUMNS`."""
     from proofs_checks.eq26_gamma import mismatch_bias
-    from tpg.cases import mdp_from_spec
-    from tpg.exact import solve
     from tpg.verify import verify
 
-    mdp, policy = mdp_from_spec(cell.mdp_spec())
-    grad_norm = float(solve(mdp, policy).flat_grad().norm())
+    mdp, policy, sol = solved_cell(cell)
+    grad_norm = float(sol.flat_grad().norm())
     rows = []
     closed = {}
     for g in cell.gammas:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from . import BIAS_TOL, EXACT_TOL, claim_row, single_thread
+from . import BIAS_TOL, EXACT_TOL, claim_row, single_thread, solved_cell
 
 NAME = "trepo"
 TITLE = "TRePO variants (segment, interpolate, ipw) at equal rollout budget: bias, variance, lost credit"
@@ -170,12 +170,9 @@ def run_cell(cell: Cell) -> pd.DataFrame:
 
 def _run_cell(cell: Cell) -> pd.DataFrame:
     """Summary rows (exact bias, MC variance and cost per MC seed) and position rows per variant."""
-    from tpg.cases import mdp_from_spec
-    from tpg.exact import solve
     from tpg.verify import verify
 
-    mdp, policy = mdp_from_spec(cell.mdp_spec())
-    sol = solve(mdp, policy)
+    mdp, policy, sol = solved_cell(cell)
     grad_norm = float(sol.flat_grad().norm())
     specs = list(cell.variants)
     exact = verify(mdp, policy, specs, mode="exact", seed=cell.seed)
