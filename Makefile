@@ -26,7 +26,7 @@ run: $(STAMP)
 	$(VENV)/bin/tpg report
 	@echo "claims report: figures/REPORT.md (figures in figures/)"
 
-## the full studies, their figures and report in figures/full/ (about 15 minutes on 2 cores)
+## the full studies, their figures and report in figures/full/ (6 minutes on 2 cores, measured)
 figures: $(STAMP)
 	$(VENV)/bin/tpg study all
 	$(VENV)/bin/tpg figures --out-dir figures/full
