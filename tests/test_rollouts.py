@@ -242,3 +242,12 @@ def test_shared_policy_with_compact_rewards_samples_past_the_size_guard(eos):
     for i in range(4):
         L = min(int(ro.length[i]), 10)
         assert bool((cont.tokens[3 * i: 3 * i + 3, :L] == ro.tokens[i, :L]).all())
+
+
+def test_explicit_prompts_must_match_num_prompts():
+    mdp = make_mdp("dense", vocab=3, horizon=2, prompts=3, seed=0)
+    pol = make_policy(mdp, "tabular", seed=0)
+    ro = sample(mdp, pol, prompts=torch.tensor([2, 0]), group_size=2, seed=0)
+    assert ro.prompt.tolist() == [2, 2, 0, 0] and ro.group.tolist() == [0, 0, 1, 1]
+    with pytest.raises(ValueError, match="num_prompts"):
+        sample(mdp, pol, num_prompts=3, prompts=torch.tensor([2, 0]), seed=0)

@@ -85,14 +85,22 @@ def _check_generator(generator: torch.Generator | None, seed: int | None) -> tor
     return torch.Generator().manual_seed(int(seed))
 
 
-def sample(mdp: TokenMDP, policy, num_prompts: int = 1, group_size: int = 1,
+def sample(mdp: TokenMDP, policy, num_prompts: int | None = None, group_size: int = 1,
            generator: torch.Generator | None = None, seed: int | None = None,
            prompts: torch.Tensor | None = None) -> Rollouts:
     """Sample ``group_size`` responses for each of ``num_prompts`` prompts drawn from ``rho``.
 
     Rows ``i * G .. i * G + G - 1`` form group ``i``. Pass ``prompts`` (``[N]`` ids) to fix the
-    prompts instead of drawing them. ``generator`` (or ``seed``, default 0) fixes every draw.
+    prompts instead of drawing them (``num_prompts``, if given, must then equal their number;
+    without either, one prompt is drawn). ``generator`` (or ``seed``, default 0) fixes every draw.
     """
+    if prompts is not None:
+        n_given = int(torch.as_tensor(prompts).numel())
+        if num_prompts is not None and num_prompts != n_given:
+            raise ValueError(f"num_prompts ({num_prompts}) must equal the number of prompts given ({n_given})")
+        num_prompts = n_given
+    elif num_prompts is None:
+        num_prompts = 1
     if not isinstance(num_prompts, int) or num_prompts < 1:
         raise ValueError(f"num_prompts must be an integer >= 1, got {num_prompts!r}")
     if not isinstance(group_size, int) or group_size < 1:
@@ -104,8 +112,6 @@ def sample(mdp: TokenMDP, policy, num_prompts: int = 1, group_size: int = 1,
             prompts = torch.multinomial(mdp.prompt_weights, num_prompts, replacement=True, generator=gen)
         else:
             prompts = torch.as_tensor(prompts, dtype=torch.long).flatten()
-            if prompts.numel() != num_prompts:
-                num_prompts = int(prompts.numel())
             if bool(((prompts < 0) | (prompts >= mdp.num_prompts)).any()):
                 raise ValueError(f"prompts must be ids in [0, {mdp.num_prompts - 1}], got {prompts.tolist()}")
         prompt_b = prompts.repeat_interleave(group_size)
