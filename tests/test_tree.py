@@ -121,3 +121,11 @@ def test_size_guard_names_the_node_count():
         TokenTree.build(2, 10, 6, None, max_nodes=total - 1)
     assert "max_nodes" in str(err.value)
     assert TokenTree.build(1, 3, 2, None, max_nodes=sum(count_nodes(1, 3, 2, None))).num_nodes == 13
+
+
+def test_prefix_of_an_unknown_node_id_is_a_value_error():
+    tree = TokenTree.build(2, 3, 2, None)
+    with pytest.raises(ValueError, match="node id must be in"):
+        tree.prefix(tree.num_nodes)
+    with pytest.raises(ValueError, match="node id must be in"):
+        tree.prefix(-1)

@@ -171,6 +171,8 @@ class TokenTree:
 
     def prefix(self, node: int) -> tuple[int, list[int]]:
         """``(prompt, prefix tokens)`` of a node id (the inverse of :meth:`node_id`)."""
+        if not 0 <= int(node) < self.num_nodes:
+            raise ValueError(f"node id must be in [0, {self.num_nodes - 1}], got {int(node)}")
         toks = []
         n = int(node)
         while self.parent_n[n] >= 0:
