@@ -173,21 +173,10 @@ def _backward_pass(tree: TokenTree, pi: torch.Tensor, r_kv: torch.Tensor, gamma:
     return value, value_nt, q
 
 
-def reach_probabilities(tree: TokenTree, pi: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
-    """``mu(s) = rho(x) P(s | x)`` for every node, level by level."""
-    mu, _ = _forward_pass(tree, pi, torch.as_tensor(rho, dtype=pi.dtype), None, 1.0)
-    return mu
-
-
 def backward_values(tree: TokenTree, pi: torch.Tensor, r_kv: torch.Tensor, gamma: float):
     """Token-level ``V`` per node and ``Q`` per (non-terminal, token) for rewards ``r_kv [N_nt, V]``."""
     value, _, q = _backward_pass(tree, pi, r_kv, gamma)
     return value, q
-
-
-def _past_rewards(tree: TokenTree, r_kv: torch.Tensor, gamma: float) -> torch.Tensor:
-    _, past = _forward_pass(tree, r_kv, None, r_kv, gamma)
-    return past
 
 
 def nt_discount(tree: TokenTree, gamma: float) -> torch.Tensor:
@@ -221,15 +210,10 @@ def solve(mdp: TokenMDP, policy, with_grad: bool = True, r_kv: torch.Tensor | No
     r_kv = torch.as_tensor(r_kv, dtype=torch.float64).contiguous()
     P, V, H = tree.num_prompts, tree.vocab_size, tree.horizon
     # One forward of the policy serves both the DP (detached, renormalised in float64) and the
-    # chain rule: each row of dJ/dlogits sums to zero, so backpropagating it through
-    # log-probabilities equals backpropagating it through logits (log_softmax's Jacobian only
-    # removes a row-constant), and either may serve.
+    # chain rule to the parameters.
     params = [p for p in policy.parameters() if p.requires_grad] if with_grad else []
     with torch.set_grad_enabled(bool(params)):
-        try:  # logits where the policy has them: for a tabular policy grads are then grad_logits exactly
-            logits = policy.node_logits(tree)
-        except (AttributeError, NotImplementedError):
-            logits = policy.node_log_probs(tree)
+        logits = policy.node_logits(tree)
     logp = torch.log_softmax(logits.detach().to(torch.float64), dim=-1)
     with torch.no_grad(), _intra_op_threads(1):
         pi = logp.exp()

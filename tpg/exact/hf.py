@@ -34,44 +34,16 @@ from .engine import ExactSolution, path_returns, solve
 from .transformer import prefix_logits_by_depth
 
 
-class _FixedLogits:
-    """A stand-in policy with given logits (so that :func:`solve` runs its dynamic programme on logits
-    computed once, with their autograd graph kept outside)."""
-
-    def __init__(self, logits: torch.Tensor):
-        self.logits = logits
-
-    def node_log_probs(self, tree):
-        return torch.log_softmax(self.logits, dim=-1)
-
-    def parameters(self):
-        return iter(())
-
-
 def trainable_parameters(policy) -> list[torch.Tensor]:
     return [p for p in policy.parameters() if p.requires_grad]
 
 
 def solve_lm(mdp: TokenMDP, policy, with_grad: bool = True, r_kv: torch.Tensor | None = None,
              gamma: float | None = None) -> ExactSolution:
-    """:func:`tpg.exact.solve` with one forward and one backward through the policy.
-
-    The logits are computed once with their graph; the dynamic programme runs on their values, and
-    ``grad J = sum_{s,w} dJ/dlogit[s,w] * dlogit[s,w]/dtheta`` is one backward pass with
-    ``grad_outputs = dJ/dlogit``."""
-    tree = mdp.tree
-    params = trainable_parameters(policy)
-    with torch.set_grad_enabled(with_grad and bool(params)):
-        logits = policy.node_logits(tree)
-    sol = solve(mdp, _FixedLogits(logits.detach()), with_grad=False, r_kv=r_kv, gamma=gamma)
-    if with_grad:
-        if params and logits.requires_grad:
-            grads = torch.autograd.grad(logits, params, grad_outputs=sol.grad_logits.to(logits.dtype),
-                                        allow_unused=True)
-        else:
-            grads = [None] * len(params)
-        sol.grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-    return sol
+    """:func:`tpg.exact.solve` on a real-LM policy: one prefix-shared forward of every tree node
+    and one backward pass with ``grad_outputs = dJ/dlogit`` (solve itself works this way; the name
+    is kept for callers of the LM path)."""
+    return solve(mdp, policy, with_grad=with_grad, r_kv=r_kv, gamma=gamma)
 
 
 def naive_node_logits(policy, tree: TokenTree, full_head: bool = False) -> torch.Tensor:

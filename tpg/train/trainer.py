@@ -119,8 +119,14 @@ class _FixedLogProbs:
     def __init__(self, logp):
         self.logp = logp
 
+    def node_logits(self, tree):  # log-probabilities are valid logits
+        return self.logp
+
     def node_log_probs(self, tree):
         return self.logp
+
+    def parameters(self):
+        return iter(())
 
 
 class Trainer:
