@@ -171,7 +171,7 @@ def _check_gamma(gamma) -> float:
 
 
 # ---------------------------------------------------------------------------- the two passes
-def backward_values(pi: torch.Tensor, r: torch.Tensor, gamma: float, eos_token: int | None,
+def backward_values(pi: torch.Tensor, r: torch.Tensor | None, gamma: float, eos_token: int | None,
                     expected_r: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-level ``V(t, prev)`` ``[H, R]`` and the continuation value of each next token
     ``N(t, w) = [w non-terminal at t] V(t + 1, w)`` ``[H, V]``, for policy ``pi`` and rewards ``r``
@@ -180,7 +180,7 @@ def backward_values(pi: torch.Tensor, r: torch.Tensor, gamma: float, eos_token: 
         V(t, prev) = sum_w pi(w | t, prev) (r(t, prev, w) + gamma N(t, w)),   N(H - 1, .) = 0.
 
     ``Q = r + gamma N[:, None, :]``. One ``[R, V] x [V]`` product per position. ``expected_r``
-    ``[H, R]``, if given, is ``E_pi[r] = sum_w pi r`` already computed."""
+    ``[H, R]``, if given, is ``E_pi[r] = sum_w pi r`` already computed (``r`` is then not read)."""
     H, R, V = pi.shape
     if expected_r is None:
         expected_r = torch.einsum("trv,trv->tr", pi, r)  # E_pi[r], all positions at once
@@ -216,6 +216,37 @@ def forward_reach(pi: torch.Tensor, rho: torch.Tensor, eos_token: int | None,
             if past is not None:
                 past[t + 1, eos_token] = 0.0
     return reach, past
+
+
+def zra_value_tables(pi: torch.Tensor, r: torch.Tensor, eos_token: int | None, gamma: float,
+                     critic_gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two Markov factors of the discounted ZRA return's value (the target of PPO's critic).
+
+    With ``RM(W) = sum_k gamma^k r_k`` (the MDP's ``gamma``, 0-based ``k``), ``T`` the length and
+    ``g`` the critic's discount, the critic's target at the state before token ``t`` is
+
+        E[g^(T-1-t) RM(W) | s] = c(s) D(t, prev) + gamma^t F(t, prev),
+
+    ``c(s) = sum_{k<t} gamma^k r_k`` (the reward already earned, a function of the prefix) and
+
+        D(t, prev) = E[g^(T-1-t) | t, prev],
+        F(t, prev) = E[g^(T-1-t) sum_{k>=t} gamma^(k-t) r_k | t, prev],
+
+    which depend on the state only through ``(t, prev)``. Backward, with ``z = 1`` for a terminal
+    transition (``w = e`` or ``t = H - 1``) and ``N_D(t, w) = [w non-terminal] D(t + 1, w)``:
+
+        D(t, prev) = sum_w pi (z + g N_D(t, w)),
+        F(t, prev) = sum_w pi (r (z + g N_D(t, w)) + g gamma [w non-terminal] F(t + 1, w)).
+
+    With ``g = gamma = 1``: ``D = 1`` and ``F = V``, so the target is ``V'(s) = c + V``.
+    Returns ``(D, F)``, each ``[H, R]``."""
+    H, R, V = pi.shape
+    z = terminal_tokens(H, V, eos_token).to(torch.float64)
+    D, nxt_D = backward_values(pi, None, critic_gamma, eos_token, expected_r=torch.einsum("trv,tv->tr", pi, z))
+    factor = z.add_(nxt_D, alpha=critic_gamma)  # z + g N_D: 1 at terminal tokens, g D(t + 1, w) elsewhere
+    F, _ = backward_values(pi, None, critic_gamma * gamma, eos_token,
+                           expected_r=torch.einsum("trv,trv,tv->tr", pi, r, factor))
+    return D, F
 
 
 # ---------------------------------------------------------------------------- solution
@@ -473,4 +504,4 @@ def prefix_response_values(mdp, sol: MarkovSolution, prompt_b, prefix_bt, prefix
 __all__ = ["ENGINES", "MarkovSolution", "backward_values", "check_markov", "choose_engine", "forward_reach",
            "markov_entropy", "markov_kl", "markov_objective", "markov_unsupported_reason", "path_token_rewards",
            "prefix_response_values", "prefix_states", "reachable_states", "shared_log_probs", "solve_markov",
-           "state_rows", "terminal_tokens"]
+           "state_rows", "terminal_tokens", "zra_value_tables"]
