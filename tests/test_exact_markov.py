@@ -224,7 +224,9 @@ def test_zra_value_tables_reduce_to_v_at_gamma_one():
     mdp, pol = problem("dense", vocab=4, horizon=6, eos=1, prompts=2, gamma=1.0, seed=4)
     ms = solve_markov(mdp, pol)
     D, F = zra_value_tables(ms.logp.exp(), mdp.rewards.table, mdp.eos_token, 1.0, 1.0)
-    assert float((D - 1).abs().max()) < TOL and float((F - ms.value).abs().max()) < TOL
+    live = ms.reachable
+    assert float((D[live] - 1).abs().max()) < TOL and float((F - ms.value).abs().max()) < TOL
+    assert float(D[1:, 1].abs().max()) == 0.0 and float(ms.value[1:, 1].abs().max()) == 0.0  # after EOS: 0
 
 
 def test_prefix_response_values_match_tree():
@@ -320,3 +322,18 @@ def test_cli_exact_engines(capsys):
     assert "above max_nodes" in capsys.readouterr().err
     assert main(["exact", "--mdp", "dense:compact=true,vocab=8,horizon=40"]) == 2
     assert "policy=tabular needs the stored response tree" in capsys.readouterr().err
+
+
+def test_markov_bench_tiny(tmp_path, monkeypatch):
+    """The benchmark script runs end to end at a tiny size (no timing assertions)."""
+    from pathlib import Path
+    bench = Path(__file__).resolve().parent.parent / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench))
+    import importlib
+    out = tmp_path / "markov.json"
+    assert importlib.import_module("markov_bench").main(["--tiny", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["agreement_ok"] and result["tiny"] and result["target_met"] is None
+    assert all(r["max_abs_err_grad"] <= TOL and r["ratio"] > 0 for r in result["side_by_side"])
+    assert all(r["autograd_max_abs_err_grad"] <= TOL for r in result["long_horizon"])
+    assert result["command"].startswith("python benchmarks/markov_bench.py")

@@ -56,7 +56,7 @@ Everything is float64; each pass is a loop over the ``H`` positions of one ``[R,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -179,43 +179,48 @@ def backward_values(pi: torch.Tensor, r: torch.Tensor | None, gamma: float, eos_
 
         V(t, prev) = sum_w pi(w | t, prev) (r(t, prev, w) + gamma N(t, w)),   N(H - 1, .) = 0.
 
-    ``Q = r + gamma N[:, None, :]``. One ``[R, V] x [V]`` product per position. ``expected_r``
-    ``[H, R]``, if given, is ``E_pi[r] = sum_w pi r`` already computed (``r`` is then not read)."""
+    ``Q = r + gamma N[:, None, :]``. The states ``(t >= 1, prev = e)`` do not exist (a response ends
+    at EOS); their ``V`` is set to 0, the value after the end, which makes ``V(t + 1, :V)`` itself
+    the vector ``N(t)``. One ``[R, V] x [V]`` product per position. ``expected_r`` ``[H, R]``, if
+    given, is ``E_pi[r] = sum_w pi r`` already computed (``r`` is then not read)."""
     H, R, V = pi.shape
     if expected_r is None:
-        expected_r = torch.einsum("trv,trv->tr", pi, r)  # E_pi[r], all positions at once
+        expected_r = torch.einsum("trv,trv->tr", pi, r)  # E_pi[r] without a [H, R, V] temporary
     value = torch.empty(H, R, dtype=torch.float64)
-    nxt = torch.zeros(H, V, dtype=torch.float64)
     value[H - 1] = expected_r[H - 1]
-    for t in range(H - 2, -1, -1):
-        nxt[t] = value[t + 1, :V]
-        if eos_token is not None:
-            nxt[t, eos_token] = 0.0
-        torch.addmv(expected_r[t], pi[t], nxt[t], alpha=gamma, out=value[t])
+    for t in range(H - 1, -1, -1):
+        if t < H - 1:
+            torch.addmv(expected_r[t], pi[t], value[t + 1, :V], alpha=gamma, out=value[t])
+        if eos_token is not None and t >= 1:
+            value[t, eos_token] = 0.0
+    nxt = torch.zeros(H, V, dtype=torch.float64)
+    nxt[:-1] = value[1:, :V]
     return value, nxt
 
 
 def forward_reach(pi: torch.Tensor, rho: torch.Tensor, eos_token: int | None,
-                  pi_r: torch.Tensor | None = None, gamma: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Reach ``m(t, prev)`` ``[H, R]`` and, if ``pi_r = pi * r`` ``[H, R, V]`` is given, the
+                  r: torch.Tensor | None = None, gamma: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Reach ``m(t, prev)`` ``[H, R]`` and, if the rewards ``r`` ``[H, R, V]`` are given, the
     reach-weighted past reward ``C(t, prev)`` ``[H, R]`` (see the module docstring):
 
         m(t + 1, w) = [w != e] sum_prev m(t, prev) pi(w | t, prev),
-        C(t + 1, w) = [w != e] sum_prev pi(w | t, prev) (C(t, prev) + gamma^t m(t, prev) r(t, prev, w))."""
+        C(t + 1, w) = [w != e] sum_prev pi(w | t, prev) (C(t, prev) + gamma^t m(t, prev) r(t, prev, w)).
+
+    ``m`` and ``C`` are pushed together, one ``[V, R] x [R, 2]`` product per position."""
     H, R, V = pi.shape
-    reach = torch.zeros(H, R, dtype=torch.float64)
-    reach[0, V:] = rho
-    past = None if pi_r is None else torch.zeros(H, R, dtype=torch.float64)
+    cols = 1 if r is None else 2
+    state = torch.zeros(H, R, cols, dtype=torch.float64)  # [..., 0] = m, [..., 1] = C
+    state[0, V:, 0] = rho
+    scratch = torch.empty(R, V, dtype=torch.float64)
     for t in range(H - 1):
-        torch.mv(pi[t].t(), reach[t], out=reach[t + 1, :V])
-        if past is not None:
-            torch.mv(pi[t].t(), past[t], out=past[t + 1, :V])
-            past[t + 1, :V].addmv_(pi_r[t].t(), reach[t], alpha=gamma ** t)
+        torch.mm(pi[t].t(), state[t], out=state[t + 1, :V])
+        if r is not None:
+            torch.mul(pi[t], r[t], out=scratch)
+            state[t + 1, :V, 1].addmv_(scratch.t(), state[t, :, 0], alpha=gamma ** t)
         if eos_token is not None:
-            reach[t + 1, eos_token] = 0.0
-            if past is not None:
-                past[t + 1, eos_token] = 0.0
-    return reach, past
+            state[t + 1, eos_token] = 0.0
+    reach = state[..., 0].contiguous()
+    return reach, (None if r is None else state[..., 1].contiguous())
 
 
 def zra_value_tables(pi: torch.Tensor, r: torch.Tensor, eos_token: int | None, gamma: float,
@@ -264,15 +269,18 @@ class MarkovSolution:
         logp: ``log pi(w | t, prev)``, ``[H, R, V]``.
         reach: ``m(t, prev)``, the probability (prompt weights included) of being alive at that state.
         reachable: ``[H, R]`` bool, the states a response can be in.
-        value: token-level ``V(t, prev)`` (expected discounted future reward).
-        advantage: ``Q - V``, with ``Q(t, prev, w) = r + gamma [w non-terminal] V(t + 1, w)``
-            (:attr:`q`, computed on demand).
+        value: token-level ``V(t, prev)`` (expected discounted future reward; 0 at the states
+            ``(t >= 1, prev = e)``, which do not exist: a response ends at EOS).
+        next_value: ``N(t, w) = [w non-terminal at t] V(t + 1, w)``, ``[H, V]``.
+        rewards: the reward table ``r(t, prev, w)`` solved for (the MDP's, or the override).
+        q, advantage: ``Q = r + gamma N`` and ``Q - V`` (properties, computed on each access).
         grad_logits: ``dJ / dtheta[t, prev, w] = gamma^t m pi (Q - V)`` (the shared logits' gradient).
         grads: ``dJ / d param`` for each parameter of the policy that requires grad (``None`` if not
             requested); for a plain :class:`SharedSoftmax`, ``grad_logits`` itself (the same tensor)
             when its horizon is the MDP's, else ``grad_logits`` padded with zeros to its horizon.
-        past_mean: ``E[c | t, prev]``, the expected reward already earned (0 where the reach is 0).
-        value_resp: ``E[V' | t, prev] = past_mean + gamma^t V`` (the conditional expectation of the
+        past_mean: ``E[c | t, prev]``, the expected reward already earned (0 where the reach is 0);
+            a property, computed by one more forward pass on first access.
+        value_resp: ``E[V' | t, prev] = past_mean + gamma^t V`` (property; the conditional expectation of the
             response-level value; see the module docstring).
         length_probs: ``P(T = t + 1)`` for ``t = 0 .. H - 1``, ``[H]``.
         expected_length: ``E[T]``.
@@ -284,17 +292,34 @@ class MarkovSolution:
     reach: torch.Tensor
     reachable: torch.Tensor
     value: torch.Tensor
-    advantage: torch.Tensor
+    next_value: torch.Tensor
+    rewards: torch.Tensor
     grad_logits: torch.Tensor
     grads: list[torch.Tensor] | None
-    past_mean: torch.Tensor
-    value_resp: torch.Tensor
     length_probs: torch.Tensor
     expected_length: float
     gamma: float
     eos_token: int | None
     vocab_size: int
     num_prompts: int
+    prompt_weights: torch.Tensor
+    _past_mean: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def past_mean(self) -> torch.Tensor:
+        """``E[c | t, prev] = C(t, prev) / m(t, prev)``, ``[H, R]`` (0 where ``m = 0``); see the module docstring."""
+        if self._past_mean is None:
+            with torch.no_grad(), _intra_op_threads(1):
+                reach, past = forward_reach(self.logp.exp(), self.prompt_weights, self.eos_token, self.rewards,
+                                            self.gamma)
+                self._past_mean = torch.where(reach > 0, past / torch.where(reach > 0, reach, 1.0), 0.0)
+        return self._past_mean
+
+    @property
+    def value_resp(self) -> torch.Tensor:
+        """``E[V' | t, prev] = E[c | t, prev] + gamma^t V(t, prev)``, ``[H, R]``."""
+        disc = self.gamma ** torch.arange(self.horizon, dtype=torch.float64)
+        return self.past_mean + disc.unsqueeze(1) * self.value
 
     @property
     def horizon(self) -> int:
@@ -303,8 +328,13 @@ class MarkovSolution:
     @property
     def q(self) -> torch.Tensor:
         """``Q(t, prev, w) = r(t, prev, w) + gamma [w non-terminal] V(t + 1, w)``, ``[H, R, V]``
-        (``advantage + V``, a new tensor at each access)."""
-        return self.advantage + self.value.unsqueeze(2)
+        (a new tensor at each access)."""
+        return torch.add(self.rewards, self.next_value.unsqueeze(1), alpha=self.gamma)
+
+    @property
+    def advantage(self) -> torch.Tensor:
+        """``Q - V``, ``[H, R, V]`` (a new tensor at each access)."""
+        return self.q.sub_(self.value.unsqueeze(2))
 
     def flat_grad(self) -> torch.Tensor:
         """All parameter gradients concatenated into one vector."""
@@ -338,6 +368,22 @@ def _chain_rule(policy, grad_table: torch.Tensor, with_grad: bool) -> list[torch
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, got)]
 
 
+#: positions per block of the gradient pass (a [block, R, V] temporary stays in cache)
+_BLOCK = 16
+
+
+def _scale_by_advantage(pi: torch.Tensor, r: torch.Tensor, nxt: torch.Tensor, value: torch.Tensor,
+                        weight: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``pi * (Q - V) * weight`` written into ``pi`` (returned), a block of positions at a time."""
+    H = pi.shape[0]
+    for t0 in range(0, H, _BLOCK):
+        b = slice(t0, min(H, t0 + _BLOCK))
+        adv = torch.add(r[b], nxt[b].unsqueeze(1), alpha=gamma)
+        adv.sub_(value[b].unsqueeze(2)).mul_(weight[b].unsqueeze(2))
+        pi[b].mul_(adv)
+    return pi
+
+
 def solve_markov(mdp, policy, with_grad: bool = True, rewards: torch.Tensor | None = None,
                  gamma: float | None = None) -> MarkovSolution:
     """Exact ``J``, values, ``Q``, advantages, ``grad J``, reach and length distribution of a shared
@@ -346,7 +392,8 @@ def solve_markov(mdp, policy, with_grad: bool = True, rewards: torch.Tensor | No
     ``rewards`` (a ``[H, V + P, V]`` table) and ``gamma`` override the MDP's (used for the KL and the
     entropy). ``ValueError`` when the policy is not a :class:`SharedSoftmax` of the MDP's shape or the
     rewards are not a :class:`CompactRewards` table (:func:`markov_unsupported_reason`). Cost
-    ``O(H (V + P) V)``; no tree is built."""
+    ``O(H (V + P) V)``; no tree is built. ``Q``, ``Q - V``, ``E[c | t, prev]`` and ``E[V' | t, prev]``
+    are computed on access (:class:`MarkovSolution`), so ``J`` and ``grad J`` pay for neither."""
     check_markov(mdp, policy)
     H, V, P, eos = mdp.horizon, mdp.vocab_size, mdp.num_prompts, mdp.eos_token
     R = V + P
@@ -354,30 +401,27 @@ def solve_markov(mdp, policy, with_grad: bool = True, rewards: torch.Tensor | No
     # the MDP's table was checked when the MDP was built; an override is checked here
     r = mdp.rewards.table.contiguous() if rewards is None else _check_table("rewards", rewards, (H, R, V))
     logp = shared_log_probs(policy, H)
-    # Three [H, R, V] buffers in all (a fresh one costs more in page faults than the pass that
-    # fills it): pi, which becomes the gradient; pi r, which becomes the advantage; and logp.
+    # Two [H, R, V] buffers in all (a fresh one costs more in page faults than the pass that fills
+    # it): logp, and pi, which becomes the gradient in place; Q and Q - V are made on demand.
     with torch.no_grad(), _intra_op_threads(1):
         pi = logp.exp()
-        buf = torch.mul(pi, r)
-        value, nxt = backward_values(pi, r, gamma, eos, expected_r=buf.sum(2))
-        reach, past = forward_reach(pi, mdp.prompt_weights, eos, buf, gamma)
-        adv = torch.add(r, nxt.unsqueeze(1), alpha=gamma, out=buf)  # Q
-        adv.sub_(value.unsqueeze(2))
+        value, nxt = backward_values(pi, r, gamma, eos)
+        reach, _ = forward_reach(pi, mdp.prompt_weights, eos)
         disc = gamma ** torch.arange(H, dtype=torch.float64)
-        grad_logits = pi.mul_(adv).mul_((reach * disc.unsqueeze(1)).unsqueeze(2))  # gamma^t m pi (Q - V)
-        del pi, buf
+        weight = reach * disc.unsqueeze(1)  # gamma^t m(t, prev)
+        grad_logits = _scale_by_advantage(pi, r, nxt, value, weight, gamma)
+        del pi
         J = float((mdp.prompt_weights * value[0, V:]).sum())
         alive = reach.sum(1)  # P(T > t)
         length_probs = torch.empty(H, dtype=torch.float64)
         length_probs[:-1] = alive[:-1] - alive[1:]
         length_probs[-1] = alive[-1]
-        past_mean = torch.where(reach > 0, past / torch.where(reach > 0, reach, 1.0), 0.0)
-        value_resp = past_mean + disc.unsqueeze(1) * value
     grads = _chain_rule(policy, grad_logits, with_grad)
     return MarkovSolution(J=J, logp=logp, reach=reach, reachable=reachable_states(H, V, P, eos), value=value,
-                          advantage=adv, grad_logits=grad_logits, grads=grads, past_mean=past_mean,
-                          value_resp=value_resp, length_probs=length_probs, expected_length=float(alive.sum()),
-                          gamma=gamma, eos_token=eos, vocab_size=V, num_prompts=P)
+                          next_value=nxt, rewards=r, grad_logits=grad_logits, grads=grads,
+                          length_probs=length_probs, expected_length=float(alive.sum()),
+                          gamma=gamma, eos_token=eos, vocab_size=V, num_prompts=P,
+                          prompt_weights=mdp.prompt_weights)
 
 
 def markov_objective(mdp, policy, rewards: torch.Tensor | None = None, gamma: float | None = None) -> torch.Tensor:
@@ -391,17 +435,19 @@ def markov_objective(mdp, policy, rewards: torch.Tensor | None = None, gamma: fl
     H, V, P, eos = mdp.horizon, mdp.vocab_size, mdp.num_prompts, mdp.eos_token
     gamma = float(mdp.gamma) if gamma is None else _check_gamma(gamma)
     r = _check_table("rewards", mdp.rewards.table if rewards is None else rewards, (H, V + P, V))
-    pi = torch.softmax(policy.logits[:H].to(torch.float64), dim=-1)
+    # unbind, not pi[t]: the backward of H separate index ops would build H full-size gradients
+    pi_t = torch.softmax(policy.logits[:H].to(torch.float64), dim=-1).unbind(0)
+    r_t = r.unbind(0)
     keep = torch.ones(V, dtype=torch.float64)
     if eos is not None:
         keep[eos] = 0.0
-    m = torch.zeros(V + P, dtype=torch.float64)
-    m = torch.cat([m[:V], mdp.prompt_weights])
-    J = torch.zeros((), dtype=torch.float64)
+    m = torch.cat([torch.zeros(V, dtype=torch.float64), mdp.prompt_weights])
+    terms = []
     for t in range(H):
-        J = J + gamma ** t * (m.unsqueeze(1) * pi[t] * r[t]).sum()
+        terms.append(gamma ** t * torch.dot(m, (pi_t[t] * r_t[t]).sum(1)))
         if t + 1 < H:
-            m = torch.cat([(m @ pi[t]) * keep, torch.zeros(P, dtype=torch.float64)])
+            m = torch.cat([(m @ pi_t[t]) * keep, torch.zeros(P, dtype=torch.float64)])
+    J = torch.stack(terms).sum()
     return J
 
 
