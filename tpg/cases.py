@@ -44,6 +44,11 @@ def make_policy(mdp: TokenMDP, policy: str = "tabular", policy_seed: int | None 
     The logits are ``N(0, scale^2)`` from ``policy_seed`` (default ``seed + 1000``)."""
     pseed = seed + 1000 if policy_seed is None else policy_seed
     if policy == "tabular":
+        if not mdp.tree_fits():  # say what does work at this size, before the tree's size guard
+            raise ValueError(f"policy=tabular needs the stored response tree, which is above max_nodes="
+                             f"{mdp.max_nodes:,} at vocab={mdp.vocab_size}, horizon={mdp.horizon}; use "
+                             f"policy=shared with compact=true (solved by the Markov engine at any horizon), "
+                             f"or lower horizon or vocab, or raise max_nodes")
         return TabularSoftmax(mdp.tree, seed=pseed, scale=scale)
     if policy == "shared":
         return SharedSoftmax(mdp.vocab_size, mdp.horizon, mdp.num_prompts, seed=pseed, scale=scale)

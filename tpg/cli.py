@@ -1,7 +1,7 @@
 """The ``tpg`` command line.
 
 Commands:
-    tpg exact  (--case FILE | --mdp SPEC | --task SPEC) [--json] [--save-case FILE]
+    tpg exact  (--case FILE | --mdp SPEC | --task SPEC) [--engine auto|tree|markov] [--json] [--save-case FILE]
     tpg prove  [--statement NAME ...] [--json]
     tpg mdp-help | task-help
 and the commands registered by sub-packages (``register(subparsers)`` functions listed in
@@ -54,8 +54,10 @@ def load_problem_from_args(args):
 
 # ------------------------------------------------------------------------------ exact
 def _cmd_exact(args) -> int:
-    from .exact import solve
+    from .exact import choose_engine, solve
     mdp, policy = load_problem_from_args(args)
+    if choose_engine(mdp, policy, args.engine) == "markov":
+        return _exact_markov(args, mdp, policy)
     sol = solve(mdp, policy)
     tree = mdp.tree
     if args.json:
@@ -80,6 +82,37 @@ def _cmd_exact(args) -> int:
         k, w = divmod(idx, mdp.vocab_size)
         prompt, prefix = tree.prefix(int(tree.nt_node_k[k]))
         print(f"  prompt {prompt} prefix {prefix} token {w}: {float(sol.grad_logits[k, w]):+.6g}")
+    return 0
+
+
+def _exact_markov(args, mdp, policy) -> int:
+    """``tpg exact`` by the Markov engine (shared policy, compact rewards): no tree, any horizon."""
+    from .exact import solve_markov
+    sol = solve_markov(mdp, policy)
+    H, V, P = mdp.horizon, mdp.vocab_size, mdp.num_prompts
+    gnorm = float(sol.flat_grad().norm())
+    if args.json:
+        states = []
+        for t, prev in sol.reachable.nonzero().tolist():
+            states.append({"position": t, "prev": prev, "reach": float(sol.reach[t, prev]),
+                           "grad": [float(x) for x in sol.grad_logits[t, prev]]})
+        print(json.dumps({"engine": "markov", "J": sol.J, "grad_norm": gnorm, "expected_length": sol.expected_length,
+                          "prompt_values": [float(x) for x in sol.prompt_values()], "grad": states}))
+        return 0
+    eos = "none" if mdp.eos_token is None else str(mdp.eos_token)
+    print(f"{mdp.name}: V={V} H={H} eos={eos} gamma={mdp.gamma:g} prompts={P}")
+    print(f"engine         = markov ({int(sol.reachable.sum()):,} (position, previous token) states; no tree)")
+    print(f"J              = {sol.J:.12g}")
+    print(f"|grad J|       = {gnorm:.6g}  (over {sum(p.numel() for p in policy.parameters())} parameters)")
+    print(f"E[T]           = {sol.expected_length:.6g}  (expected response length)")
+    for p, v in enumerate(sol.prompt_values().tolist()):
+        print(f"V(prompt {p})   = {v:.12g}   rho = {float(mdp.prompt_weights[p]):.6g}")
+    top = sol.grad_logits.abs().flatten().topk(min(5, sol.grad_logits.numel()))
+    print("largest |dJ/dtheta| entries (position t, previous token prev; prev >= V is the prompt V + p):")
+    for idx in top.indices.tolist():
+        t, rest = divmod(idx, (V + P) * V)
+        prev, w = divmod(rest, V)
+        print(f"  t {t} prev {prev} token {w}: {float(sol.grad_logits[t, prev, w]):+.6g}")
     return 0
 
 
@@ -120,7 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_problem_args(p)
     p.add_argument("--json", action="store_true",
                    help='print {"J": float, "grad": [{"prompt", "prefix", "grad": [V floats]}, ...]} '
-                        "with one entry per non-terminal node (dJ/dlogits)")
+                        "with one entry per non-terminal node (dJ/dlogits); with the Markov engine "
+                        '{"engine": "markov", "J", "grad_norm", "expected_length", "prompt_values", '
+                        '"grad": [{"position", "prev", "reach", "grad": [V floats]}, ...]} with one entry '
+                        "per reachable (position, previous token) state")
+    p.add_argument("--engine", choices=("auto", "tree", "markov"), default="auto",
+                   help="tree: dynamic programme over the stored tree (needs it within --max-nodes); "
+                        "markov: over the (position, previous token) states, for policy=shared with "
+                        "compact=true at any horizon; auto (default): tree when it fits, else markov")
     p.set_defaults(func=_cmd_exact)
 
     p = sub.add_parser("prove", help="exact checks of every statement of THEORY.md section 2, "

@@ -1,0 +1,317 @@
+"""Estimator contexts without a tree: the hooks of :class:`~tpg.estimators.base.EstimatorContext` for a
+:class:`~tpg.policies.SharedSoftmax` policy on :class:`~tpg.mdp.rewards.CompactRewards`, at any horizon.
+
+:class:`~tpg.verify.context.ExactContext` and :class:`~tpg.verify.context.MonteCarloContext` read every
+hook off the stored tree. When the policy and the rewards depend on the state only through
+``(t, prev)`` (position, previous token), the Markov engine (:mod:`tpg.exact.markov`) gives the same
+hooks from ``[H, V + P]`` tables, and the sampler needs no tree either, so estimators with hooks run
+at long horizons (``H = 1024``). :class:`MarkovExactContext` (``exact = True``) and
+:class:`MarkovMonteCarloContext` (``exact = False``) mirror the two tree contexts' semantics; they
+are separate classes (not subclasses) because every method of the tree contexts reads the tree.
+
+What is exact, and why (``c(s) = sum_{k<t} gamma^k r_k`` is the reward already earned, a function
+of the whole prefix, not of ``(t, prev)``):
+
+* ``prompt_values``: ``V'(s_1) = V(0, V + p)``, exact.
+* ``greedy_rm``: the argmax path from each prompt, exact (the argmax depends only on ``(t, prev)``).
+* ``continuation_values`` in exact mode: ``V'(prefix) = c(prefix) + gamma^L V(L, prev_L)``, exact for
+  every given prefix (``c`` is summed along it with the true rewards, which the context knows and
+  the estimator does not). Monte Carlo mode samples ``K`` continuations
+  (:func:`tpg.rollouts.sample_continuations`, which needs no tree for these problems).
+* ``critic_values(kind="exact")``: the discounted ZRA return ``E[g^(T-t) RM | s_t]`` (the critic's
+  ``g``, 1-based ``t``) is not Markov in ``(t, prev)`` unless ``g = gamma = 1`` *and* the past reward
+  is tracked, but it factors as ``c(s_t) D(t, prev) + gamma^(t-1) F(t, prev)`` with ``D``, ``F`` Markov
+  (:func:`tpg.exact.markov.zra_value_tables`). The context evaluates that along each response of the
+  batch with the true ``c``, so the exact critic is exact at every state, for every ``g`` and
+  ``gamma``. With ``kl=k1_reward`` the penalty's value ``- beta E[sum_{k>=t} g^(k-t) Delta_k | s_t]``
+  is Markov (the reference policy must then be a shared policy of the same shape).
+* ``critic_values(kind="noisy", noise="fresh")``: exact plus fresh noise (exact mode: the exact
+  critic), as in the tree contexts.
+* ``critic_values(kind="noisy", noise="fixed")``: exact plus a fixed seeded ``N(0, sigma^2)`` draw per
+  state **(t, prev)** (the tree contexts draw one per tree node): a wrong but fixed critic.
+* ``critic_values(kind="tabular")``: a table over the states **(t, prev)** (the tree contexts fit one
+  per tree node) fitted to sampled returns ``g^(T-t) RM`` with the tree contexts' update rule. A
+  ``(t, prev)`` table cannot represent ``c(s)``, so even fully fitted it is the aliased critic
+  ``E[target | t, prev] = E[c | t, prev] D + gamma^(t-1) F``, which is exact only where the past
+  reward does not vary within a state (e.g. terminal-only rewards): an inexact critic by design.
+
+Token counts follow the tree contexts: ``tokens_sampled`` (expected counts in exact mode:
+``K E[T - L | prefix]`` per continuation, from the Markov remaining length) and ``critic_tokens``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..exact.markov import (backward_values, check_markov, markov_unsupported_reason, path_token_rewards,
+                            prefix_response_values, prefix_states, shared_log_probs, solve_markov, zra_value_tables)
+from ..rollouts import sample, sample_continuations
+from .context import CRITIC_KINDS
+
+
+def batch_states(mdp, prompt_b: torch.Tensor, tokens_bt: torch.Tensor) -> torch.Tensor:
+    """Flat state index ``t (V + P) + prev`` of the state before each token ``t = 0 .. H - 1``,
+    ``[B, H]`` (``prev = V + prompt`` at ``t = 0``; entries after a response's end are meaningless
+    and must be masked by the caller)."""
+    B, H = tokens_bt.shape
+    V, R = mdp.vocab_size, mdp.vocab_size + mdp.num_prompts
+    prev = torch.empty(B, H, dtype=torch.long)
+    prev[:, 0] = V + prompt_b
+    prev[:, 1:] = tokens_bt[:, :-1]
+    return prev + torch.arange(H) * R
+
+
+class _MarkovContext:
+    """Hooks shared by both Markov contexts; everything comes from the Markov solution's tables."""
+
+    exact: bool = True
+
+    def __init__(self, mdp, policy, seed: int = 0, ref_policy=None, sol=None):
+        check_markov(mdp, policy)
+        self.mdp = mdp
+        self.policy = policy
+        self.ref_policy = ref_policy
+        self.seed = int(seed)
+        self.sol = sol if sol is not None else solve_markov(mdp, policy, with_grad=False)
+        self.tokens_sampled = 0
+        self.critic_tokens = 0
+        self.hook_calls: dict[str, int] = {}
+        self._critic_cache: dict = {}
+        self._greedy = None
+        self._remaining_len = None
+
+    # -------------------------------------------------------------- bookkeeping
+    def _called(self, name: str) -> None:
+        self.hook_calls[name] = self.hook_calls.get(name, 0) + 1
+
+    def _pi(self) -> torch.Tensor:
+        return self.sol.logp.exp()
+
+    def remaining_length(self) -> torch.Tensor:
+        """``E[T - t | t, prev]``, the expected number of tokens still to come, ``[H, R]``."""
+        if self._remaining_len is None:
+            pi = self._pi()
+            self._remaining_len, _ = backward_values(pi, None, 1.0, self.mdp.eos_token,
+                                                     expected_r=torch.ones(pi.shape[:2], dtype=torch.float64))
+        return self._remaining_len
+
+    # -------------------------------------------------------------- hooks
+    def greedy_rm(self, prompt_b: torch.Tensor) -> torch.Tensor:
+        """``RM`` of the argmax-decoded response to each prompt, ``[B]`` (deterministic in both modes)."""
+        self._called("greedy_rm")
+        if self._greedy is None:
+            mdp = self.mdp
+            H, V, P, eos = mdp.horizon, mdp.vocab_size, mdp.num_prompts, mdp.eos_token
+            best = self.sol.logp.argmax(2).tolist()  # [H][R]
+            tokens = torch.zeros(P, H, dtype=torch.long)
+            length = torch.full((P,), H, dtype=torch.long)
+            for p in range(P):
+                prev = V + p
+                for t in range(H):
+                    w = best[t][prev]
+                    tokens[p, t] = w
+                    if w == eos:
+                        length[p] = t + 1
+                        break
+                    prev = w
+            mask = torch.arange(H) < length.unsqueeze(1)
+            r = path_token_rewards(mdp, torch.arange(P), tokens, mask)
+            rm = r @ (mdp.gamma ** torch.arange(H, dtype=torch.float64))
+            self._greedy = (rm, length)
+        prompt_b = torch.as_tensor(prompt_b, dtype=torch.long)
+        rm_p, len_p = self._greedy
+        self.tokens_sampled += int(len_p[prompt_b].sum())
+        return rm_p[prompt_b].clone()
+
+    def prompt_values(self, prompt_b: torch.Tensor) -> torch.Tensor:
+        """Exact ``V'(s_1) = E[RM(W) | x]`` of each prompt, ``[B]``."""
+        self._called("prompt_values")
+        return self.sol.prompt_values()[torch.as_tensor(prompt_b, dtype=torch.long)].clone()
+
+    # -------------------------------------------------------------- critics
+    def _markov_tables(self, gamma: float, options: dict):
+        """``(D, F, penalty)`` flattened to ``[H R]`` (``penalty`` ``None`` without ``kl=k1_reward``):
+        the exact critic at a state is ``c D + gamma_mdp^t F - beta penalty`` (module docstring)."""
+        kl = str(options.get("kl", "none"))
+        beta = float(options.get("beta", 0.0)) if kl == "k1_reward" else 0.0
+        key = ("markov", float(gamma), beta != 0.0)
+        if key not in self._critic_cache:
+            mdp = self.mdp
+            pi = self._pi()
+            D, F = zra_value_tables(pi, mdp.rewards.table, mdp.eos_token, mdp.gamma, float(gamma))
+            penalty = None
+            if beta != 0.0:
+                if self.ref_policy is None:
+                    raise ValueError("critic with kl=k1_reward needs a reference policy in the context")
+                reason = markov_unsupported_reason(mdp, self.ref_policy)
+                if reason is not None:
+                    raise ValueError(f"reference policy: {reason}")
+                # E[sum_{k>=t} g^(k-t) Delta_k | t, prev]: the token-level value of the reward Delta
+                delta = self.sol.logp - shared_log_probs(self.ref_policy, mdp.horizon)
+                penalty, _ = backward_values(pi, delta, float(gamma), mdp.eos_token)
+                penalty = penalty.reshape(-1)
+            self._critic_cache[key] = (D.reshape(-1), F.reshape(-1), penalty)
+        return self._critic_cache[key]
+
+    def exact_critic(self, batch, gamma: float, options: dict | None = None) -> torch.Tensor:
+        """The exact critic ``E[g^(T-t) RM | s_t]`` (minus the KL penalty's value with
+        ``kl=k1_reward``) at every state of the batch, ``[B, H]`` (0 from each response's end)."""
+        options = options or {}
+        D, F, penalty = self._markov_tables(gamma, options)
+        mdp = self.mdp
+        states = batch_states(mdp, batch.prompt, batch.tokens)
+        live = batch.mask
+        r = path_token_rewards(mdp, batch.prompt, batch.tokens, live)
+        H = r.shape[1]
+        disc = mdp.gamma ** torch.arange(H, dtype=torch.float64)
+        earned = torch.zeros_like(r)
+        if H > 1:
+            earned[:, 1:] = torch.cumsum(r * disc, 1)[:, :-1]  # c(s_t) = sum_{k<t} gamma^k r_k
+        value = earned * D[states] + disc * F[states]
+        if penalty is not None:
+            value -= float(options.get("beta", 0.0)) * penalty[states]
+        return torch.where(live, value, torch.zeros((), dtype=torch.float64))
+
+    def _state_noise(self, gamma: float, options: dict) -> torch.Tensor:
+        sigma = float(options.get("sigma", 0.1))
+        seed = int(options.get("critic_seed", self.seed))
+        key = ("noisy", float(gamma), sigma, seed)
+        if key not in self._critic_cache:
+            gen = torch.Generator().manual_seed(seed)
+            R = self.mdp.vocab_size + self.mdp.num_prompts
+            self._critic_cache[key] = torch.randn(self.mdp.horizon * R, generator=gen, dtype=torch.float64) * sigma
+        return self._critic_cache[key]
+
+    def _tabular_critic(self, gamma: float, options: dict) -> torch.Tensor:
+        """A table over the flat states ``t R + prev`` fitted to sampled returns ``g^(T-t) RM`` (the
+        tree contexts' update rule, over (t, prev) cells instead of tree nodes)."""
+        steps = int(options.get("steps", 20))
+        samples = int(options.get("samples", 64))
+        lr = options.get("lr")
+        lr = None if lr is None else float(lr)
+        seed = int(options.get("critic_seed", self.seed))
+        if steps < 0 or samples < 1 or (lr is not None and not 0 < lr <= 1):
+            raise ValueError(f"tabular critic needs steps >= 0, samples >= 1 and lr in (0, 1]; "
+                             f"got steps={steps}, samples={samples}, lr={lr}")
+        key = ("tabular", float(gamma), steps, samples, lr, seed)
+        if key in self._critic_cache:
+            return self._critic_cache[key]
+        mdp = self.mdp
+        H, R = mdp.horizon, mdp.vocab_size + mdp.num_prompts
+        table = torch.zeros(H * R, dtype=torch.float64)
+        seen_total = torch.zeros(H * R, dtype=torch.float64)
+        gen = torch.Generator().manual_seed(seed)
+        t_idx = torch.arange(1, H + 1, dtype=torch.float64)
+        for _ in range(steps):
+            ro = sample(mdp, self.policy, num_prompts=samples, generator=gen)
+            self.critic_tokens += ro.num_tokens
+            states = batch_states(mdp, ro.prompt, ro.tokens)
+            ret = ro.rm.unsqueeze(1) * float(gamma) ** (ro.length.unsqueeze(1).to(torch.float64) - t_idx)
+            n, g = states[ro.mask], ret[ro.mask]
+            visits = torch.zeros(H * R, dtype=torch.float64).index_add_(0, n, torch.ones_like(g))
+            err = torch.zeros(H * R, dtype=torch.float64).index_add_(0, n, g - table[n])
+            seen_total += visits
+            hit = visits > 0
+            step = visits[hit] / seen_total[hit] if lr is None else torch.full_like(visits[hit], lr)
+            table[hit] += step * err[hit] / visits[hit]
+        self._critic_cache[key] = table
+        return table
+
+    def critic_values(self, batch, kind: str, gamma: float, options: dict) -> torch.Tensor:
+        """``V_hat(s_t)`` for ``t = 1 .. H + 1``, ``[B, H + 1]`` (0 from the complete response on);
+        see the module docstring for what each kind is here."""
+        self._called("critic_values")
+        if kind not in CRITIC_KINDS:
+            raise ValueError(f"critic kind must be one of {', '.join(CRITIC_KINDS)}; got {kind!r}")
+        options = dict(options or {})
+        B, H = batch.mask.shape
+        out = torch.zeros(B, H + 1, dtype=torch.float64)
+        live = batch.mask
+        if kind == "zero":
+            return out
+        if kind == "tabular":
+            table = self._tabular_critic(gamma, options)
+            states = batch_states(self.mdp, batch.prompt, batch.tokens)
+            out[:, :H] = torch.where(live, table[states], torch.zeros((), dtype=torch.float64))
+            return out
+        value = self.exact_critic(batch, gamma, options)
+        if kind == "noisy":
+            noise = str(options.get("noise", "fixed"))
+            if noise not in ("fixed", "fresh"):
+                raise ValueError(f"critic noise must be 'fixed' or 'fresh', got {noise!r}")
+            if noise == "fixed":
+                eps = self._state_noise(gamma, options)[batch_states(self.mdp, batch.prompt, batch.tokens)]
+                value = torch.where(live, value + eps, value)
+            elif not self.exact:
+                sigma = float(options.get("sigma", 0.1))
+                eps = sigma * torch.randn(value.shape, generator=self.generator, dtype=torch.float64)
+                value = torch.where(live, value + eps, value)
+        out[:, :H] = value
+        return out
+
+
+class MarkovExactContext(_MarkovContext):
+    """Expectations instead of samples (``exact = True``), for shared policies on compact rewards at
+    any horizon; see the module docstring.
+
+    Args:
+        mdp, policy: the problem (checked by :func:`tpg.exact.markov.check_markov`).
+        seed: default seed of the fixed critics (``noise=fixed``, ``tabular``).
+        ref_policy: the reference policy of KL options (a shared policy of the same shape).
+        sol: the :class:`~tpg.exact.markov.MarkovSolution` of ``(mdp, policy)`` when already computed.
+    """
+
+    exact = True
+
+    def continuation_values(self, prompt_b, prefix_bt, prefix_len_b, num_continuations: int) -> torch.Tensor:
+        """``E[RM(W) | prefix] = V'(prefix)`` exactly, ``[B]``; counts ``K E[remaining tokens]``."""
+        self._called("continuation_values")
+        if int(num_continuations) < 1:
+            raise ValueError(f"num_continuations must be >= 1, got {num_continuations!r}")
+        t_b, prev_b, done_b = prefix_states(self.mdp, prompt_b, prefix_bt, prefix_len_b)
+        rem = self.remaining_length()[t_b.clamp(max=self.mdp.horizon - 1), prev_b]
+        self.tokens_sampled += float(num_continuations) * float(torch.where(done_b, 0.0, rem).sum())
+        return prefix_response_values(self.mdp, self.sol, prompt_b, prefix_bt, prefix_len_b)
+
+    def random_generator(self) -> torch.Generator:
+        self._called("random_generator")
+        raise ValueError("exact mode cannot take the expectation over an estimator's own random draws "
+                         "(random anchors); use Monte Carlo mode (--mode mc)")
+
+
+class MarkovMonteCarloContext(_MarkovContext):
+    """Samples (``exact = False``), for shared policies on compact rewards at any horizon; see the
+    module docstring.
+
+    Args:
+        mdp, policy: the problem.
+        generator: drives continuations, fresh critic noise and the estimator's own draws.
+        seed: default seed of the fixed critics (``noise=fixed``, ``tabular``).
+        ref_policy, sol: as for :class:`MarkovExactContext`.
+    """
+
+    exact = False
+
+    def __init__(self, mdp, policy, generator: torch.Generator | None = None, seed: int = 0, ref_policy=None,
+                 sol=None):
+        super().__init__(mdp, policy, seed=seed, ref_policy=ref_policy, sol=sol)
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(int(seed))
+
+    def continuation_values(self, prompt_b, prefix_bt, prefix_len_b, num_continuations: int) -> torch.Tensor:
+        """Mean ``RM`` of ``K`` sampled continuations of each prefix, ``[B]``; counts their tokens."""
+        self._called("continuation_values")
+        prompt_b = torch.as_tensor(prompt_b, dtype=torch.long).flatten()
+        K = int(num_continuations)
+        if prompt_b.numel() == 0:
+            return torch.zeros(0, dtype=torch.float64)
+        ro = sample_continuations(self.mdp, self.policy, prompt_b, prefix_bt, prefix_len_b, K,
+                                  generator=self.generator)
+        self.tokens_sampled += ro.num_tokens
+        return ro.rm.view(-1, K).mean(1)
+
+    def random_generator(self) -> torch.Generator:
+        self._called("random_generator")
+        return self.generator
+
+
+__all__ = ["MarkovExactContext", "MarkovMonteCarloContext", "batch_states"]
