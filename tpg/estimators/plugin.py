@@ -154,51 +154,10 @@ class _Expired(BaseException):
     that the plug-in's own ``except Exception`` does not swallow it)."""
 
 
-class _Alarm:
-    """A one-shot ``ITIMER_REAL`` alarm whose handler raises :class:`_Expired` while armed; the
-    previous handler and timer are restored by :meth:`disarm` (idempotent)."""
-
-    def __init__(self, seconds: float, prev_handler, t0: float):
-        self.seconds = seconds
-        self.prev_handler = prev_handler
-        self.t0 = t0
-        self.fired = False
-        self.active = False
-        self.prev_timer = (0.0, 0.0)
-
-    @classmethod
-    def arm(cls, seconds: float | None):
-        """An armed alarm, or None where signals cannot be used (no limit, not the main thread,
-        no ``setitimer``, or a ``SIGALRM`` handler installed outside Python that could not be restored)."""
-        if seconds is None or not hasattr(signal, "setitimer") or threading.current_thread() is not \
-                threading.main_thread():
-            return None
-        prev = signal.getsignal(signal.SIGALRM)
-        if prev is None:
-            return None
-        alarm = cls(seconds, prev, time.monotonic())
-        signal.signal(signal.SIGALRM, alarm._fire)
-        alarm.active = True
-        alarm.prev_timer = signal.setitimer(signal.ITIMER_REAL, seconds)
-        return alarm
-
-    def _fire(self, signum, frame):
-        if not self.active:
-            return
-        self.fired = True
-        signal.setitimer(signal.ITIMER_REAL, _REFIRE)
-        raise _Expired()
-
-    def disarm(self) -> None:
-        if not self.active:
-            return
-        self.active = False  # first: an alarm arriving from here on is ignored
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, self.prev_handler)
-        delay, interval = self.prev_timer
-        if delay > 0:
-            remaining = delay - (time.monotonic() - self.t0)
-            signal.setitimer(signal.ITIMER_REAL, max(remaining, 1e-6), interval)
+def _check_timeout(timeout, owner: str) -> None:
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not math.isfinite(timeout) or timeout <= 0):
+        raise ValueError(f"{owner}: timeout must be a positive number of seconds or None, got {timeout!r}")
 
 
 def _describe_exception(e: BaseException) -> str:
@@ -208,39 +167,106 @@ def _describe_exception(e: BaseException) -> str:
     return text
 
 
-def call_with_time_limit(fn, timeout: float | None, label: str, what: str):
-    """``fn()`` under a wall-clock limit of ``timeout`` seconds (``None``: no limit); anything it
-    raises but ``KeyboardInterrupt`` (``SystemExit`` included) becomes :class:`PluginError`
-    ``"plug-in LABEL[: WHAT] raised ..."``, and so does running past the limit (see the module
-    docstring for how the call is interrupted and the limits of that)."""
-    if timeout is not None and not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
-        raise ValueError(f"plug-in time limit must be a positive number of seconds or None, got {timeout!r}")
-    who = f"plug-in {label}: {what}" if what else f"plug-in {label}"
-    start = time.monotonic()
-    alarm = _Alarm.arm(timeout)
-    try:
+class TimeLimit:
+    """A wall-clock limit on calls into a plug-in (a context manager; see the module docstring).
+
+    On entry, in the main thread on POSIX, installs a ``SIGALRM`` handler and takes over
+    ``ITIMER_REAL`` (a previously armed timer is paused); :meth:`call` arms a one-shot alarm for
+    each call; on exit the previous handler and timer (with its remaining time) are restored.
+    Elsewhere :meth:`call` runs to the end and checks the elapsed time afterwards.
+
+        with TimeLimit(60.0, "plug.py:fn") as limit:
+            out = limit.call(lambda: fn(x))     # PluginError on any failure or overrun
+    """
+
+    def __init__(self, seconds: float | None, label: str):
+        _check_timeout(seconds, f"plug-in {label}")
+        self.seconds = seconds
+        self.label = label
+        self.installed = False
+        self.active = False
+        self.fired = False
+        self._prev_handler = None
+        self._prev_timer = (0.0, 0.0)
+        self._t0 = 0.0
+
+    def __enter__(self) -> "TimeLimit":
+        if self.seconds is None or not hasattr(signal, "setitimer") or \
+                threading.current_thread() is not threading.main_thread():
+            return self
+        prev = signal.getsignal(signal.SIGALRM)
+        if prev is None:  # installed outside Python: it could not be restored
+            return self
+        self._prev_handler = prev
+        self._t0 = time.monotonic()
+        signal.signal(signal.SIGALRM, self._fire)
+        self._prev_timer = signal.setitimer(signal.ITIMER_REAL, 0)
+        self.installed = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.installed:
+            return
+        self.active = False  # first: an alarm arriving from here on is ignored
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, self._prev_handler)
+        self.installed = False
+        delay, interval = self._prev_timer
+        if delay > 0:
+            remaining = delay - (time.monotonic() - self._t0)
+            signal.setitimer(signal.ITIMER_REAL, max(remaining, 1e-6), interval)
+
+    def _fire(self, signum, frame) -> None:
+        if not self.active:
+            return
+        self.fired = True
+        signal.setitimer(signal.ITIMER_REAL, _REFIRE)  # again, should the plug-in swallow this one
+        raise _Expired()
+
+    def _stop(self) -> None:
+        self.active = False
+        if self.installed:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def call(self, fn, what: str = ""):
+        """``fn()`` within the limit; anything it raises but ``KeyboardInterrupt`` (``SystemExit``
+        included), or running past the limit, becomes :class:`PluginError`
+        ``"plug-in LABEL[: WHAT] raised ..."``."""
+        who = f"plug-in {self.label}: {what}" if what else f"plug-in {self.label}"
+        self.fired = False
+        self.active = True
+        start = time.monotonic()
+        if self.installed:
+            signal.setitimer(signal.ITIMER_REAL, self.seconds)
         try:
-            result = fn()
-        finally:
-            if alarm is not None:
-                alarm.disarm()
-    except KeyboardInterrupt:
-        raise
-    except BaseException as e:  # the user's code: SystemExit and other BaseExceptions included
-        if alarm is not None:
-            alarm.disarm()  # again, in case the alarm interrupted the first disarm
-        if isinstance(e, _Expired) or (alarm is not None and alarm.fired):
-            raise PluginError(f"{who} ran past the time limit of {timeout:g} s "
-                              f"(interrupted; raise it with --plugin-timeout)") from None
-        raise PluginError(f"{who} raised {_describe_exception(e)}") from e
-    elapsed = time.monotonic() - start
-    if alarm is not None and alarm.fired:
-        raise PluginError(f"{who} ran past the time limit of {timeout:g} s (it caught the "
-                          f"interrupt and returned after {elapsed:.3g} s)")
-    if timeout is not None and elapsed > timeout:
-        raise PluginError(f"{who} took {elapsed:.3g} s, past the time limit of {timeout:g} s "
-                          f"(not interruptible here: {'not the main thread' if alarm is None else 'a long C call'})")
-    return result
+            try:
+                result = fn()
+            finally:
+                self._stop()
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # the user's code: SystemExit and other BaseExceptions included
+            self._stop()  # again, in case the alarm interrupted the first stop
+            if isinstance(e, _Expired) or self.fired:
+                raise PluginError(f"{who} ran past the time limit of {self.seconds:g} s (interrupted; raise "
+                                  f"it with --plugin-timeout)") from None
+            raise PluginError(f"{who} raised {_describe_exception(e)}") from e
+        elapsed = time.monotonic() - start
+        if self.fired:
+            raise PluginError(f"{who} ran past the time limit of {self.seconds:g} s (it caught the interrupt and "
+                              f"returned after {elapsed:.3g} s)")
+        if self.seconds is not None and elapsed > self.seconds:
+            why = "a long call into C code" if self.installed else "no signal off the main thread"
+            raise PluginError(f"{who} took {elapsed:.3g} s, past the time limit of {self.seconds:g} s (not "
+                              f"interruptible: {why})")
+        return result
+
+
+def call_with_time_limit(fn, timeout: float | None, label: str, what: str = ""):
+    """``fn()`` under a wall-clock limit of ``timeout`` seconds (``None``: no limit): one
+    :meth:`TimeLimit.call`."""
+    with TimeLimit(timeout, label) as limit:
+        return limit.call(fn, what)
 
 
 # -- the estimator --------------------------------------------------------------------------------
@@ -272,8 +298,7 @@ class PluginEstimator(Estimator):
         if unknown:
             raise ValueError(f"plug-in {label}: unknown context keywords {unknown}; allowed: "
                              f"{', '.join(CONTEXT_KEYWORDS)}")
-        if timeout is not None and not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
-            raise ValueError(f"plug-in {label}: timeout must be a positive number of seconds or None, got {timeout!r}")
+        _check_timeout(timeout, f"plug-in {label}")
         self.name = label
         self.fn = fn
         self.form = form
@@ -312,42 +337,61 @@ class PluginEstimator(Estimator):
     def compute(self, batch, ctx, penalty_bt):
         B, H = batch.mask.shape
         out_dt = batch.rm.dtype
-        adv = torch.zeros(B, H, dtype=out_dt)
-        ids, nb = dense_ids(batch.batch)
-        order = torch.argsort(ids, stable=True)
-        counts = torch.bincount(ids, minlength=nb).tolist()
-        raw_pad = 0.0
+        bid, nb = dense_ids(batch.batch)
+        # rows sorted by batch id (they already are when the verifier stacks batches), so that each
+        # call's rows are one slice; the group ids of (batch, group) pairs are consecutive within a batch
+        order = torch.argsort(bid, stable=True)
+        sorted_rows = bool((bid[1:] >= bid[:-1]).all()) if B > 1 else True
+        perm = None if sorted_rows else order
+        counts = torch.bincount(bid, minlength=nb).tolist()
+        gid, _ = dense_ids(batch.batch, batch.group)
+        mask = batch.mask
+        if perm is not None:
+            gid, mask = gid[perm], mask[perm]
+        m = mask.to(self.dtype)
+        if self.form == "verl":
+            first = self.token_rewards(batch, penalty_bt).to(self.dtype)
+        else:
+            first = self.outcome_rewards(batch, penalty_bt).to(self.dtype)
         info: dict = {}
         before = tokens_counter(ctx) if "reward_baselines" in self.context else None
-        start = 0
-        for n in counts:
-            rows = order[start:start + n]
-            start += n
-            sub = batch.index(rows)
-            pen = None if penalty_bt is None else penalty_bt[rows]
-            gids, _ = dense_ids(sub.group)
-            m = sub.mask.to(self.dtype)
-            extra = self._context_kwargs(sub, ctx)
-            if self.form == "verl":
-                tlr = self.token_rewards(sub, pen).to(self.dtype)
-                a = self._call_verl(tlr, m, gids.numpy().astype(np.int64), (n, H), extra)
-            else:
-                rewards = self.outcome_rewards(sub, pen).to(self.dtype)
-                a = self._check(self._invoke((rewards, gids.clone()), extra), (n,))
-                a = a.unsqueeze(1) * m
-            if n:
-                raw_pad = max(raw_pad, float(a.abs().masked_fill(sub.mask, 0).max()))
-            adv[rows] = a.to(out_dt)
+        extra_all = self._context_kwargs(batch, ctx)  # per-row hooks: asked once for all rows
         spent = tokens_between(ctx, before, info) if "reward_baselines" in self.context else 0
-        return adv, spent, {"raw_padding_max_abs": raw_pad, "form": self.form, "layout": self.declared_layout, **info}
+        if perm is not None:
+            first = first[perm]
+            extra_all = {k: v[perm] if isinstance(v, torch.Tensor) else v for k, v in extra_all.items()}
+        gid_np = gid.numpy().astype(np.int64)
+        outs = []
+        start = 0
+        with TimeLimit(self.timeout, self.name) as limit:
+            for n in counts:
+                sl = slice(start, start + n)
+                start += n
+                # copies: a plug-in that writes into its inputs must not reach the other batches
+                extra = {k: v[sl].clone() if isinstance(v, torch.Tensor) else v for k, v in extra_all.items()}
+                index = gid_np[sl] - (gid_np[sl.start] if n else 0)
+                if self.form == "verl":
+                    a = self._call_verl(limit, first[sl].clone(), m[sl].clone(), index, (n, H), extra)
+                else:
+                    out = self._invoke(limit, (first[sl].clone(), torch.from_numpy(index.copy())), extra)
+                    a = self._check(out, (n,)).unsqueeze(1) * m[sl].to(torch.float64)
+                outs.append(a)
+        raw = torch.cat(outs) if outs else torch.zeros(0, H, dtype=torch.float64)
+        raw_pad = float(raw.abs().masked_fill(mask, 0).max()) if B else 0.0
+        adv = raw.to(out_dt)
+        if perm is not None:
+            adv = torch.empty_like(adv).index_copy_(0, perm, adv)
+        return adv, spent, {"raw_padding_max_abs": raw_pad, "form": self.form, "layout": self.declared_layout,
+                            **info}
 
-    def _context_kwargs(self, sub: ResponseBatch, ctx) -> dict:
-        """The context keywords the plug-in takes, for one call's rows (see the module docstring)."""
-        n, H = sub.mask.shape
+    def _context_kwargs(self, batch: ResponseBatch, ctx) -> dict:
+        """The context keywords the plug-in takes, for every row (see the module docstring): the
+        hooks are per row, so one call serves every batch id."""
+        n, H = batch.mask.shape
         kw: dict = {}
         for key in self.context:
             if key == "reward_baselines":
-                v = torch.as_tensor(self._need_ctx(ctx, "greedy_rm")(sub.prompt))
+                v = torch.as_tensor(self._need_ctx(ctx, "greedy_rm")(batch.prompt))
                 if v.shape != (n,) or not bool(torch.isfinite(v).all()):
                     raise ValueError(f"plug-in {self.name}: ctx.greedy_rm must return {n} finite values, got shape "
                                      f"{list(v.shape)}")
@@ -356,35 +400,35 @@ class PluginEstimator(Estimator):
                 if self.options["critic"] == "zero":
                     v = torch.zeros(n, H + 1, dtype=torch.float64)
                 else:
-                    v = torch.as_tensor(self._need_ctx(ctx, "critic_values")(sub, self.options["critic"],
+                    v = torch.as_tensor(self._need_ctx(ctx, "critic_values")(batch, self.options["critic"],
                                                                              self.options["gamma"],
                                                                              dict(self.options)))
                 if v.shape != (n, H + 1) or not bool(torch.isfinite(v).all()):
                     raise ValueError(f"plug-in {self.name}: ctx.critic_values must return finite values of shape "
                                      f"[{n}, {H + 1}], got {list(v.shape)}")
-                kw[key] = torch.where(sub.mask, v[:, :H].to(self.dtype), torch.zeros((), dtype=self.dtype))
+                kw[key] = torch.where(batch.mask, v[:, :H].to(self.dtype), torch.zeros((), dtype=self.dtype))
             elif key in ("gamma", "lam"):
                 kw[key] = float(self.options[key])
             elif key == "old_log_prob":
-                kw[key] = torch.where(sub.mask, sub.logp.to(self.dtype), torch.zeros((), dtype=self.dtype))
+                kw[key] = torch.where(batch.mask, batch.logp.to(self.dtype), torch.zeros((), dtype=self.dtype))
         return kw
 
-    def _call_verl(self, tlr, m, index, shape, extra):
+    def _call_verl(self, limit, tlr, m, index, shape, extra):
         if self._keywords:
             kw = {"token_level_rewards": tlr, "response_mask": m}
             if self._accepts_index:
                 kw["index"] = index
-            out = self._invoke((), {**kw, **extra})
+            out = self._invoke(limit, (), {**kw, **extra})
         else:
-            out = self._invoke((tlr, m, index), extra)
+            out = self._invoke(limit, (tlr, m, index), extra)
         if isinstance(out, (tuple, list)):
             if not out:
                 raise PluginError(f"plug-in {self.name} returned an empty {type(out).__name__}")
             out = out[0]
         return self._check(out, shape)
 
-    def _invoke(self, args: tuple, kwargs: dict):
-        return call_with_time_limit(lambda: self.fn(*args, **kwargs), self.timeout, self.name, "")
+    def _invoke(self, limit: TimeLimit, args: tuple, kwargs: dict):
+        return limit.call(lambda: self.fn(*args, **kwargs))
 
     def _check(self, out, shape) -> torch.Tensor:
         if not isinstance(out, (torch.Tensor, np.ndarray)):
@@ -397,8 +441,8 @@ class PluginEstimator(Estimator):
         if not (a.is_floating_point() or a.dtype in (torch.int32, torch.int64, torch.bool)):
             raise PluginError(f"plug-in {self.name} returned dtype {a.dtype}, expected floating point")
         a = a.to(torch.float64)
-        bad = ~torch.isfinite(a)
-        if bool(bad.any()):
+        if not bool(torch.isfinite(a).all()):
+            bad = ~torch.isfinite(a)
             where = tuple(int(i) for i in torch.nonzero(bad)[0])
             raise PluginError(f"plug-in {self.name} returned a non-finite value {float(a[where])} at index "
                               f"{list(where)} (of {int(bad.sum())} non-finite)")
@@ -475,8 +519,7 @@ def load_plugin(spec: str, dtype: torch.dtype = torch.float64,
     options = parse_options(match["opts"] or "", label)
     if not os.path.isfile(path):
         raise ValueError(f"plug-in {label}: file not found: {path!r} (relative to {os.getcwd()})")
-    if timeout is not None and not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
-        raise ValueError(f"plug-in {label}: timeout must be a positive number of seconds or None, got {timeout!r}")
+    _check_timeout(timeout, f"plug-in {label}")
     module_name = "tpg_plugin_" + hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:12]
     mod_spec = importlib.util.spec_from_file_location(module_name, path)
     if mod_spec is None or mod_spec.loader is None:
@@ -736,5 +779,5 @@ def format_probe(rows: list[dict]) -> str:
 
 
 __all__ = ["PluginEstimator", "PluginError", "load_plugin", "call_with_time_limit", "parse_layout", "layout_name",
-           "probe", "probe_report", "format_probe", "identical_tolerance", "DEFAULT_TIMEOUT", "CONTEXT_KEYWORDS",
+           "TimeLimit", "probe", "probe_report", "format_probe", "identical_tolerance", "DEFAULT_TIMEOUT", "CONTEXT_KEYWORDS",
            "LAYOUTS"]
