@@ -605,7 +605,7 @@ def test_batch_layout_monte_carlo_agrees_with_exact():
     mdp, pol = _problem()
     spec = GRPO_VERL + ":layout=batch:2x2"
     exact = _moments(mdp, pol, spec, 2, with_cov=True)
-    N = 4000
+    N = 2000
     gs = sample_gradient_terms(mdp, pol, get_estimator(spec), N, 2, seed=5)
     assert gs.num_batches == N and gs.coef_bt.shape[0] == 4 * N
     pi = solve(mdp, pol, with_grad=False).logp.exp()
