@@ -325,6 +325,10 @@ class PluginEstimator(Estimator):
                            "is exact only if it is linear in the values, which tpg cannot know")
         return True, ""
 
+    def describe(self) -> str:  # type: ignore[override]
+        """The plug-in's docstring and options (an instance method: its options depend on its signature)."""
+        return self.describe_plugin()
+
     def describe_plugin(self) -> str:
         doc = inspect.getdoc(self.fn) or "(no docstring)"
         ctx = f", context: {', '.join(self.context)}" if self.context else ""
