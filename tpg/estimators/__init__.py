@@ -23,7 +23,7 @@ from .base import (
 from .estimator import Estimator, Option
 from .group import GRPO, OPO, RLOO, DrGRPO
 from .kl import KL_KINDS, kl_loss_coef, kl_value
-from .plugin import PluginEstimator, format_probe, load_plugin, probe
+from .plugin import PluginError, PluginEstimator, format_probe, load_plugin, probe, probe_report
 from .ppo import PPOGAE, ppo_clip_loss
 from .registry import CATALOG, ESTIMATORS, describe, expand_spec, get_estimator, parse_spec
 from .reinforce import Reinforce, ReinforceBaseline, ReMax, RewardToGo
@@ -40,5 +40,5 @@ __all__ = [
     # losses and KL
     "ppo_clip_loss", "KL_KINDS", "kl_value", "kl_loss_coef",
     # plug-ins
-    "PluginEstimator", "load_plugin", "probe", "format_probe",
+    "PluginEstimator", "PluginError", "load_plugin", "probe", "probe_report", "format_probe",
 ]

@@ -8,15 +8,18 @@ independent batches gives the same numbers as processing them one at a time.
 
 Conventions follow verl's ``core_algos`` (formulas only): group std with Bessel's correction;
 a group of one response has mean 0 and std 1 (its advantage is its own reward); whitening is
-verl's ``masked_whiten``, ``(x - mean) / sqrt(var + 1e-8)`` over the batch's tokens with the
-Bessel-corrected token variance.
+verl's ``masked_whiten`` over the batch's tokens, ``(x - mean) * rsqrt(var + 1e-8)`` with verl's
+``N + 1e-8`` denominators and the Bessel factor ``N / (N - 1)`` (:func:`whiten_by_batch`).
 """
 
 from __future__ import annotations
 
 import torch
 
+#: verl's ``masked_whiten``: ``rsqrt(var + 1e-8)``.
 WHITEN_EPS = 1e-8
+#: verl's ``masked_mean``: ``sum(x * mask) / (mask.sum() + 1e-8)``.
+MASKED_MEAN_EPS = 1e-8
 
 
 def dense_ids(*keys_b: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -146,17 +149,34 @@ def gae_advantages(rewards_bt: torch.Tensor, values_bt1: torch.Tensor, mask_bt: 
 
 def whiten_by_batch(values_bt: torch.Tensor, mask_bt: torch.Tensor, batch_b: torch.Tensor,
                     eps: float = WHITEN_EPS) -> torch.Tensor:
-    """verl's ``masked_whiten`` within each batch id, ``[B, H]`` (0 on padding):
+    """verl's ``masked_whiten(values, mask)`` (``shift_mean=True``) within each batch id, then
+    multiplied by the mask (as verl's REINFORCE++ does), ``[B, H]``.
 
-        (x - mean) / sqrt(var + eps),   mean, var over the batch's valid tokens, var Bessel-corrected.
+    With ``N`` the batch id's valid tokens and sums over them, exactly verl's ``masked_mean`` /
+    ``masked_var`` / ``masked_whiten``, including their ``N + 1e-8`` denominators:
 
-    A batch id with a single valid token has no variance: its var is taken as 0 (the token's
-    whitened value is then 0; verl divides by zero there)."""
+        mean = sum x / (N + 1e-8),
+        var  = [sum (x - mean)^2 / (N + 1e-8)] * N / (N - 1),        (Bessel factor)
+        out  = (x - mean) * rsqrt(var + eps)  on valid tokens, 0 on padding.
+
+    The one difference: a batch id with ``N <= 1`` valid tokens gives 0 (verl raises
+    ``ValueError`` there: "the sum of the mask is one"; with ``N = 1`` the formula would be
+    ``x (1e-8 / (1 + 1e-8)) / sqrt(eps)``, rounding noise scaled by 1e4), so that a batch of one
+    single-token response is an all-zero advantage rather than an abort."""
+    if values_bt.dim() != 2 or mask_bt.shape != values_bt.shape:
+        raise ValueError(f"whiten_by_batch: values and mask must be [B, H] of one shape, got "
+                         f"{list(values_bt.shape)} and {list(mask_bt.shape)}")
+    if batch_b.shape != values_bt.shape[:1]:
+        raise ValueError(f"whiten_by_batch: batch ids must have shape [B] = [{values_bt.shape[0]}], "
+                         f"got {list(batch_b.shape)}")
     m = mask_bt.to(values_bt.dtype)
     ids, n = dense_ids(batch_b)
     tokens = segment_sum(m.sum(1), ids, n)
-    mean = segment_sum((values_bt * m).sum(1), ids, n) / tokens.clamp(min=1)
-    centred = (values_bt - mean[ids].unsqueeze(1)) * m
-    ss = segment_sum((centred ** 2).sum(1), ids, n)
-    var = torch.where(tokens > 1, ss / (tokens - 1).clamp(min=1), torch.zeros_like(ss))
-    return centred * torch.rsqrt(var + eps)[ids].unsqueeze(1)
+    # verl's masked_mean divides by (mask.sum() + 1e-8) and masked_var is a masked_mean too
+    denom = tokens + MASKED_MEAN_EPS
+    mean = segment_sum((values_bt * m).sum(1), ids, n) / denom
+    centred = values_bt - mean[ids].unsqueeze(1)
+    var = segment_sum((centred ** 2 * m).sum(1), ids, n) / denom
+    var = var * (tokens / (tokens - 1).clamp(min=1))
+    out = centred * torch.rsqrt(var + eps)[ids].unsqueeze(1) * m
+    return torch.where((tokens > 1)[ids].unsqueeze(1), out, torch.zeros((), dtype=out.dtype))

@@ -6,13 +6,42 @@ its signature:
 * **verl form** — ``fn(token_level_rewards[B, L], response_mask[B, L], index) -> (advantages[B, L],
   returns[B, L])``, the signature of verl's ``compute_*_outcome_advantage``: torch tensors in
   (rewards with ``RM`` on the last token, the mask as 0/1 of the same dtype), ``index`` a numpy
-  array of group ids; the first element of a returned tuple (or a bare tensor/array) is used.
-  Chosen when the function has parameters named ``token_level_rewards`` and ``response_mask``
-  (then called by keyword, ``index=`` passed if it accepts it; verl's extra parameters keep
-  their defaults), or else exactly three required positional parameters.
+  int64 array of group ids (verl passes uid strings; only equality matters); the first element of
+  a returned tuple (or a bare tensor/array) is used. Chosen when the function has parameters
+  named ``token_level_rewards`` and ``response_mask`` (then called by keyword, ``index=`` passed
+  if it accepts it; verl's extra parameters keep their defaults), or else exactly three required
+  positional parameters.
 * **simple form** — ``fn(rewards[B], group_ids[B]) -> advantages[B]`` (torch tensors, group ids
   long), broadcast over each response's tokens. Chosen for exactly two required positional
   parameters.
+
+**Context by keyword.** A parameter with one of these names (in either form; they do not count
+as positional parameters) receives, per call:
+
+* ``reward_baselines`` ``[B]`` — ``RM`` of the greedy (argmax) response to each row's prompt
+  (``ctx.greedy_rm``; verl's ``compute_remax_outcome_advantage``); its tokens count as spent;
+* ``values`` ``[B, L]`` — a critic's ``V(s_t)`` for each response token (``ctx.critic_values``,
+  0 from the complete response on): options ``critic=exact|tabular|zero|noisy`` (default exact),
+  ``sigma``, ``noise=fixed|fresh``, ``steps``, ``samples``, ``lr``, as for ``ppo_gae``; the critic
+  fits the discounted return under the ``gamma`` option (verl's ``compute_gae_advantage_return``);
+* ``gamma``, ``lam`` — floats from the options of the same names (default: the parameter's own
+  default when it is a number, else 1);
+* ``old_log_prob`` ``[B, L]`` — ``log pi_old`` of each sampled token (0 on padding).
+
+Options on the spec (``FILE.py:FUNCTION:key=value,...``): the common ``agg``, ``kl``, ``beta``;
+``layout`` (below); ``gamma``/``lam`` only for a function that takes them; the critic options
+only for one that takes ``values``.
+
+**Layout** (``layout=group|independent|batch:PxN``, also written ``batch:P×N``): what one call
+of the plug-in sees, and hence the sample space the verifier enumerates:
+
+* ``group`` (default) — one prompt ``x ~ rho`` and ``G`` responses to it (``G`` the verifier's
+  group size), ``index`` all equal;
+* ``independent`` — ``G`` independent prompt-response pairs, each its own group (``index``
+  all distinct): what tpg's batch-coupled built-ins (``reinforce_pp``) see;
+* ``batch:PxN`` — verl's real batch: ``P`` prompts drawn independently from ``rho``, ``N``
+  responses to each, ``index`` = the prompt's uid *within the batch*: a uid names a prompt draw,
+  so two draws of the same prompt are two groups. ``N`` replaces the verifier's group size.
 
 A plug-in is called once per batch id (its statistics stay within a batch, as a trainer's
 would), with group ids numbered ``0 .. n-1`` within that batch. Its output goes through the
@@ -22,13 +51,32 @@ whether the raw output had non-zero padding). ``dtype`` (float64 by default) is 
 the tensors it receives; results are cast back to float64. Being opaque, a plug-in is assumed
 to couple its group and its batch (``needs_groups`` and ``batch_coupled`` are True).
 
-Errors — file or function not found, an import error, an unrecognised signature, an exception
-inside the function, a wrong shape, a NaN or infinity — raise ``ValueError`` naming the plug-in
-(``file:function``) and the offending shape or value.
+**Errors.** A bad spec (file or function not found, an unrecognised signature, an unknown
+option) raises ``ValueError`` naming the plug-in (``file:function``). A failure of the plug-in's
+own code raises :class:`PluginError` (a ``ValueError``) naming it and what happened: its import
+or a call raised anything but ``KeyboardInterrupt`` (``SystemExit`` from ``sys.exit`` included,
+and any ``BaseException``), ran past the time limit, or returned a wrong type or shape, a NaN or
+an infinity. The verifier turns a ``PluginError`` into an error record for that estimator and
+goes on with the others.
+
+**Time limit** (``timeout``, seconds per call and for the import, default
+:data:`DEFAULT_TIMEOUT`; ``None`` for none). In the main thread on POSIX, a ``SIGALRM`` timer
+(``signal.setitimer``) interrupts the plug-in: the handler raises inside the plug-in's frame
+an exception derived from ``BaseException`` (so its own ``except Exception`` does not swallow
+it), its ``finally`` blocks run, and the call becomes a ``PluginError``; should the plug-in
+swallow it anyway, the alarm fires again every 0.1 s, and a call that returns after its time
+is still an error. A previously armed ``ITIMER_REAL`` timer and ``SIGALRM`` handler are
+restored afterwards with their remaining time (an outer alarm due during the call fires when
+the call ends). Limits: the handler runs between Python bytecodes, so a single long C call (a
+huge torch operation) is interrupted only when it returns; a plug-in that catches every
+``BaseException`` in a loop cannot be stopped; ``os._exit`` and crashes end the process. Off
+the main thread (and on platforms without ``setitimer``) no signal can be used: the call runs
+to its end and becomes a ``PluginError`` if it took longer than the limit.
 
 :func:`probe` runs a plug-in or any estimator spec on edge cases (identical rewards, a singleton
 group, all-zero rewards, ragged lengths, reward scales 1e6 and 1e-6, float32 against float64)
-and :func:`format_probe` prints what it found.
+and :func:`format_probe` prints what it found; :func:`probe_report` is the JSON document of
+``tpg probe --json``.
 """
 
 from __future__ import annotations
@@ -39,134 +87,432 @@ import inspect
 import math
 import os
 import re
+import signal
 import sys
+import threading
+import time
 
 import numpy as np
 import torch
 
 from .base import ResponseBatch
-from .estimator import Estimator
+from .estimator import COMMON_OPTIONS, Estimator, Option, tokens_between, tokens_counter
 from .functional import dense_ids
 
 _SPEC = re.compile(r"^(?P<path>.+?\.py):(?P<fn>[A-Za-z_]\w*)(?::(?P<opts>.*))?$")
 FORMS = ("verl", "simple")
+#: Seconds a plug-in's import or one call may take (``tpg verify --plugin-timeout``).
+DEFAULT_TIMEOUT = 60.0
+#: Parameter names through which a plug-in asks for context (see the module docstring).
+CONTEXT_KEYWORDS = ("reward_baselines", "values", "gamma", "lam", "old_log_prob")
+#: The layouts a plug-in may declare (``batch:PxN`` with integers ``P, N >= 1``).
+LAYOUTS = ("group", "independent", "batch:PxN")
+_CRITIC_KINDS = ("exact", "tabular", "zero", "noisy")
+_BATCH_LAYOUT = re.compile(r"^batch:\s*(\d+)\s*[x×X]\s*(\d+)$")
+#: Seconds between repeated alarms once a plug-in's time is up (in case it swallowed the first).
+_REFIRE = 0.1
 
+
+class PluginError(ValueError):
+    """A failure of a plug-in's own code: its import or a call raised (any ``BaseException`` but
+    ``KeyboardInterrupt``), ran past the time limit, or returned something unusable."""
+
+
+# -- layouts --------------------------------------------------------------------------------------
+
+def parse_layout(value) -> tuple[str, int, int]:
+    """``(kind, P, N)`` of a layout: ``("group", 0, 0)``, ``("independent", 0, 0)`` or
+    ``("batch", P, N)`` for ``batch:PxN`` (``x``, ``X`` or ``×``); ``ValueError`` otherwise."""
+    text = str(value).strip()
+    if text in ("group", "independent"):
+        return text, 0, 0
+    m = _BATCH_LAYOUT.match(text)
+    if not m:
+        raise ValueError(f"must be group | independent | batch:PxN (P prompts, N responses each, e.g. batch:2x3); "
+                         f"got {value!r}")
+    P, n = int(m[1]), int(m[2])
+    if P < 1 or n < 1:
+        raise ValueError(f"batch:PxN needs P >= 1 prompts and N >= 1 responses each; got P={P}, N={n}")
+    return "batch", P, n
+
+
+def layout_name(value) -> str:
+    """The canonical spelling of a layout: ``group``, ``independent`` or ``batch:PxN``."""
+    kind, P, n = parse_layout(value)
+    return f"batch:{P}x{n}" if kind == "batch" else kind
+
+
+_LAYOUT_OPTION = Option("group", "custom", "what one call sees: one prompt's group of G, G independent pairs, or "
+                        "verl's batch of P prompts x N responses (index = prompt uid)", parser=layout_name,
+                        allowed="group | independent | batch:PxN")
+
+
+# -- the time limit -------------------------------------------------------------------------------
+
+class _Expired(BaseException):
+    """Raised inside a plug-in by the alarm handler when its time is up (a ``BaseException``, so
+    that the plug-in's own ``except Exception`` does not swallow it)."""
+
+
+def _check_timeout(timeout, owner: str) -> None:
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not math.isfinite(timeout) or timeout <= 0):
+        raise ValueError(f"{owner}: timeout must be a positive number of seconds or None, got {timeout!r}")
+
+
+def _describe_exception(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    if isinstance(e, SystemExit):
+        text += " (sys.exit was called)"
+    return text
+
+
+class TimeLimit:
+    """A wall-clock limit on calls into a plug-in (a context manager; see the module docstring).
+
+    On entry, in the main thread on POSIX, installs a ``SIGALRM`` handler and takes over
+    ``ITIMER_REAL`` (a previously armed timer is paused); :meth:`call` arms a one-shot alarm for
+    each call; on exit the previous handler and timer (with its remaining time) are restored.
+    Elsewhere :meth:`call` runs to the end and checks the elapsed time afterwards.
+
+        with TimeLimit(60.0, "plug.py:fn") as limit:
+            out = limit.call(lambda: fn(x))     # PluginError on any failure or overrun
+    """
+
+    def __init__(self, seconds: float | None, label: str):
+        _check_timeout(seconds, f"plug-in {label}")
+        self.seconds = seconds
+        self.label = label
+        self.installed = False
+        self.active = False
+        self.fired = False
+        self._prev_handler = None
+        self._prev_timer = (0.0, 0.0)
+        self._t0 = 0.0
+
+    def __enter__(self) -> "TimeLimit":
+        if self.seconds is None or not hasattr(signal, "setitimer") or \
+                threading.current_thread() is not threading.main_thread():
+            return self
+        prev = signal.getsignal(signal.SIGALRM)
+        if prev is None:  # installed outside Python: it could not be restored
+            return self
+        self._prev_handler = prev
+        self._t0 = time.monotonic()
+        signal.signal(signal.SIGALRM, self._fire)
+        self._prev_timer = signal.setitimer(signal.ITIMER_REAL, 0)
+        self.installed = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.installed:
+            return
+        self.active = False  # first: an alarm arriving from here on is ignored
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, self._prev_handler)
+        self.installed = False
+        delay, interval = self._prev_timer
+        if delay > 0:
+            remaining = delay - (time.monotonic() - self._t0)
+            signal.setitimer(signal.ITIMER_REAL, max(remaining, 1e-6), interval)
+
+    def _fire(self, signum, frame) -> None:
+        if not self.active:
+            return
+        self.fired = True
+        signal.setitimer(signal.ITIMER_REAL, _REFIRE)  # again, should the plug-in swallow this one
+        raise _Expired()
+
+    def _stop(self) -> None:
+        self.active = False
+        if self.installed:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def call(self, fn, what: str = ""):
+        """``fn()`` within the limit; anything it raises but ``KeyboardInterrupt`` (``SystemExit``
+        included), or running past the limit, becomes :class:`PluginError`
+        ``"plug-in LABEL[: WHAT] raised ..."``."""
+        who = f"plug-in {self.label}: {what}" if what else f"plug-in {self.label}"
+        self.fired = False
+        self.active = True
+        start = time.monotonic()
+        if self.installed:
+            signal.setitimer(signal.ITIMER_REAL, self.seconds)
+        try:
+            try:
+                result = fn()
+            finally:
+                self._stop()
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # the user's code: SystemExit and other BaseExceptions included
+            self._stop()  # again, in case the alarm interrupted the first stop
+            if isinstance(e, _Expired) or self.fired:
+                raise PluginError(f"{who} ran past the time limit of {self.seconds:g} s (interrupted; raise "
+                                  f"it with --plugin-timeout)") from None
+            raise PluginError(f"{who} raised {_describe_exception(e)}") from e
+        elapsed = time.monotonic() - start
+        if self.fired:
+            raise PluginError(f"{who} ran past the time limit of {self.seconds:g} s (it caught the interrupt and "
+                              f"returned after {elapsed:.3g} s)")
+        if self.seconds is not None and elapsed > self.seconds:
+            why = "a long call into C code" if self.installed else "no signal off the main thread"
+            raise PluginError(f"{who} took {elapsed:.3g} s, past the time limit of {self.seconds:g} s (not "
+                              f"interruptible: {why})")
+        return result
+
+
+def call_with_time_limit(fn, timeout: float | None, label: str, what: str = ""):
+    """``fn()`` under a wall-clock limit of ``timeout`` seconds (``None``: no limit): one
+    :meth:`TimeLimit.call`."""
+    with TimeLimit(timeout, label) as limit:
+        return limit.call(fn, what)
+
+
+# -- the estimator --------------------------------------------------------------------------------
 
 class PluginEstimator(Estimator):
-    """A user's advantage function (see :mod:`tpg.estimators.plugin`)."""
+    """A user's advantage function (see :mod:`tpg.estimators.plugin`).
+
+    Args:
+        fn: the function; label: ``file:function``; form: ``verl`` or ``simple``.
+        dtype: the dtype of the tensors it receives.
+        keywords: verl form called by keyword; accepts_index: it takes ``index``.
+        context: the context keywords it takes (:data:`CONTEXT_KEYWORDS`).
+        defaults: option defaults from its signature (``gamma``, ``lam``).
+        timeout: seconds per call (``None``: no limit).
+        options: the spec's options.
+    """
 
     needs_groups = True
     batch_coupled = True
 
     def __init__(self, fn, label: str, form: str, dtype: torch.dtype = torch.float64, keywords: bool = False,
-                 accepts_index: bool = True, **options):
+                 accepts_index: bool = True, context: tuple = (), defaults: dict | None = None,
+                 timeout: float | None = DEFAULT_TIMEOUT, **options):
         if form not in FORMS:
             raise ValueError(f"plug-in form must be one of {', '.join(FORMS)}, got {form!r}")
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"plug-in {label}: dtype must be torch.float32 or torch.float64, got {dtype}")
+        unknown = [k for k in context if k not in CONTEXT_KEYWORDS]
+        if unknown:
+            raise ValueError(f"plug-in {label}: unknown context keywords {unknown}; allowed: "
+                             f"{', '.join(CONTEXT_KEYWORDS)}")
+        _check_timeout(timeout, f"plug-in {label}")
         self.name = label
         self.fn = fn
         self.form = form
         self.dtype = dtype
+        self.context = tuple(context)
+        self.timeout = timeout
         self._keywords = keywords
         self._accepts_index = accepts_index
+        self._options_table = _plugin_options(self.context, defaults or {})
         super().__init__(**options)
+
+    def all_options(self) -> dict[str, Option]:  # type: ignore[override]
+        """The options this plug-in accepts: depend on the context keywords it takes."""
+        return self._options_table
+
+    @property
+    def declared_layout(self) -> str:
+        """The batch layout it declared (``layout=`` option): ``group``, ``independent`` or ``batch:PxN``."""
+        return self.options["layout"]
+
+    def supports_exact(self):
+        if "values" in self.context and self.options["critic"] == "noisy" and self.options["noise"] == "fresh":
+            return False, ("a plug-in taking values with critic=noisy,noise=fresh: its expectation over the noise "
+                           "is exact only if it is linear in the values, which tpg cannot know")
+        return True, ""
+
+    def describe(self) -> str:  # type: ignore[override]
+        """The plug-in's docstring and options (an instance method: its options depend on its signature)."""
+        return self.describe_plugin()
 
     def describe_plugin(self) -> str:
         doc = inspect.getdoc(self.fn) or "(no docstring)"
-        return f"plug-in {self.name} ({self.form} form, {str(self.dtype).replace('torch.', '')})\n\n{doc}"
+        ctx = f", context: {', '.join(self.context)}" if self.context else ""
+        lines = [f"plug-in {self.name} ({self.form} form, {str(self.dtype).replace('torch.', '')}, "
+                 f"layout {self.declared_layout}{ctx})", "", doc, "", "Options:"]
+        for k, opt in self.all_options().items():
+            lines.append(f"  {k} = {opt.describe_allowed()} (default {opt.default}): {opt.help}")
+        return "\n".join(lines)
 
     def compute(self, batch, ctx, penalty_bt):
         B, H = batch.mask.shape
         out_dt = batch.rm.dtype
-        adv = torch.zeros(B, H, dtype=out_dt)
-        ids, nb = dense_ids(batch.batch)
-        order = torch.argsort(ids, stable=True)
-        counts = torch.bincount(ids, minlength=nb).tolist()
-        raw_pad = 0.0
+        bid, nb = dense_ids(batch.batch)
+        # rows sorted by batch id (they already are when the verifier stacks batches), so that each
+        # call's rows are one slice; the group ids of (batch, group) pairs are consecutive within a batch
+        order = torch.argsort(bid, stable=True)
+        sorted_rows = bool((bid[1:] >= bid[:-1]).all()) if B > 1 else True
+        perm = None if sorted_rows else order
+        counts = torch.bincount(bid, minlength=nb).tolist()
+        gid, _ = dense_ids(batch.batch, batch.group)
+        mask = batch.mask
+        if perm is not None:
+            gid, mask = gid[perm], mask[perm]
+        m = mask.to(self.dtype)
+        if self.form == "verl":
+            first = self.token_rewards(batch, penalty_bt).to(self.dtype)
+        else:
+            first = self.outcome_rewards(batch, penalty_bt).to(self.dtype)
+        info: dict = {}
+        before = tokens_counter(ctx) if "reward_baselines" in self.context else None
+        extra_all = self._context_kwargs(batch, ctx)  # per-row hooks: asked once for all rows
+        spent = tokens_between(ctx, before, info) if "reward_baselines" in self.context else 0
+        if perm is not None:
+            first = first[perm]
+            extra_all = {k: v[perm] if isinstance(v, torch.Tensor) else v for k, v in extra_all.items()}
+        gid_np = gid.numpy().astype(np.int64)
+        outs = []
         start = 0
-        for n in counts:
-            rows = order[start:start + n]
-            start += n
-            sub = batch.index(rows)
-            pen = None if penalty_bt is None else penalty_bt[rows]
-            gids, _ = dense_ids(sub.group)
-            m = sub.mask.to(self.dtype)
-            if self.form == "verl":
-                tlr = self.token_rewards(sub, pen).to(self.dtype)
-                a = self._call_verl(tlr, m, gids.numpy().astype(np.int64), (n, H))
-            else:
-                rewards = self.outcome_rewards(sub, pen).to(self.dtype)
-                a = self._check(self._invoke(rewards, gids.clone()), (n,))
-                a = a.unsqueeze(1) * m
-            if n:
-                raw_pad = max(raw_pad, float(a.abs().masked_fill(sub.mask, 0).max()))
-            adv[rows] = a.to(out_dt)
-        return adv, 0, {"raw_padding_max_abs": raw_pad, "form": self.form}
+        with TimeLimit(self.timeout, self.name) as limit:
+            for n in counts:
+                sl = slice(start, start + n)
+                start += n
+                # copies: a plug-in that writes into its inputs must not reach the other batches
+                extra = {k: v[sl].clone() if isinstance(v, torch.Tensor) else v for k, v in extra_all.items()}
+                index = gid_np[sl] - (gid_np[sl.start] if n else 0)
+                if self.form == "verl":
+                    a = self._call_verl(limit, first[sl].clone(), m[sl].clone(), index, (n, H), extra)
+                else:
+                    out = self._invoke(limit, (first[sl].clone(), torch.from_numpy(index.copy())), extra)
+                    a = self._check(out, (n,)).unsqueeze(1) * m[sl].to(torch.float64)
+                outs.append(a)
+        raw = torch.cat(outs) if outs else torch.zeros(0, H, dtype=torch.float64)
+        raw_pad = float(raw.abs().masked_fill(mask, 0).max()) if B else 0.0
+        adv = raw.to(out_dt)
+        if perm is not None:
+            adv = torch.empty_like(adv).index_copy_(0, perm, adv)
+        return adv, spent, {"raw_padding_max_abs": raw_pad, "form": self.form, "layout": self.declared_layout,
+                            **info}
 
-    def _call_verl(self, tlr, m, index, shape):
+    def _context_kwargs(self, batch: ResponseBatch, ctx) -> dict:
+        """The context keywords the plug-in takes, for every row (see the module docstring): the
+        hooks are per row, so one call serves every batch id."""
+        n, H = batch.mask.shape
+        kw: dict = {}
+        for key in self.context:
+            if key == "reward_baselines":
+                v = torch.as_tensor(self._need_ctx(ctx, "greedy_rm")(batch.prompt))
+                if v.shape != (n,) or not bool(torch.isfinite(v).all()):
+                    raise ValueError(f"plug-in {self.name}: ctx.greedy_rm must return {n} finite values, got shape "
+                                     f"{list(v.shape)}")
+                kw[key] = v.to(self.dtype)
+            elif key == "values":
+                if self.options["critic"] == "zero":
+                    v = torch.zeros(n, H + 1, dtype=torch.float64)
+                else:
+                    v = torch.as_tensor(self._need_ctx(ctx, "critic_values")(batch, self.options["critic"],
+                                                                             self.options["gamma"],
+                                                                             dict(self.options)))
+                if v.shape != (n, H + 1) or not bool(torch.isfinite(v).all()):
+                    raise ValueError(f"plug-in {self.name}: ctx.critic_values must return finite values of shape "
+                                     f"[{n}, {H + 1}], got {list(v.shape)}")
+                kw[key] = torch.where(batch.mask, v[:, :H].to(self.dtype), torch.zeros((), dtype=self.dtype))
+            elif key in ("gamma", "lam"):
+                kw[key] = float(self.options[key])
+            elif key == "old_log_prob":
+                kw[key] = torch.where(batch.mask, batch.logp.to(self.dtype), torch.zeros((), dtype=self.dtype))
+        return kw
+
+    def _call_verl(self, limit, tlr, m, index, shape, extra):
         if self._keywords:
             kw = {"token_level_rewards": tlr, "response_mask": m}
             if self._accepts_index:
                 kw["index"] = index
-            out = self._invoke(**kw)
+            out = self._invoke(limit, (), {**kw, **extra})
         else:
-            out = self._invoke(tlr, m, index)
+            out = self._invoke(limit, (tlr, m, index), extra)
         if isinstance(out, (tuple, list)):
             if not out:
-                raise ValueError(f"plug-in {self.name} returned an empty {type(out).__name__}")
+                raise PluginError(f"plug-in {self.name} returned an empty {type(out).__name__}")
             out = out[0]
         return self._check(out, shape)
 
-    def _invoke(self, *args, **kwargs):
-        try:
-            return self.fn(*args, **kwargs)
-        except Exception as e:  # the user's code: report any failure as the plug-in's
-            raise ValueError(f"plug-in {self.name} raised {type(e).__name__}: {e}") from e
+    def _invoke(self, limit: TimeLimit, args: tuple, kwargs: dict):
+        return limit.call(lambda: self.fn(*args, **kwargs))
 
     def _check(self, out, shape) -> torch.Tensor:
         if not isinstance(out, (torch.Tensor, np.ndarray)):
-            raise ValueError(f"plug-in {self.name} returned {type(out).__name__}, expected a tensor of shape "
-                             f"{list(shape)}")
+            raise PluginError(f"plug-in {self.name} returned {type(out).__name__}, expected a tensor of shape "
+                              f"{list(shape)}")
         a = torch.as_tensor(out)
         if tuple(a.shape) != tuple(shape):
-            raise ValueError(f"plug-in {self.name} returned advantages of shape {list(a.shape)}, expected "
-                             f"{list(shape)}")
+            raise PluginError(f"plug-in {self.name} returned advantages of shape {list(a.shape)}, expected "
+                              f"{list(shape)}")
         if not (a.is_floating_point() or a.dtype in (torch.int32, torch.int64, torch.bool)):
-            raise ValueError(f"plug-in {self.name} returned dtype {a.dtype}, expected floating point")
+            raise PluginError(f"plug-in {self.name} returned dtype {a.dtype}, expected floating point")
         a = a.to(torch.float64)
-        bad = ~torch.isfinite(a)
-        if bool(bad.any()):
+        if not bool(torch.isfinite(a).all()):
+            bad = ~torch.isfinite(a)
             where = tuple(int(i) for i in torch.nonzero(bad)[0])
-            raise ValueError(f"plug-in {self.name} returned a non-finite value {float(a[where])} at index "
-                             f"{list(where)} (of {int(bad.sum())} non-finite)")
+            raise PluginError(f"plug-in {self.name} returned a non-finite value {float(a[where])} at index "
+                              f"{list(where)} (of {int(bad.sum())} non-finite)")
         return a
 
 
-def _signature_form(fn, label: str) -> tuple[str, bool, bool]:
-    """``(form, call by keyword, accepts index)`` from the function's signature."""
+def _plugin_options(context: tuple, defaults: dict) -> dict[str, Option]:
+    """The option table of a plug-in taking the context keywords ``context``."""
+    table = {"layout": _LAYOUT_OPTION}
+    if "gamma" in context or "values" in context:
+        table["gamma"] = Option(defaults.get("gamma", 1.0), "float", "discount passed as gamma (and the critic's)",
+                                low=0.0, high=1.0)
+    if "lam" in context:
+        table["lam"] = Option(defaults.get("lam", 1.0), "float", "GAE lambda passed as lam", low=0.0, high=1.0)
+    if "values" in context:
+        table.update({
+            "critic": Option("exact", "choice", "where values come from", choices=_CRITIC_KINDS),
+            "sigma": Option(0.1, "float", "noise std of critic=noisy", low=0.0),
+            "noise": Option("fixed", "choice", "critic=noisy: a fixed perturbation or fresh noise per call",
+                            choices=("fixed", "fresh")),
+            "steps": Option(20, "int", "critic=tabular: fitting rounds", low=0),
+            "samples": Option(64, "int", "critic=tabular: sampled responses per round", low=1),
+            "lr": Option(0.5, "float", "critic=tabular: step size of the table update", low=0.0, high=1.0),
+        })
+    return {**table, **COMMON_OPTIONS}
+
+
+def _signature_form(fn, label: str) -> tuple[str, bool, bool, tuple, dict]:
+    """``(form, call by keyword, accepts index, context keywords, option defaults)`` from the
+    function's signature."""
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError) as e:
         raise ValueError(f"plug-in {label}: cannot read its signature ({e})") from None
     params = sig.parameters
     has_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    context = tuple(k for k in CONTEXT_KEYWORDS if k in params
+                    and params[k].kind is not inspect.Parameter.POSITIONAL_ONLY)
+    defaults = {}
+    for k in ("gamma", "lam"):
+        d = params[k].default if k in params else None
+        if isinstance(d, (int, float)) and not isinstance(d, bool) and 0.0 <= float(d) <= 1.0:
+            defaults[k] = float(d)
     if "token_level_rewards" in params and "response_mask" in params:
-        return "verl", True, "index" in params or has_var_kw
+        return "verl", True, "index" in params or has_var_kw, context, defaults
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    required = [p.name for p in params.values() if p.kind in positional and p.default is inspect.Parameter.empty]
+    required = [p.name for p in params.values() if p.kind in positional and p.default is inspect.Parameter.empty
+                and p.name not in context]
     if len(required) == 3:
-        return "verl", False, True
+        return "verl", False, True, context, defaults
     if len(required) == 2:
-        return "simple", False, False
+        return "simple", False, False, context, defaults
     raise ValueError(f"plug-in {label}: cannot tell its form from its signature {sig}: it needs 3 required "
                      f"positional parameters (verl form: token_level_rewards, response_mask, index) or 2 "
-                     f"(simple form: rewards, group_ids); it has {len(required)} ({', '.join(required) or 'none'})")
+                     f"(simple form: rewards, group_ids), besides context keywords ({', '.join(CONTEXT_KEYWORDS)}); "
+                     f"it has {len(required)} ({', '.join(required) or 'none'})")
 
 
-def load_plugin(spec: str, dtype: torch.dtype = torch.float64) -> PluginEstimator:
-    """The estimator of a plug-in ``FILE.py:FUNCTION`` (optionally ``:key=value,...`` with the common
-    options ``agg``, ``kl``, ``beta``). See the module docstring for the two forms."""
+def load_plugin(spec: str, dtype: torch.dtype = torch.float64,
+                timeout: float | None = DEFAULT_TIMEOUT) -> PluginEstimator:
+    """The estimator of a plug-in ``FILE.py:FUNCTION`` (optionally ``:key=value,...``: ``agg``, ``kl``,
+    ``beta``, ``layout`` and the options of the context keywords it takes). See the module docstring.
+
+    ``timeout``: seconds for the import and for each call (``None``: no limit). Raises
+    ``ValueError`` for a bad spec and :class:`PluginError` when importing the file fails (raises
+    anything but ``KeyboardInterrupt``, ``SystemExit`` included, or runs past the limit)."""
     from .registry import parse_options
 
     match = _SPEC.match(spec.strip()) if isinstance(spec, str) else None
@@ -177,6 +523,7 @@ def load_plugin(spec: str, dtype: torch.dtype = torch.float64) -> PluginEstimato
     options = parse_options(match["opts"] or "", label)
     if not os.path.isfile(path):
         raise ValueError(f"plug-in {label}: file not found: {path!r} (relative to {os.getcwd()})")
+    _check_timeout(timeout, f"plug-in {label}")
     module_name = "tpg_plugin_" + hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:12]
     mod_spec = importlib.util.spec_from_file_location(module_name, path)
     if mod_spec is None or mod_spec.loader is None:
@@ -184,10 +531,10 @@ def load_plugin(spec: str, dtype: torch.dtype = torch.float64) -> PluginEstimato
     module = importlib.util.module_from_spec(mod_spec)
     sys.modules[module_name] = module
     try:
-        mod_spec.loader.exec_module(module)
-    except Exception as e:  # the user's module: report any failure as the plug-in's
+        call_with_time_limit(lambda: mod_spec.loader.exec_module(module), timeout, label, f"importing {path!r}")
+    except PluginError:
         sys.modules.pop(module_name, None)
-        raise ValueError(f"plug-in {label}: importing {path!r} raised {type(e).__name__}: {e}") from e
+        raise
     fn = getattr(module, fn_name, None)
     if fn is None or not callable(fn):
         found = sorted(k for k, v in vars(module).items()
@@ -195,14 +542,16 @@ def load_plugin(spec: str, dtype: torch.dtype = torch.float64) -> PluginEstimato
         what = "not found" if fn is None else "not callable"
         raise ValueError(f"plug-in {label}: function {fn_name!r} {what} in {path!r}; it defines "
                          f"{', '.join(found) or 'no public functions'}")
-    form, keywords, accepts_index = _signature_form(fn, label)
-    return PluginEstimator(fn, label, form, dtype=dtype, keywords=keywords, accepts_index=accepts_index, **options)
+    form, keywords, accepts_index, context, defaults = _signature_form(fn, label)
+    return PluginEstimator(fn, label, form, dtype=dtype, keywords=keywords, accepts_index=accepts_index,
+                           context=context, defaults=defaults, timeout=timeout, **options)
 
 
 # -- the probe ----------------------------------------------------------------------------------
 
 class _ProbeContext:
-    """A deterministic context: every value hook returns the case's mean reward."""
+    """A deterministic context: every value hook returns the case's mean reward (critic values
+    are 0 from the complete response on, as a real critic's)."""
 
     exact = False
 
@@ -222,7 +571,8 @@ class _ProbeContext:
         return torch.full((prompt_b.numel(),), self.value, dtype=self.dtype)
 
     def critic_values(self, batch, kind, gamma, options):
-        return torch.full((batch.batch_size, batch.horizon + 1), self.value, dtype=self.dtype)
+        live = torch.arange(batch.horizon + 1).unsqueeze(0) < batch.length.unsqueeze(1)
+        return torch.where(live, torch.tensor(self.value, dtype=self.dtype), torch.zeros((), dtype=self.dtype))
 
     def random_generator(self):
         return self._gen
@@ -245,10 +595,23 @@ def _case_batch(rewards, groups, lengths, horizon: int = 4, dtype=torch.float64)
                          token_rewards=tlr.clone())
 
 
+def _ragged(n: int) -> list[int]:
+    return [(4, 3, 4, 2)[i % 4] for i in range(n)]
+
+
+# Rewards that binary floating point cannot hold exactly (0.1, 0.7, -0.884), in identical-reward
+# groups of 3 and 8: a float32 group mean may then differ from the rewards by an ulp, and a
+# std-normalised advantage (r - mean) / (std + eps) blows that ulp up to |A| ~ 0.05 (measured with
+# torch 2.13 on CPU: exact for groups of 3, 0.056 for 0.7 and -0.884 in groups of 8).
+_IDENTICAL_REWARDS = [0.1] * 3 + [0.7] * 3 + [-0.884] * 3 + [0.7] * 8 + [-0.884] * 8
+_IDENTICAL = dict(rewards=_IDENTICAL_REWARDS, groups=[0] * 3 + [1] * 3 + [2] * 3 + [3] * 8 + [4] * 8,
+                  lengths=_ragged(len(_IDENTICAL_REWARDS)))
+_F32_REWARDS = [0.1, 0.7, -0.884] + [0.7] * 3 + [-0.884] * 8
+_F32 = dict(rewards=_F32_REWARDS, groups=[0] * 3 + [1] * 3 + [2] * 8, lengths=_ragged(len(_F32_REWARDS)))
 _BASE = dict(rewards=[1.0, 0.0, 0.5, 2.0], groups=[0, 0, 0, 0], lengths=[4, 3, 4, 2])
 _CASES = [
-    ("identical", "a group of 4 with identical rewards (1.0)",
-     dict(rewards=[1.0, 1.0, 1.0, 1.0], groups=[0, 0, 0, 0], lengths=[4, 3, 4, 2])),
+    ("identical", "identical rewards within each group: 0.1, 0.7, -0.884 (not exact in binary) in groups of 3, "
+                  "0.7 and -0.884 in groups of 8 (value: max|A|)", _IDENTICAL),
     ("singleton", "two groups of one response each",
      dict(rewards=[1.0, 0.5], groups=[0, 1], lengths=[3, 4])),
     ("all_zero", "a group of 4 with all rewards 0",
@@ -256,6 +619,17 @@ _CASES = [
     ("padding", "very different lengths (1..4) in one group: are padded positions zero?",
      dict(rewards=[1.0, 0.0, 0.5, 2.0], groups=[0, 0, 0, 0], lengths=[1, 4, 2, 3])),
 ]
+#: Probe statuses of a row.
+PROBE_STATUSES = ("ok", "flagged", "error")
+
+
+def identical_tolerance(dtype: torch.dtype, rewards) -> float:
+    """The largest ``|A|`` accepted on identical-reward groups: ``max(1e-9, 64 eps) * max(1, max|R|)``
+    with ``eps`` the dtype's machine epsilon (7.6e-6 in float32, 1e-9 in float64): a group mean
+    off by an ulp moves a plain centred advantage by an ulp, far below it; dividing that ulp by a
+    std of the same size (plus GRPO's 1e-6) lands far above it."""
+    eps = torch.finfo(dtype).eps
+    return max(1e-9, 64 * eps) * max(1.0, max(abs(float(r)) for r in rewards))
 
 
 def _run(est: Estimator, case: dict, scale: float = 1.0, dtype=torch.float64):
@@ -270,21 +644,28 @@ def _run(est: Estimator, case: dict, scale: float = 1.0, dtype=torch.float64):
 def _row(case: str, description: str, spec_case: dict) -> dict:
     return {"case": case, "description": description, "rewards": list(spec_case["rewards"]),
             "groups": list(spec_case["groups"]), "lengths": list(spec_case["lengths"]), "advantages": None,
-            "max_abs": None, "padding_zero": None, "value": None, "flag": ""}
+            "max_abs": None, "padding_zero": None, "value": None, "flag": "", "status": "ok"}
 
 
-def probe(spec, dtype: torch.dtype = torch.float64) -> list[dict]:
+def probe(spec, dtype: torch.dtype = torch.float64, timeout: float | None = DEFAULT_TIMEOUT) -> list[dict]:
     """Run an estimator (a spec string, a plug-in ``FILE.py:FUNCTION``, or an Estimator) on edge
     cases and record what it returns; one dict per case with ``case``, ``description``,
     ``rewards``, ``groups``, ``lengths``, ``advantages`` (each response's first-token advantage),
-    ``max_abs``, ``padding_zero``, ``value`` (the case's measurement) and ``flag`` (empty when
-    nothing looks wrong). Float32 plug-ins are loaded again in float32 for the comparison."""
+    ``max_abs``, ``padding_zero``, ``value`` (the case's measurement), ``flag`` (empty when
+    nothing looks wrong, ``error: ...`` when the case raised) and ``status`` (``ok``, ``flagged``
+    or ``error``). Float32 plug-ins are loaded again in float32 for the comparison; ``timeout``
+    is the plug-in's time limit per call (and import).
+
+    Flags: identical rewards with ``max|A|`` above :func:`identical_tolerance`; all-zero rewards
+    with ``max|A| > 1e-12``; non-zero raw output on padding; ``max|A|`` scaling by neither 1 nor
+    the reward scale (rel. 1e-3); float32 and float64 advantages differing by more than
+    ``1e-4 max(1, max|A_64|)``."""
     from .registry import get_estimator, is_plugin_spec
 
     def make(dt):
         if isinstance(spec, Estimator):
             return spec
-        return get_estimator(spec, dtype=dt) if is_plugin_spec(spec) else get_estimator(spec)
+        return load_plugin(spec, dtype=dt, timeout=timeout) if is_plugin_spec(spec) else get_estimator(spec)
 
     est = make(dtype)
     rows = []
@@ -294,20 +675,24 @@ def probe(spec, dtype: torch.dtype = torch.float64) -> list[dict]:
             fn(row)
         except ValueError as e:
             row["flag"] = f"error: {e}"
+        row["status"] = "ok" if not row["flag"] else "error" if row["flag"].startswith("error:") else "flagged"
         rows.append(row)
 
     for name, description, case in _CASES:
         def run_case(row, case=case, name=name):
             adv, pad, _ = _run(est, case, dtype=dtype)
-            row["advantages"] = [round(float(a), 6) for a in adv[:, 0]]
+            row["advantages"] = [float(f"{float(a):.6g}") for a in adv[:, 0]]
             row["max_abs"] = float(adv.abs().max())
             row["padding_zero"] = pad == 0
-            top = max(1.0, max(abs(r) for r in case["rewards"]))
-            if name == "identical" and row["max_abs"] > 1e-9 * top:
-                row["flag"] = "non-zero advantage for identical rewards"
+            if name == "identical":
+                tol = identical_tolerance(dtype, case["rewards"])
+                row["value"] = row["max_abs"]
+                if row["max_abs"] > tol:
+                    row["flag"] = (f"non-zero advantage for identical rewards (max |A| {row['max_abs']:.3g} > "
+                                   f"{tol:.2g} in {str(dtype).replace('torch.', '')})")
             elif name == "all_zero" and row["max_abs"] > 1e-12:
                 row["flag"] = "non-zero advantage for all-zero rewards"
-            elif pad != 0:
+            if not row["flag"] and pad != 0:
                 row["flag"] = f"non-zero values on padded positions (max {pad:.3g})"
 
         attempt(_row(name, description, case), run_case)
@@ -332,32 +717,71 @@ def probe(spec, dtype: torch.dtype = torch.float64) -> list[dict]:
     def run_dtype(row):
         est64 = make(torch.float64)
         est32 = make(torch.float32)
-        a64, _, _ = _run(est64, _BASE, dtype=torch.float64)
-        a32, _, _ = _run(est32, _BASE, dtype=torch.float32)
-        diff = float((a64 - a32).abs().max())
-        row["advantages"] = [round(float(a), 6) for a in a32[:, 0]]
+        a64, _, _ = _run(est64, _F32, dtype=torch.float64)
+        a32, _, _ = _run(est32, _F32, dtype=torch.float32)
+        gap = (a64 - a32).abs().amax(1)
+        diff = float(gap.max())
+        row["advantages"] = [float(f"{float(a):.6g}") for a in a32[:, 0]]
         row["max_abs"] = float(a32.abs().max())
         row["value"] = diff
         if diff > 1e-4 * max(1.0, float(a64.abs().max())):
-            row["flag"] = f"float32 differs from float64 by {diff:.3g}"
+            worst = int(gap.argmax())
+            g = _F32["groups"][worst]
+            same = len({r for r, gg in zip(_F32["rewards"], _F32["groups"]) if gg == g}) == 1
+            where = f" (largest on an identical-reward group of {_F32['groups'].count(g)})" if same else ""
+            row["flag"] = f"float32 differs from float64 by {diff:.3g}{where}"
 
-    attempt(_row("float32_vs_float64", "the base group in float32 and float64 (value: max abs difference)", _BASE),
-            run_dtype)
+    attempt(_row("float32_vs_float64", "groups of rewards 0.1, 0.7, -0.884 (one mixed group of 3, identical ones "
+                 "of 3 and 8) in float32 and float64 (value: max abs difference)", _F32), run_dtype)
     return rows
 
 
+def probe_report(spec, rows: list[dict], dtype: torch.dtype = torch.float64) -> dict:
+    """The JSON document of ``tpg probe --json`` (schema ``tpg-probe/1``)::
+
+        {"schema": "tpg-probe/1", "spec": str, "dtype": "float64" | "float32",
+         "cases": [row, ...],            # probe()'s rows, each with its "status"
+         "flagged": [{"case": str, "status": "flagged" | "error", "flag": str}, ...],
+         "ok": bool}                     # no case flagged or errored (tpg probe exits 0 iff ok)
+    """
+    flagged = [{"case": r["case"], "status": r["status"], "flag": r["flag"]} for r in rows if r["status"] != "ok"]
+    return {"schema": "tpg-probe/1", "spec": spec if isinstance(spec, str) else getattr(spec, "spec", repr(spec)),
+            "dtype": str(dtype).replace("torch.", ""), "cases": rows, "flagged": flagged, "ok": not flagged}
+
+
+def _runs(values: list[float]) -> str:
+    """``a, b xk, ...``: equal neighbours (at 4 significant digits) collapsed."""
+    parts: list[list] = []
+    for v in values:
+        text = f"{v:.4g}"
+        if parts and parts[-1][0] == text:
+            parts[-1][1] += 1
+        else:
+            parts.append([text, 1])
+    return ", ".join(t if k == 1 else f"{t} x{k}" for t, k in parts)
+
+
 def format_probe(rows: list[dict]) -> str:
-    """A plain-text table of :func:`probe`'s rows."""
+    """A plain-text table of :func:`probe`'s rows (runs of equal values written ``v xk``) and a
+    last line naming the flagged cases."""
     header = ("case", "rewards", "lengths", "advantages (first token)", "value", "flag")
     table = []
     for r in rows:
-        adv = "-" if r["advantages"] is None else ", ".join(f"{a:.4g}" for a in r["advantages"])
+        adv = "-" if r["advantages"] is None else _runs(r["advantages"])
         val = "" if r["value"] is None else f"{r['value']:.4g}"
-        table.append((r["case"], ", ".join(f"{x:g}" for x in r["rewards"]), ", ".join(str(x) for x in r["lengths"]),
+        lengths = r["lengths"]
+        lengths = (", ".join(str(x) for x in lengths) if len(lengths) <= 6
+                   else f"{min(lengths)}..{max(lengths)} ({len(lengths)} responses)")
+        table.append((r["case"], _runs(r["rewards"]), lengths,
                       adv, val, r["flag"] or "ok"))
     widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(header)]
     lines = [header, tuple("-" * w for w in widths)] + table
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in lines)
+    text = "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in lines)
+    bad = [r["case"] for r in rows if r.get("status", "ok" if not r["flag"] else "flagged") != "ok"]
+    summary = f"{len(bad)} of {len(rows)} cases flagged: {', '.join(bad)}" if bad else f"all {len(rows)} cases ok"
+    return text + "\n" + summary
 
 
-__all__ = ["PluginEstimator", "load_plugin", "probe", "format_probe"]
+__all__ = ["PluginEstimator", "PluginError", "load_plugin", "call_with_time_limit", "parse_layout", "layout_name",
+           "TimeLimit", "probe", "probe_report", "format_probe", "identical_tolerance", "DEFAULT_TIMEOUT", "CONTEXT_KEYWORDS",
+           "LAYOUTS"]

@@ -1,7 +1,8 @@
 """REINFORCE++ (Hu 2025, arXiv 2501.03262) and REINFORCE++-baseline: batch-whitened advantages.
 
-Whitening is verl's ``masked_whiten`` over all valid tokens of a batch id
-(:func:`~.functional.whiten_by_batch`): ``(x - mean) / sqrt(var + 1e-8)``, var Bessel-corrected.
+Whitening is verl's ``masked_whiten`` over all valid tokens of a batch id, exactly
+(:func:`~.functional.whiten_by_batch`): ``(x - mean) * rsqrt(var + 1e-8)``, mean and variance
+with verl's ``N + 1e-8`` denominators, the variance Bessel-corrected.
 """
 
 from __future__ import annotations

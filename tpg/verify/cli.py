@@ -2,22 +2,52 @@
 
     tpg verify (--case FILE | --mdp SPEC | --task SPEC | --suite standard) [--estimator SPEC ...] [--group-size G]
                [--mode exact|mc] [--samples N] [--seed S] [--alpha A] [--dtype float64|float32]
-               [--max-rows N] [--json] [--fail-on-bias]
-    tpg probe FILE.py:FUNCTION [--dtype float64|float32] [--json]
+               [--max-rows N] [--plugin-timeout SECONDS] [--json] [--fail-on-bias]
+    tpg probe FILE.py:FUNCTION [--dtype float64|float32] [--plugin-timeout SECONDS] [--json]
 
-Exit status of ``verify``: 0; 1 with ``--fail-on-bias`` when an estimator is biased; 2 on bad
-input (an unknown estimator, an estimator whose exact expectation cannot be computed, a sample
-space past the size guard). Estimators expanded from ``all`` that fail are reported as rows with
-verdict ``error`` instead. ``--suite standard`` exits 1 when a verdict disagrees with THEORY.md's.
+Exit status of ``verify`` (:data:`VERIFY_EXIT`): 0 when every estimator got a verdict (and, with
+``--fail-on-bias``, none is biased); 1 with ``--fail-on-bias`` when an estimator is biased and
+none errored; 2 on bad input (an unknown estimator, a bad plug-in spec, an estimator whose exact
+expectation cannot be computed, a sample space past the size guard); 3 when any estimator
+errored: the estimators expanded from ``all`` that fail, and plug-ins whose own code fails
+(raises, ``sys.exit`` included, runs past ``--plugin-timeout``, returns NaN or a wrong shape),
+are rows with verdict ``error`` and the run goes on, but it never exits 0. 3 takes precedence
+over 1. ``--suite standard`` exits 1 when a verdict disagrees with THEORY.md's.
+
+Exit status of ``probe``: 0 when every case is ok, 1 when a case is flagged or raised, 2 on bad
+input (a bad spec, a plug-in that fails to import).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import sys
 
 import torch
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
+#: ``tpg verify``'s exit statuses.
+VERIFY_EXIT = {"ok": 0, "biased": 1, "bad_input": 2, "errored": 3}
+_VERIFY_EPILOG = ("Exit status: 0 every estimator got a verdict (with --fail-on-bias: and none is biased); 1 with "
+                  "--fail-on-bias, an estimator is biased; 2 bad input; 3 an estimator errored (a row with verdict "
+                  "'error': an estimator expanded from 'all' that could not run, or a plug-in that raised, called "
+                  "sys.exit, ran past --plugin-timeout or returned NaN or a wrong shape); 3 takes precedence over 1.")
+
+
+def _plugin_timeout(seconds: float) -> float | None:
+    """``--plugin-timeout`` as the library's ``timeout``: 0 means no limit."""
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"--plugin-timeout must be a number of seconds >= 0 (0: no limit), got {seconds}")
+    return None if seconds == 0 else float(seconds)
+
+
+def _add_timeout(p) -> None:
+    from ..estimators.plugin import DEFAULT_TIMEOUT
+
+    p.add_argument("--plugin-timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                   help=f"time limit of a plug-in's import and of each call (default {DEFAULT_TIMEOUT:g}; 0: none); "
+                        f"a plug-in past it is interrupted (main thread, POSIX) and becomes an error")
 
 
 def _add_verify(sub) -> None:
@@ -29,7 +59,8 @@ def _add_verify(sub) -> None:
     p = sub.add_parser("verify", help="verdicts of estimators against the exact gradient: unbiased, scaled or biased",
                        description="Verify policy-gradient estimators against the exact gradient of the token-level "
                                    "objective, exactly (enumerating the sample space) or by a calibrated Monte Carlo "
-                                   "test.")
+                                   "test.",
+                       epilog=_VERIFY_EPILOG)
     # --suite and --lm join the problem sources' required group: exactly one of them
     src = add_problem_args(p)
     src.add_argument("--suite", choices=SUITES,
@@ -55,7 +86,9 @@ def _add_verify(sub) -> None:
     p.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS, metavar="N",
                    help=f"exact mode's size guard: responses in the sample space (default {DEFAULT_MAX_ROWS:,})")
     p.add_argument("--json", action="store_true", help="print the records as JSON (a list; the suite: an object)")
-    p.add_argument("--fail-on-bias", action="store_true", help="exit with status 1 when any estimator is biased")
+    p.add_argument("--fail-on-bias", action="store_true", help="exit with status 1 when any estimator is biased "
+                                                               "(3 if any errored)")
+    _add_timeout(p)
     p.set_defaults(func=cmd_verify)
 
 
@@ -81,6 +114,7 @@ def cmd_verify(args) -> int:
         raise ValueError(f"--alpha must be in (0, 1), got {args.alpha}")
     if args.group_size < 1:
         raise ValueError(f"--group-size must be >= 1, got {args.group_size}")
+    timeout = _plugin_timeout(args.plugin_timeout)
     if getattr(args, "lm", None):
         from .lm import problem_from_lm_args
         mdp, policy = problem_from_lm_args(args)
@@ -89,38 +123,52 @@ def cmd_verify(args) -> int:
         mdp, policy = load_problem_from_args(args)
     records = verify(mdp, policy, args.estimator, group_size=args.group_size, mode=args.mode, samples=args.samples,
                      seed=args.seed, dtype=_DTYPES[args.dtype], alpha=args.alpha, max_rows=args.max_rows,
-                     progress=not args.json, on_error="record_all")
+                     progress=not args.json, on_error="record_all", plugin_timeout=timeout)
     if args.json:
         print(json.dumps(records))
     else:
         print(mdp.describe())
         print(format_records(records))
+    errored = [r["spec"] for r in records if r["verdict"] == "error"]
+    if errored:
+        print(f"tpg: {len(errored)} of {len(records)} estimators errored ({', '.join(errored)}): exit status "
+              f"{VERIFY_EXIT['errored']}", file=sys.stderr)
+        return VERIFY_EXIT["errored"]
     if args.fail_on_bias and any(r["verdict"] == "biased" for r in records):
-        return 1
-    return 0
+        return VERIFY_EXIT["biased"]
+    return VERIFY_EXIT["ok"]
 
 
 def _add_probe(sub) -> None:
     p = sub.add_parser("probe", help="run a plug-in (or any estimator spec) on edge cases and print what it returns",
                        description="Run an advantage function FILE.py:FUNCTION (or a catalog spec) on edge cases: "
                                    "identical rewards, a singleton group, all-zero rewards, ragged lengths, reward "
-                                   "scales 1e6 and 1e-6, float32 against float64.")
+                                   "scales 1e6 and 1e-6, float32 against float64 (rewards 0.1, 0.7, -0.884, which "
+                                   "binary floating point cannot hold exactly).",
+                       epilog="Exit status: 0 every case ok; 1 a case is flagged or raised; 2 bad input (a bad spec, "
+                              "a plug-in that fails to import).")
     p.add_argument("spec", metavar="FILE.py:FUNCTION")
     p.add_argument("--dtype", choices=tuple(_DTYPES), default="float64", help="dtype fed to the plug-in")
-    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.add_argument("--json", action="store_true",
+                   help='print one JSON document: {"schema": "tpg-probe/1", "spec", "dtype", "cases": [rows], '
+                        '"flagged": [{"case", "status", "flag"}], "ok"}')
+    _add_timeout(p)
     p.set_defaults(func=cmd_probe)
 
 
 def cmd_probe(args) -> int:
     """The handler of ``tpg probe``; returns the exit status."""
     from ..estimators import format_probe, probe
+    from ..estimators.plugin import probe_report
 
-    rows = probe(args.spec, dtype=_DTYPES[args.dtype])
+    dtype = _DTYPES[args.dtype]
+    rows = probe(args.spec, dtype=dtype, timeout=_plugin_timeout(args.plugin_timeout))
+    report = probe_report(args.spec, rows, dtype)
     if args.json:
-        print(json.dumps(rows))
+        print(json.dumps(report))
     else:
         print(format_probe(rows))
-    return 0
+    return 0 if report["ok"] else 1
 
 
 def register(subparsers) -> None:
@@ -129,4 +177,4 @@ def register(subparsers) -> None:
     _add_probe(subparsers)
 
 
-__all__ = ["register", "cmd_verify", "cmd_probe"]
+__all__ = ["register", "cmd_verify", "cmd_probe", "VERIFY_EXIT"]

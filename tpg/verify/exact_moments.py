@@ -9,7 +9,15 @@ A *batch* is what one gradient estimate is computed from (:func:`batch_layout`):
   prompt (``sum_x L_x^G`` batches) with probabilities ``rho(x) prod_i P(W_i|x)``;
 * ``independent`` (estimators whose rows are coupled within a batch id, REINFORCE++ whitening or
   ``agg=token-mean``, group size ``G > 1``): ``G`` independent prompt-response pairs, every
-  ordered ``G``-tuple of the ``L`` responses, probabilities ``prod_i rho(x_i) P(W_i|x_i)``.
+  ordered ``G``-tuple of the ``L`` responses, probabilities ``prod_i rho(x_i) P(W_i|x_i)``;
+* ``batch:PxN`` (a plug-in that declares it, ``layout=batch:PxN``: verl's real batch): ``P``
+  independent prompt draws with ``N`` responses each, each draw its own group (two draws of the
+  same prompt are two groups). With ``S = sum_x L_x^N`` the (prompt, ``N``-tuple) draws, the
+  sample space is every ordered ``P``-tuple of them (``S^P`` batches of ``P N`` rows) with
+  probabilities ``prod_p rho(x_p) prod_j P(W_pj|x_p)``.
+
+A plug-in's declared ``layout=group|independent`` replaces the choice from its attributes (with
+the group size ``G``); ``batch:PxN`` also replaces ``G`` by ``N``.
 
 All batches are stacked into one :class:`~tpg.estimators.base.ResponseBatch` with distinct batch and
 group ids (in chunks, to bound memory), the estimator runs once per chunk, and each batch's gradient
@@ -31,11 +39,13 @@ verify it in Monte Carlo mode.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from ..estimators.base import ResponseBatch
+from ..estimators.plugin import PluginError, parse_layout
 from ..rollouts import PAD_TOKEN, Rollouts
 from .context import ExactContext
 from .score import ParamMap, batch_logit_gradients, token_nt
@@ -95,8 +105,19 @@ def leaf_rollouts(mdp, sol) -> Rollouts:
 def batch_layout(estimator, group_size: int) -> tuple[str, int]:
     """How one batch is drawn: ``("group", G)`` (one prompt ``x ~ rho`` and ``G`` responses to it:
     group estimators), ``("independent", G)`` (``G`` independent prompt-response pairs: estimators
-    whose output couples the rows of a batch id, REINFORCE++ whitening or ``agg=token-mean``), or
-    ``("single", 1)`` (one prompt-response pair)."""
+    whose output couples the rows of a batch id, REINFORCE++ whitening or ``agg=token-mean``),
+    ``("batch:PxN", N)`` (``P`` independent prompt draws with ``N`` responses each), or
+    ``("single", 1)`` (one prompt-response pair).
+
+    An estimator's ``declared_layout`` attribute (a plug-in's ``layout=`` option) takes precedence:
+    ``group`` and ``independent`` with ``G = group_size`` (``single`` when ``G = 1``), ``batch:PxN``
+    whatever the group size."""
+    declared = getattr(estimator, "declared_layout", None)
+    if declared is not None:
+        kind, P, n = parse_layout(declared)
+        if kind == "batch":
+            return f"batch:{P}x{n}", n
+        return (kind, group_size) if group_size > 1 else ("single", 1)
     if group_size > 1 and bool(getattr(estimator, "needs_groups", False)):
         return "group", group_size
     coupled = bool(getattr(estimator, "needs_batches", False) or getattr(estimator, "batch_coupled", False))
@@ -105,18 +126,56 @@ def batch_layout(estimator, group_size: int) -> tuple[str, int]:
     return "single", 1
 
 
+def rows_per_batch(layout: str, G: int) -> int:
+    """Responses in one batch of a layout: ``P N`` for ``batch:PxN``, else ``G``."""
+    if layout.startswith("batch:"):
+        _, P, n = parse_layout(layout)
+        return P * n
+    return G
+
+
+#: Sample-space sizes above this are reported as ``inf`` (never materialised as huge integers).
+_HUGE = 10 ** 30
+
+
+def _power(base: int, exp: int):
+    """``base ** exp`` as an int, or ``math.inf`` when it exceeds 1e30 (decided from logarithms)."""
+    if base <= 1:
+        return int(base) ** exp
+    if exp * math.log10(base) > 30:
+        return math.inf
+    return int(base) ** exp
+
+
 def sample_space_size(mdp, layout: str, G: int) -> tuple[int, int]:
-    """``(batches, rows)`` of the sample space: ``L`` single responses, ``sum_x L_x^G`` groups, or
-    ``L^G`` independent tuples."""
+    """``(batches, rows)`` of the sample space: ``L`` single responses, ``sum_x L_x^G`` groups,
+    ``L^G`` independent tuples, or ``(sum_x L_x^N)^P`` batches of ``P N`` rows for ``batch:PxN``
+    (``math.inf`` above 1e30)."""
     tree = mdp.tree
     if layout == "single":
         return tree.num_leaves, tree.num_leaves
     if layout == "independent":
         live = int((mdp.prompt_weights[tree.prompt_n[tree.leaf_ids]] > 0).sum())
-        return live ** G, live ** G * G
+        n = _power(live, G)
+        return n, n * G
     counts = torch.bincount(tree.prompt_n[tree.leaf_ids], minlength=tree.num_prompts).tolist()
-    batches = sum(int(L) ** G for L, w in zip(counts, mdp.prompt_weights.tolist()) if w > 0)
+    if layout.startswith("batch:"):
+        _, P, n = parse_layout(layout)
+        draws = 0
+        for L, w in zip(counts, mdp.prompt_weights.tolist()):
+            if w > 0:
+                draws += _power(int(L), n)
+        batches = _power(draws, P) if draws != math.inf else math.inf
+        return batches, batches * P * n
+    batches = 0
+    for L, w in zip(counts, mdp.prompt_weights.tolist()):
+        if w > 0:
+            batches += _power(int(L), G)
     return batches, batches * G
+
+
+def _count(n) -> str:
+    return "more than 1e30" if n == math.inf else f"{n:,}"
 
 
 def _tuples(idx: torch.Tensor, prob: torch.Tensor, G: int, chunk_batches: int):
@@ -145,12 +204,38 @@ def _space_chunks(mdp, sol, layout: str, G: int, chunk_batches: int):
         yield from _tuples(idx, prob[idx], G, chunk_batches)
         return
     leaf_prompt = tree.prompt_n[tree.leaf_ids]
+    if layout.startswith("batch:"):
+        yield from _batch_chunks(tree, rho, prob, leaf_prompt, layout, chunk_batches)
+        return
     for x in range(tree.num_prompts):
         if float(rho[x]) <= 0:
             continue
         idx_x = torch.nonzero(leaf_prompt == x).flatten()
         for rows, batch_b, p in _tuples(idx_x, prob[idx_x] / rho[x], G, chunk_batches):
             yield rows, batch_b, rho[x] * p
+
+
+def _batch_chunks(tree, rho, prob, leaf_prompt, layout: str, chunk_batches: int):
+    """The chunks of a ``batch:PxN`` sample space: every ordered ``P``-tuple of (prompt, ``N``-tuple)
+    draws; rows ordered batch, then draw, then response."""
+    _, P, n = parse_layout(layout)
+    rows_d, prob_d = [], []
+    for x in range(tree.num_prompts):
+        if float(rho[x]) <= 0:
+            continue
+        idx_x = torch.nonzero(leaf_prompt == x).flatten()
+        for rows, _, p in _tuples(idx_x, prob[idx_x] / rho[x], n, 1 << 62):
+            rows_d.append(rows.view(-1, n))
+            prob_d.append(rho[x] * p)
+    draw_rows = torch.cat(rows_d)  # [S, N]
+    draw_prob = torch.cat(prob_d)  # [S]
+    S = draw_rows.shape[0]
+    total = S ** P
+    for start in range(0, total, chunk_batches):
+        nums = torch.arange(start, min(total, start + chunk_batches))
+        digits = torch.stack([(nums // (S ** (P - 1 - i))) % S for i in range(P)], 1)  # [m, P]
+        yield (draw_rows[digits].reshape(-1), torch.arange(nums.numel()).repeat_interleave(P * n),
+               draw_prob[digits].prod(1))
 
 
 def _take(ro: Rollouts, rows: torch.Tensor) -> Rollouts:
@@ -212,14 +297,16 @@ def exact_moments(mdp, policy, estimator, group_size: int = 1, *, dtype=torch.fl
     stability, and mapped to parameter space at the end (``J^T m``, ``J^T C J``).
 
     Args:
-        group_size: ``G`` for group estimators (ignored by single-response estimators).
+        group_size: ``G`` for group estimators (ignored by single-response estimators and by a
+            declared ``batch:PxN`` layout).
         dtype: precision of the batch handed to the estimator (plug-ins: float32 as in training).
         with_cov: also return the full covariance matrix (the trace is always computed).
         max_rows: size guard: ``ValueError`` when the sample space has more responses.
         ref_policy: reference policy for KL options (fills ``ResponseBatch.ref_logp``).
 
     Raises ``ValueError`` when the sample space is too large, or when the estimator cannot be made
-    exact (it says so, or it raised ``ValueError`` in exact mode, e.g. on random anchors).
+    exact (it says so, or it raised ``ValueError`` in exact mode, e.g. on random anchors); a
+    plug-in's :class:`~tpg.estimators.plugin.PluginError` passes through unchanged.
     """
     name = getattr(estimator, "name", type(estimator).__name__)
     if not isinstance(group_size, int) or group_size < 1:
@@ -231,11 +318,15 @@ def exact_moments(mdp, policy, estimator, group_size: int = 1, *, dtype=torch.fl
     layout, G = batch_layout(estimator, group_size)
     n_batches, n_rows = sample_space_size(mdp, layout, G)
     if n_rows > max_rows:
-        what = {"group": f", all {G}-tuples of responses per prompt", "independent": f", all {G}-tuples of "
-                f"prompt-response pairs", "single": ""}[layout]
-        raise ValueError(f"the exact sample space of {name!r} has {n_batches:,} batches ({n_rows:,} responses"
-                         f"{what}), above max_rows={max_rows:,}: use a smaller MDP or group size, raise max_rows, "
-                         f"or use Monte Carlo mode (--mode mc)")
+        if layout.startswith("batch:"):
+            _, P, n = parse_layout(layout)
+            what = f", all {P}-tuples of prompt draws with all {n}-tuples of responses each"
+        else:
+            what = {"group": f", all {G}-tuples of responses per prompt", "independent": f", all {G}-tuples of "
+                    f"prompt-response pairs", "single": ""}[layout]
+        raise ValueError(f"the exact sample space of {name!r} has {_count(n_batches)} batches ({_count(n_rows)} "
+                         f"responses{what}), above max_rows={max_rows:,}: use a smaller MDP, group size or layout, "
+                         f"raise max_rows, or use Monte Carlo mode (--mode mc)")
     ctx = context if context is not None else ExactContext(mdp, policy)
     calls_before = dict(ctx.hook_calls)
     sol = ctx.sol
@@ -245,7 +336,8 @@ def exact_moments(mdp, policy, estimator, group_size: int = 1, *, dtype=torch.fl
     leaves_ro = leaf_rollouts(mdp, sol)
     ref_all = ref_log_probs(ref_policy, tree, leaves_ro) if ref_policy is not None else None
     D = pmap.logit_dim
-    chunk_batches = max(1, _CHUNK_ENTRIES // max(D * G, 1))
+    per_batch = rows_per_batch(layout, G)
+    chunk_batches = max(1, _CHUNK_ENTRIES // max(D * per_batch, 1))
     shift = sol.grad_logits.reshape(-1).to(torch.float64)
     s1 = torch.zeros(D, dtype=torch.float64)
     s2 = torch.zeros(D, D, dtype=torch.float64)
@@ -253,10 +345,17 @@ def exact_moments(mdp, policy, estimator, group_size: int = 1, *, dtype=torch.fl
     tokens = 0.0
     for rows, batch_b, p_n in _space_chunks(mdp, sol, layout, G, chunk_batches):
         ro = _take(leaves_ro, rows)
-        ro.group = batch_b.clone() if layout == "group" else torch.arange(rows.numel())
+        if layout == "group":
+            ro.group = batch_b.clone()
+        elif layout.startswith("batch:"):  # one group per prompt draw, as verl's uid
+            ro.group = torch.arange(rows.numel()) // G
+        else:
+            ro.group = torch.arange(rows.numel())
         rb = make_batch(estimator, ro, batch_b, dtype, None if ref_all is None else ref_all[rows])
         try:
             out = estimator(rb, ctx)
+        except PluginError:  # the plug-in's own failure, not a refusal of exact mode
+            raise
         except ValueError as exc:
             raise ValueError(f"exact mode refused for {name!r}: {exc}") from exc
         coef = checked_coef(estimator, out, ro.tokens.shape)

@@ -30,6 +30,7 @@ import sys
 import torch
 
 from ..estimators import Estimator, expand_spec, get_estimator
+from ..estimators.plugin import DEFAULT_TIMEOUT, PluginError, load_plugin
 from ..estimators.registry import is_plugin_spec
 from ..exact.engine import exact_kl, solve
 from .context import ExactContext, MonteCarloContext
@@ -79,6 +80,12 @@ def resolve_specs(estimators) -> list[tuple[object, bool]]:
 
 def _is_plugin(spec) -> bool:
     return isinstance(spec, str) and is_plugin_spec(spec)
+
+
+def _load(spec, dtype, plugin_timeout):
+    if not isinstance(spec, str):
+        return spec
+    return load_plugin(spec, dtype=dtype, timeout=plugin_timeout) if _is_plugin(spec) else get_estimator(spec)
 
 
 def _kl_of(est) -> tuple[str, float]:
@@ -202,7 +209,8 @@ def _error_record(spec_text: str, mode: str, group_size: int, dtype, mdp, exc: E
 
 def verify(mdp, policy, estimators, group_size: int = 2, mode: str = "exact", samples: int = DEFAULT_SAMPLES,
            seed: int = 0, dtype=torch.float64, alpha: float = DEFAULT_ALPHA, max_rows: int = DEFAULT_MAX_ROWS,
-           ref_policy=None, progress: bool = False, on_error: str = "raise") -> list[dict]:
+           ref_policy=None, progress: bool = False, on_error: str = "raise",
+           plugin_timeout: float | None = DEFAULT_TIMEOUT) -> list[dict]:
     """Verdicts of ``estimators`` on ``(mdp, policy)``; one record per estimator (see the module docstring).
 
     Args:
@@ -216,7 +224,9 @@ def verify(mdp, policy, estimators, group_size: int = 2, mode: str = "exact", sa
         ref_policy: the reference policy of KL options (default: a seeded perturbation of ``policy``).
         progress: a tqdm bar on stderr (only when stderr is a terminal).
         on_error: ``raise`` (``ValueError``), ``record`` (a record with ``verdict = "error"``), or
-            ``record_all`` (record errors of specs expanded from ``all``, raise the others).
+            ``record_all`` (record errors of specs expanded from ``all`` and failures of a plug-in's
+            own code, :class:`~tpg.estimators.plugin.PluginError`; raise the others).
+        plugin_timeout: seconds a plug-in's import or one call may take (``None``: no limit).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
@@ -241,10 +251,10 @@ def verify(mdp, policy, estimators, group_size: int = 2, mode: str = "exact", sa
             if bar is not None:
                 bar.set_postfix_str(text[:40])
             try:
-                est = get_estimator(spec) if isinstance(spec, str) else spec
+                est = _load(spec, torch.float64, plugin_timeout)
                 rec = _verify_one(prob, est, text, mode, group_size, samples, seed, torch.float64, alpha, max_rows)
                 if _is_plugin(spec) and dtype == torch.float32:
-                    est32 = get_estimator(spec, dtype=torch.float32)
+                    est32 = _load(spec, torch.float32, plugin_timeout)
                     rec32 = _verify_one(prob, est32, text, mode, group_size, samples, seed, torch.float32, alpha,
                                         max_rows)
                     rec32["float64_verdict"] = rec["verdict"]
@@ -252,7 +262,8 @@ def verify(mdp, policy, estimators, group_size: int = 2, mode: str = "exact", sa
                 else:
                     records.append(rec)
             except ValueError as exc:
-                if on_error == "raise" or (on_error == "record_all" and not from_all):
+                if on_error == "raise" or (on_error == "record_all" and not from_all
+                                           and not isinstance(exc, PluginError)):
                     raise ValueError(f"{text}: {exc}") from exc
                 records.append(_error_record(text, mode, group_size, dtype, mdp, exc))
             if bar is not None:
@@ -275,13 +286,14 @@ def _fmt(x, spec: str = ".4g") -> str:
 def format_records(records: list[dict]) -> str:
     """An aligned text table of :func:`verify`'s records."""
     mc = any(r["mode"] == "mc" for r in records)
-    header = ["estimator", "G", "dtype", "verdict", "scale", "cosine", "rel_bias", "resid"]
+    header = ["estimator", "G", "layout", "dtype", "verdict", "scale", "cosine", "rel_bias", "resid"]
     if mc:
         header += ["p(c=1)", "p(dir)", "scale CI"]
     header += ["tr Cov", "tokens/batch"]
     rows = []
     for r in records:
-        row = [r["spec"], str(r["group_size"]), r["dtype"], r["verdict"], _fmt(r["scale"], ".6g"),
+        row = [r["spec"], str(r["group_size"]), r.get("layout") or "-", r["dtype"], r["verdict"],
+               _fmt(r["scale"], ".6g"),
                _fmt(r["cosine"], ".10f") if r["cosine"] is not None else "-", _fmt(r["rel_bias"], ".3g"),
                _fmt(r["rel_residual"], ".3g")]
         if mc:

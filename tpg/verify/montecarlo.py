@@ -32,7 +32,7 @@ import torch
 
 from ..rollouts import sample
 from .context import MonteCarloContext, node_paths
-from .exact_moments import batch_layout, checked_coef, make_batch, ref_log_probs
+from .exact_moments import batch_layout, checked_coef, make_batch, ref_log_probs, rows_per_batch
 from .score import ParamMap, batch_logit_gradients, batch_projections, centered_directions, logit_gradient
 from .verdict import Verdict, hotelling_test, mc_verdict
 
@@ -59,7 +59,12 @@ class GradientSamples:
 def sample_gradient_terms(mdp, policy, estimator, num_batches: int, group_size: int = 1, *,
                           generator: torch.Generator | None = None, seed: int = 0, dtype=torch.float64,
                           ref_policy=None, context: MonteCarloContext | None = None) -> GradientSamples:
-    """Sample ``num_batches`` batches and run the estimator on them (in chunks); see the module docstring."""
+    """Sample ``num_batches`` batches and run the estimator on them (in chunks); see the module docstring.
+
+    A batch follows :func:`~tpg.verify.exact_moments.batch_layout`: ``group`` (one prompt, ``G``
+    responses), ``independent``/``single`` (``G`` or 1 independent prompt-response pairs, each its
+    own group), or ``batch:PxN`` (``P`` independent prompt draws with ``N`` responses each, one
+    group per draw)."""
     if not isinstance(num_batches, int) or num_batches < 2:
         raise ValueError(f"Monte Carlo mode needs at least 2 samples (batches), got {num_batches!r}")
     gen = generator if generator is not None else torch.Generator().manual_seed(int(seed))
@@ -67,7 +72,8 @@ def sample_gradient_terms(mdp, policy, estimator, num_batches: int, group_size: 
     layout, G = batch_layout(estimator, group_size)
     tree = mdp.tree
     H = mdp.horizon
-    per_chunk = max(1, CHUNK_ROWS // G)
+    per_batch = rows_per_batch(layout, G)
+    per_chunk = max(1, CHUNK_ROWS // per_batch)
     coefs, nts, toks, bids = [], [], [], []
     tokens = 0
     hook_before = ctx.tokens_sampled
@@ -77,6 +83,9 @@ def sample_gradient_terms(mdp, policy, estimator, num_batches: int, group_size: 
         if layout == "group":
             ro = sample(mdp, policy, num_prompts=n, group_size=G, generator=gen)
             batch_b = ro.group.clone()
+        elif layout.startswith("batch:"):  # groups are the prompt draws (sample numbers them)
+            ro = sample(mdp, policy, num_prompts=n * (per_batch // G), group_size=G, generator=gen)
+            batch_b = torch.arange(n).repeat_interleave(per_batch)
         else:
             ro = sample(mdp, policy, num_prompts=n * G, group_size=1, generator=gen)
             batch_b = torch.arange(n).repeat_interleave(G)
