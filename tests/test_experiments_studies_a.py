@@ -189,6 +189,27 @@ def test_gamma_rules():
     check_rows(gamma.claim_rows(frame(1e-16, 0.1)))
 
 
+def test_eq26_headline_describes_the_bias_not_the_grid():
+    """The number is the bias at gamma = 0.9 (median over cells), not the bias at the gamma nearest 1
+    (which only says how fine the grid is); the slope of bias against 1 - gamma near 1 is reported."""
+    rows = []
+    for cell, k in enumerate((2.0, 3.0, 4.0)):  # bias = k (1 - gamma) near 1, per cell
+        for g, rb in ((1.0, 1e-16), (0.999, k * 1e-3), (0.99, k * 1e-2), (0.9, 0.05 * k), (0.5, 0.3)):
+            for lam in (1.0, 0.95):
+                rows.append({"cell_key": str(cell), "method": "ppo_gae", "grad_norm": 1.0, "gae_gamma": g,
+                             "gae_lambda": lam, "rel_bias": rb * (1 if lam == 1 else 0.5), "agreement": 0.0})
+    row = gamma.claim_rows(pd.DataFrame(rows))[0]
+    assert row["status"] == "confirmed"
+    assert row["number"] == pytest.approx(0.15)  # median of 0.10, 0.15, 0.20 at gamma = 0.9
+    assert "gamma = 0.9" in row["unit"] and "median" in row["unit"]
+    assert "k median 3 (2..4)" in row["detail"]
+    g, k = gamma.slope_near_one(gamma.bias_table(pd.DataFrame(rows)))
+    assert g == 0.999 and k.tolist() == pytest.approx([2.0, 3.0, 4.0])
+    # without 0.9 in the grid the nearest discount is used, and named
+    row = gamma.claim_rows(pd.DataFrame([r for r in rows if r["gae_gamma"] != 0.9]))[0]
+    assert "gamma = 0.99" in row["unit"] and row["number"] == pytest.approx(0.03)
+
+
 def _critic_frame(exact_bias=1e-16, noisy_lt1=0.05, ppo_nsr=(1.0, 1.0), base_nsr=(2.0, 2.0), err_scale=1.0):
     """Two MDPs; PPO's nsr grows as (1 + sigma) and its measured critic error is err_scale * sigma."""
     rows = []
