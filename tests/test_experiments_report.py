@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import math
+import re
 import types
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from tpg.experiments import report
 from tpg.experiments.report import collect_rows, format_markdown, format_number, proof_status, proof_summary
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def proof_rows(violate: str | None = None, unflagged: str | None = None) -> list[dict]:
@@ -188,3 +192,46 @@ def test_register_adds_the_three_commands():
     assert args.out == "x.md" and args.cache_dir == ".tpg-cache"
     with pytest.raises(SystemExit):
         parser.parse_args(["study", "bias", "--backend", "spark"])
+
+
+# ------------------------------------------------------------------------------ the documents
+def _readme_claims_paragraph() -> str:
+    text = (ROOT / "README.md").read_text()
+    return text[text.index("### Studies, figures and the claims report"):text.index("### Case files")]
+
+
+def test_readme_names_the_problem_of_every_memory_ratio():
+    """A ratio quoted without its problem disagreed with the report's (2.4x transformer vs 7.93 tabular)."""
+    para = " ".join(_readme_claims_paragraph().split())
+    ratios = list(re.finditer(r"\b\d+(?:\.\d+)?x\b", para))
+    assert ratios, "the claims paragraph quotes no memory ratio"
+    for m in ratios:
+        assert re.search(r"tabular|transformer", para[m.end():m.end() + 60]), f"{m.group()} names no problem"
+    assert "incomplete" in para and "--allow-partial" in para and "docs/THEORY.md" in para
+
+
+def test_every_theory_reference_points_at_docs_theory_md():
+    """docs/THEORY.md exists, and every mention of the theory document in the code, tests and docs
+    names it by that path, with a section that exists in it."""
+    name = "THE" + "ORY"  # spelled in two parts so that this test does not match itself
+    theory = (ROOT / "docs" / f"{name}.md").read_text()
+    sections = set(re.findall(r"^#{2,3} (\d+(?:\.\d+)?)\.? ", theory, re.M))
+    assert {"1", "2", "3", "4", "5", "6", "7", "2.4"} <= sections
+    files = [ROOT / "README.md", ROOT / "BENCHMARKS.md"]
+    for folder in ("tpg", "proofs_checks", "paper_repro", "tests", "benchmarks"):
+        files += sorted((ROOT / folder).rglob("*.py")) + sorted((ROOT / folder).rglob("*.md"))
+    bad = []
+    for path in files:
+        if not path.exists():
+            continue
+        text = path.read_text()
+        for m in re.finditer(name, text):
+            where = f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, m.start()) + 1}"
+            if text[max(0, m.start() - 5):m.start()] != "docs/" or text[m.end():m.end() + 3] != ".md":
+                bad.append(f"{where}: not docs/{name}.md")
+                continue
+            ref = re.match(r" sections? (\d+(?:\.\d+)?)(?:-(\d+))?", text[m.end() + 3:])
+            for num in (ref.groups() if ref else ()):
+                if num is not None and num not in sections:
+                    bad.append(f"{where}: no section {num}")
+    assert not bad, "\n".join(bad)
