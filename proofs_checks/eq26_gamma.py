@@ -8,7 +8,7 @@ and its gradient) the reward on token ``t`` must carry the weight
     omega_t = (1/gamma)^(t-1),
 
 a weight that grows with the response's length: ZRA and ``gamma < 1`` contradict each other
-unless every response has one token, hence ``gamma = 1`` with ZRA (docs/THEORY.md, Eq. 26).
+unless every response has one token, hence ``gamma = 1`` with ZRA (docs/THEORY.md section 2.4, Eq. 26).
 
 Check, on every case at a real discount below 1 (the case's own, or 0.9 when the case has
 ``gamma = 1``):

@@ -1,4 +1,4 @@
-"""proofs_checks: every statement of THEORY.md section 2 holds exactly, every negative control fails.
+"""proofs_checks: every statement of docs/THEORY.md section 2 holds exactly, every negative control fails.
 
 On the default cases all of them; on random small MDPs (hypothesis) every statement, and every
 negative control whose predicted gap is not degenerate. The predicted gap of each control is a
@@ -141,7 +141,7 @@ def test_eq26_forced_weights_are_the_inverse_discount_of_the_last_token():
     lambda gamma, t: gamma ** (t - 1).to(torch.float64),                    # the discount itself
 ], ids=["one", "to-go", "gamma"])
 def test_eq26_check_tells_the_theory_form_from_wrong_ones(monkeypatch, wrong):
-    """The statement check compares the forced weights with THEORY's (1/gamma)^(t-1) at a real gamma < 1
+    """The statement check compares the forced weights with docs/THEORY.md's (1/gamma)^(t-1) at a real gamma < 1
     on every default case (0.9 where the case has gamma = 1): any other form is violated everywhere."""
     monkeypatch.setattr(eq26_gamma, "theory_weight", wrong)
     for label, mdp, policy in default_cases():

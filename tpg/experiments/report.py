@@ -1,4 +1,4 @@
-"""The claims report: every theorem and analysis claim of THEORY.md with a computed status.
+"""The claims report: every theorem and analysis claim of docs/THEORY.md with a computed status.
 
 ``write_report(cache_dir, out)`` gathers
 
@@ -14,7 +14,7 @@
   statements hold but a negative control goes unflagged; refuted when a statement is violated),
   and every theorem row shows its proof-check tally beside the study's number;
 
-and writes one Markdown table per section: theorems (THEORY.md section 2), analysis claims
+and writes one Markdown table per section: theorems (docs/THEORY.md section 2), analysis claims
 (section 6), further checks (sections 3-5), followed by each row's rule and secondary numbers,
 the proof-check summary and the studies' provenance (quick or full run, cells).
 
@@ -28,7 +28,7 @@ import math
 import time
 from pathlib import Path
 
-#: (id, claim, study that reports it, proof-check module) in THEORY.md section 2 order
+#: (id, claim, study that reports it, proof-check module) in docs/THEORY.md section 2 order
 THEOREMS: tuple[tuple[str, str, str | None, str | None], ...] = (
     ("lemma1", "Lemma 1: grad J = E sum_t gamma^(t-1) Q(s_t, w_t) grad log pi(w_t|s_t)", None, "lemma1"),
     ("lemma2", "Lemma 2: a prefix-only c(s_t) added to token t's weight leaves the expectation unchanged", None,
@@ -44,7 +44,7 @@ THEOREMS: tuple[tuple[str, str, str | None, str | None], ...] = (
     ("gae", "GAE: exact critic unbiased for every lambda; inexact critic only for lambda = 1", "critic",
      "gae_equality"),
 )
-#: (id, claim, study expected to report it) for THEORY.md section 6
+#: (id, claim, study expected to report it) for docs/THEORY.md section 6
 CLAIMS: tuple[tuple[str, str, str], ...] = (
     ("claim1", "PPO's critic estimates E[RM(W^(t+1))]: with a good critic its gradient has lower variance than "
                "GRPO/ReMax/RLOO", "critic"),
@@ -57,8 +57,9 @@ CLAIMS: tuple[tuple[str, str, str], ...] = (
     ("claim6", "TRePO is simpler than PPO and matches GRPO's memory", "learning"),
     ("claim7", "response-level and token-level RL produce the same expected update", "learning"),
 )
-SECTION_NAMES = {"theorem": "Theorems (THEORY.md section 2)", "claim": "Analysis claims (THEORY.md section 6)",
-                 "further": "Further checks (THEORY.md sections 3-5)"}
+SECTION_NAMES = {"theorem": "Theorems (docs/THEORY.md section 2)",
+                 "claim": "Analysis claims (docs/THEORY.md section 6)",
+                 "further": "Further checks (docs/THEORY.md sections 3-5)"}
 
 
 # ------------------------------------------------------------------------------ proof checks

@@ -8,7 +8,7 @@
 Exit status of ``verify``: 0; 1 with ``--fail-on-bias`` when an estimator is biased; 2 on bad
 input (an unknown estimator, an estimator whose exact expectation cannot be computed, a sample
 space past the size guard). Estimators expanded from ``all`` that fail are reported as rows with
-verdict ``error`` instead. ``--suite standard`` exits 1 when a verdict disagrees with THEORY.md's.
+verdict ``error`` instead. ``--suite standard`` exits 1 when a verdict disagrees with docs/THEORY.md's.
 """
 
 from __future__ import annotations

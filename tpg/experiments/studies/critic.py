@@ -3,7 +3,7 @@
 PPO's advantage is GAE(gamma = 1, lambda) on ZRA rewards with a critic ``V_hat``:
 ``delta_t = r'_t + V_hat(s_{t+1}) - V_hat(s_t)``, ``A_t = sum_l lambda^l delta_{t+l}``. The critic is
 the exact ZRA value plus a fixed, seeded Gaussian error of standard deviation ``sigma`` per state
-(``critic=noisy,noise=fixed``; one draw per critic seed). THEORY.md section 2 (response-level critic
+(``critic=noisy,noise=fixed``; one draw per critic seed). docs/THEORY.md section 2.8 (response-level critic
 identity): with an exact critic (``sigma = 0``) GAE is unbiased for every lambda; with an inexact one
 only ``lambda = 1`` is (then ``V_hat(s_t)`` is a mere baseline).
 
