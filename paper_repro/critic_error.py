@@ -6,8 +6,12 @@ lambda (median over MDPs and critic seeds, band = min..max); lambda = 1 stays at
 with the critic-free GRPO and ReMax as horizontal lines (below 1 = less noisy than RLOO).
 (c) per-response mean squared error (n tr Cov[g] + |E g - grad J|^2) relative to RLOO's.
 (d) claim 2: per-response tr Cov of RLOO (G = 2, 4) and of the exact critic's per-step advantages,
-relative to REINFORCE with the exact global baseline E[RM(W^(1))], one point per MDP (bar = median).
-sigma = 0 (exact critic) is drawn at the left edge of the symlog axis.
+relative to REINFORCE with the exact global baseline E[RM(W^(1))], one point per MDP (bar = median);
+the claim-2 rule decides on RM - V'(s_t), the per-step baseline a practitioner can use.
+(e) claim 1: PPO's (lambda = 0.9) noise-to-signal ratio to the best critic-free method (GRPO, RLOO,
+ReMax) against the critic's measured error (RMS of V_hat - V' over visited states / std RM), one
+line per MDP; the dotted line marks a good critic's error bound, the crosses each MDP's crossover.
+sigma = 0 (exact critic) is drawn at the left edge of the symlog axes.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import numpy as np  # noqa: E402
 
 from paper_repro import style  # noqa: E402
 from tpg.experiments.runner import load_results  # noqa: E402
-from tpg.experiments.studies.critic import claim2_table  # noqa: E402
+from tpg.experiments.studies.critic import (CLAIM1_LAMBDA, GOOD_CRITIC_ERROR, claim1_curves,  # noqa: E402
+                                            claim1_table, claim2_table)
 
 NAME = "critic_error"
 STUDY = "critic"
@@ -36,7 +41,7 @@ def main(cache_dir: str = ".tpg-cache", out_dir: str = "figures") -> list[Path]:
     if "group_size" in base.columns and len(base):
         base = base[base["group_size"] == base["group_size"].max()]  # RLOO also ran at smaller G (panel d)
     ref = base[base["method"] == "rloo"].set_index(KEY)[["nsr", "mse_per_response"]].add_suffix("_rloo")
-    fig, axes = style.plt.subplots(1, 4, figsize=(16, 3.9), layout="constrained")
+    fig, axes = style.plt.subplots(1, 5, figsize=(20, 3.9), layout="constrained")
     lams = sorted(ppo["gae_lambda"].dropna().unique())
     cmap = style.plt.get_cmap("viridis")
     for i, lam in enumerate(lams):
@@ -96,6 +101,22 @@ def main(cache_dir: str = ".tpg-cache", out_dir: str = "figures") -> list[Path]:
     axes[3].set_ylabel("tr Cov per response / global baseline's")
     axes[3].set_title("(d) one global baseline vs per step")
     axes[3].legend(fontsize=6)
+    if "critic_rel_error" in df.columns:
+        curves, cross = claim1_curves(df), claim1_table(df)
+        key = [c for c in KEY if c in curves.columns]
+        for _, c in curves.groupby(key, sort=False):
+            axes[4].plot(c["critic_rel_error"], c["ratio"], color=style.method_color("ppo_gae"), alpha=0.4, lw=1)
+        crossed = cross.loc[~cross["censored"].astype(bool)]
+        axes[4].plot(crossed["crossover"], np.ones(len(crossed)), "x", color="k", label="crossover e* per MDP")
+        axes[4].axhline(1.0, color="0.3", ls="--", lw=1, label="best of GRPO, RLOO, ReMax")
+        axes[4].axvline(GOOD_CRITIC_ERROR, color="0.3", ls=":", lw=1, label=f"good critic: e ≤ {GOOD_CRITIC_ERROR:g}")
+        axes[4].set_xscale("symlog", linthresh=0.02)
+        axes[4].set_xlim(-0.002, float(curves["critic_rel_error"].max()) * 1.2 if len(curves) else 1.0)
+        axes[4].set_yscale("log")
+        axes[4].set_xlabel("measured critic error e (RMS of V̂ − V′ / std RM)")
+        axes[4].set_ylabel(f"nsr(PPO λ={CLAIM1_LAMBDA:g}) / best critic-free nsr")
+        axes[4].set_title("(e) claim 1: where PPO's advantage ends")
+        axes[4].legend(fontsize=6)
     fig.suptitle("PPO/GAE with a fixed noisy critic (exact moments; median over MDPs and critic seeds)")
     return style.save(fig, NAME, out_dir)
 

@@ -1,4 +1,4 @@
-"""Exact numeric checks of every statement of THEORY.md section 2, one module per statement.
+"""Exact numeric checks of every statement of docs/THEORY.md section 2, one module per statement.
 
 Each module has ``NAME``, ``STATEMENT`` (the formula, one line), ``NEGATIVE`` (the negative
 control, one line), ``check(mdp, policy)`` and ``negative_control(mdp, policy)``. Both compute
@@ -12,7 +12,7 @@ all on a default set of small MDPs.
 from . import critic_identity, eq26_gamma, gae_equality, lemma1, lemma2, td_identity, theorem1, theorem2
 from .common import NEGATIVE_TOL, STATEMENT_TOL
 
-#: the statement modules, in THEORY.md order
+#: the statement modules, in docs/THEORY.md order
 STATEMENTS = [lemma1, lemma2, theorem1, eq26_gamma, theorem2, critic_identity, td_identity, gae_equality]
 
 __all__ = ["NEGATIVE_TOL", "STATEMENTS", "STATEMENT_TOL", "critic_identity", "eq26_gamma", "gae_equality",

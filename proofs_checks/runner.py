@@ -62,7 +62,7 @@ def run_checks(cases=None, statements=None, progress: bool = False) -> list[dict
 
     Args:
         cases: ``(label, mdp, policy)`` triples (default :func:`default_cases`).
-        statements: statement modules or their ``NAME`` s (default all, in THEORY.md order).
+        statements: statement modules or their ``NAME`` s (default all, in docs/THEORY.md order).
         progress: print one line per statement to stderr as it finishes.
 
     Returns:

@@ -4,7 +4,7 @@
 token, undiscounted), ``V'`` the response-level value by enumeration and ``V'`` of the end
 state 0; ``delta_t = r_t + gamma V(s_{t+1}) - V(s_t)`` with the token-level values of the DP.
 Since ``V'(s) = c(s) + gamma^d V(s)``, ``delta' = gamma^d delta`` for every non-terminal ``s``
-(depth ``d = t - 1``) and token; at ``gamma = 1`` this is THEORY's ``delta' = delta``.
+(depth ``d = t - 1``) and token; at ``gamma = 1`` this is docs/THEORY.md's ``delta' = delta``.
 
 Negative control: the plain claim ``delta' = delta`` on the MDP under ``gamma = 0.9`` (the
 case's own ``gamma`` when already below 1); wrong at every depth ``>= 1`` where ``delta != 0``.

@@ -189,7 +189,29 @@ def test_gamma_rules():
     check_rows(gamma.claim_rows(frame(1e-16, 0.1)))
 
 
-def _critic_frame(exact_bias=1e-16, noisy_lt1=0.05, ppo_nsr=(1.0, 1.0), base_nsr=(2.0, 2.0)):
+def test_eq26_headline_describes_the_bias_not_the_grid():
+    """The number is the bias at gamma = 0.9 (median over cells), not the bias at the gamma nearest 1
+    (which only says how fine the grid is); the slope of bias against 1 - gamma near 1 is reported."""
+    rows = []
+    for cell, k in enumerate((2.0, 3.0, 4.0)):  # bias = k (1 - gamma) near 1, per cell
+        for g, rb in ((1.0, 1e-16), (0.999, k * 1e-3), (0.99, k * 1e-2), (0.9, 0.05 * k), (0.5, 0.3)):
+            for lam in (1.0, 0.95):
+                rows.append({"cell_key": str(cell), "method": "ppo_gae", "grad_norm": 1.0, "gae_gamma": g,
+                             "gae_lambda": lam, "rel_bias": rb * (1 if lam == 1 else 0.5), "agreement": 0.0})
+    row = gamma.claim_rows(pd.DataFrame(rows))[0]
+    assert row["status"] == "confirmed"
+    assert row["number"] == pytest.approx(0.15)  # median of 0.10, 0.15, 0.20 at gamma = 0.9
+    assert "gamma = 0.9" in row["unit"] and "median" in row["unit"]
+    assert "k median 3 (2..4)" in row["detail"]
+    g, k = gamma.slope_near_one(gamma.bias_table(pd.DataFrame(rows)))
+    assert g == 0.999 and k.tolist() == pytest.approx([2.0, 3.0, 4.0])
+    # without 0.9 in the grid the nearest discount is used, and named
+    row = gamma.claim_rows(pd.DataFrame([r for r in rows if r["gae_gamma"] != 0.9]))[0]
+    assert "gamma = 0.99" in row["unit"] and row["number"] == pytest.approx(0.03)
+
+
+def _critic_frame(exact_bias=1e-16, noisy_lt1=0.05, ppo_nsr=(1.0, 1.0), base_nsr=(2.0, 2.0), err_scale=1.0):
+    """Two MDPs; PPO's nsr grows as (1 + sigma) and its measured critic error is err_scale * sigma."""
     rows = []
     for mdp, (pn, bn) in enumerate(zip(ppo_nsr, base_nsr)):
         key = {"family": "terminal", "eos": "none", "seed": mdp}
@@ -197,10 +219,11 @@ def _critic_frame(exact_bias=1e-16, noisy_lt1=0.05, ppo_nsr=(1.0, 1.0), base_nsr
             for lam in (0.0, 0.9, 1.0):
                 rb = exact_bias if s == 0 else (1e-16 if lam == 1 else noisy_lt1)
                 rows.append({**key, "method": "ppo_gae", "sigma": s, "gae_lambda": lam, "rel_bias": rb,
-                             "nsr": pn * (1 + s), "mse_per_response": pn * (1 + 5 * s)})
+                             "nsr": pn * (1 + s), "mse_per_response": pn * (1 + 5 * s),
+                             "critic_rel_error": err_scale * s})
         for m in ("grpo", "rloo", "remax", "dr_grpo"):
             rows.append({**key, "method": m, "sigma": np.nan, "gae_lambda": np.nan, "rel_bias": 0.0, "nsr": bn,
-                         "mse_per_response": bn})
+                         "mse_per_response": bn, "critic_rel_error": np.nan})
     return pd.DataFrame(rows)
 
 
@@ -216,17 +239,74 @@ def test_critic_rules():
     assert critic.crossover_sigma(_critic_frame()) == float("inf")
 
 
+def test_claim1_is_decided_by_the_measured_critic_error_at_the_crossover():
+    # the exact critic wins (ratio 0.95) but the advantage is gone at a critic error of 0.053 < a good
+    # critic's 0.1: only a near-exact critic helps, so the claim is qualified, not confirmed
+    row = {r["id"]: r for r in critic.claim_rows(_critic_frame(ppo_nsr=(1.9, 1.0)))}["claim1"]
+    assert row["status"] == "qualified"
+    assert row["number"] == pytest.approx(0.05 * 0.2 / 0.19)  # interpolated between e = 0 and e = 0.2
+    assert "crossover" in row["rule"] and f"{critic.GOOD_CRITIC_ERROR:g}" in row["rule"]
+    # the same MDPs with a critic that errs four times less per unit of noise: the crossover moves past 0.1
+    assert _status(critic.claim_rows(_critic_frame(ppo_nsr=(1.9, 1.0), err_scale=0.25)), "claim1") == "qualified"
+    assert _status(critic.claim_rows(_critic_frame(ppo_nsr=(1.9, 1.0), err_scale=4.0)), "claim1") == "confirmed"
+    # a study cached before the critic error was measured: no claim-1 row (the report lists it as not run)
+    old = _critic_frame().drop(columns="critic_rel_error")
+    assert "claim1" not in {r["id"] for r in critic.claim_rows(old)}
+    with pytest.raises(ValueError, match="rerun"):
+        critic.claim1_curves(old)
+
+
+def test_crossover_error_interpolates_between_measured_critics():
+    assert critic.crossover_error([0.0, 0.1, 0.2], [0.5, 0.8, 1.1]) == (pytest.approx(0.1 + 0.1 * 0.2 / 0.3), False)
+    assert critic.crossover_error([0.0, 0.1], [1.2, 2.0]) == (0.0, False)  # the exact critic already loses
+    assert critic.crossover_error([0.0, 0.1], [0.5, 0.6]) == (0.1, True)  # never crosses: a lower bound
+    with pytest.raises(ValueError, match="one length"):
+        critic.crossover_error([0.0, 0.1], [0.5])
+
+
+def test_critic_error_is_the_visit_weighted_rms_over_states(tiny_cache):
+    """critic_rmse (per response, token by token) equals sum_s mu(s) (V_hat(s) - V'(s))^2 / sum_s mu(s)
+    over the non-terminal states (per node, weighted by reach), square-rooted."""
+    import torch
+
+    from tpg.experiments.studies import solved_cell
+    from tpg.verify.context import ExactContext
+    from tpg.verify.exact_moments import leaf_rollouts
+
+    _, f = tiny_cache
+    ppo = f["critic"][f["critic"]["method"] == "ppo_gae"]
+    assert (ppo[ppo["sigma"] == 0]["critic_rmse"] == 0).all()
+    cell = TINY["critic"][0]
+    mdp, policy, sol = solved_cell(cell)
+    tree = mdp.tree
+    ctx = ExactContext(mdp, policy, seed=cell.critic_seed, sol=sol)
+    ro = leaf_rollouts(mdp, sol)
+    H = tree.horizon
+    err_bt = (ctx.critic_values(ro, "noisy", 1.0, {"sigma": 0.2, "noise": "fixed"})
+              - ctx.critic_values(ro, "exact", 1.0, {}))[:, :H]
+    err_n = torch.zeros(tree.num_nodes, dtype=torch.float64)
+    err_n[ro.nodes[ro.mask]] = err_bt[ro.mask]
+    mu_k = sol.reach[tree.nt_node_k]
+    expected = float(torch.sqrt((mu_k * err_n[tree.nt_node_k] ** 2).sum() / mu_k.sum()))
+    noisy = ppo[ppo["sigma"] == 0.2]
+    assert expected > 0.01
+    assert noisy["critic_rmse"].to_numpy() == pytest.approx(expected, rel=1e-12)
+    assert noisy["critic_rel_error"].to_numpy() == pytest.approx(expected / noisy["rm_std"].to_numpy(), rel=1e-12)
+
+
 def test_claim2_rule():
-    def frame(rloo=(2.0, 1.4), td=0.6, mc=1.1):
+    """Decided on the per-step baseline a practitioner can use, RM - V'(s_t) (``mc``), not on the oracle
+    V'(s_{t+1}) - V'(s_t) (``td``)."""
+    def frame(rloo=(2.0, 1.4), td=0.6, mc=(0.8, 0.9)):
         rows = []
-        for seed in (0, 1):
+        for seed, mc_v in zip((0, 1), mc):
             key = {"family": "dense", "eos": "none", "seed": seed}
             rows.append({**key, "method": "reinforce_baseline", "group_size": 4, "responses_per_batch": 1,
                          "variance_trace": 1.0, "sigma": np.nan, "gae_lambda": np.nan})
             for G, r in zip((2, 4), rloo):
                 rows.append({**key, "method": "rloo", "group_size": G, "responses_per_batch": G,
                              "variance_trace": r / G, "sigma": np.nan, "gae_lambda": np.nan})
-            for lam, v in ((0.0, td), (1.0, mc)):
+            for lam, v in ((0.0, td), (1.0, mc_v)):
                 rows.append({**key, "method": "ppo_gae", "group_size": 4, "responses_per_batch": 1,
                              "variance_trace": v, "sigma": 0.0, "gae_lambda": lam})
         df = pd.DataFrame(rows)
@@ -234,9 +314,14 @@ def test_claim2_rule():
 
     table = critic.claim2_table(frame())
     assert table["rloo_G2"].tolist() == pytest.approx([2.0, 2.0]) and table["step_td"].tolist() == [0.6, 0.6]
-    assert _status(critic.claim_rows(frame()), "claim2") == "confirmed"
+    assert table["step_mc"].tolist() == [0.8, 0.9]
+    row = {r["id"]: r for r in critic.claim_rows(frame())}["claim2"]
+    assert row["status"] == "confirmed" and row["number"] == 0.9 and "RM - V'(s_t)" in row["unit"]
     assert _status(critic.claim_rows(frame(rloo=(1.4, 2.0))), "claim2") == "qualified"  # no approach to 1
-    assert _status(critic.claim_rows(frame(td=1.2)), "claim2") == "refuted"
+    # the oracle lowers the variance everywhere, the usable per-step baseline only on one MDP: qualified
+    assert _status(critic.claim_rows(frame(mc=(0.37, 1.26))), "claim2") == "qualified"
+    # ... and on none: refuted, however good the oracle
+    assert _status(critic.claim_rows(frame(td=0.2, mc=(1.1, 1.2))), "claim2") == "refuted"
     assert _status(critic.claim_rows(frame(rloo=(0.9, 0.8))), "claim2") == "refuted"  # beats the exact baseline
 
 

@@ -208,15 +208,20 @@ def test_variance_feeds_figures_only():
 
 
 def _zg(cells):
-    """Synthetic zero_groups rows: ``cells = [(p_all_equal, grpo_exact_zero, {method: (source, v, se)})]``."""
+    """Synthetic zero_groups rows: ``cells = [(p_all_equal, grpo_exact_zero, {method: (source, v, se[, up, up_se])})]``
+    (``v``: P(non-zero | GRPO zero); ``up``: E[<g, grad J> | GRPO zero] / |grad J|^2, 0.5 +/- 0.01 unless given)."""
     rows = []
     for i, (p, gz, per) in enumerate(cells):
         base = {"cell_key": str(i), "p_all_equal": p}
         rows.append({**base, "method": "grpo", "source": "exact", "frac_zero_grad": gz,
-                     "frac_nonzero_given_grpo_zero": 0.0, "frac_nonzero_given_grpo_zero_se": 0.0})
-        for m, (src, v, se) in per.items():
+                     "frac_nonzero_given_grpo_zero": 0.0, "frac_nonzero_given_grpo_zero_se": 0.0,
+                     "uphill_given_grpo_zero": 0.0, "uphill_given_grpo_zero_se": 0.0, "uphill_share_grpo_zero": 0.0})
+        for m, (src, v, se, *up) in per.items():
+            u, use = up if up else ((0.5, 0.01) if v > 0 else (0.0, 0.0))
             rows.append({**base, "method": m, "source": src, "frac_zero_grad": 0.0,
-                         "frac_nonzero_given_grpo_zero": v, "frac_nonzero_given_grpo_zero_se": se})
+                         "frac_nonzero_given_grpo_zero": v, "frac_nonzero_given_grpo_zero_se": se,
+                         "uphill_given_grpo_zero": u, "uphill_given_grpo_zero_se": use if src == "mc" else 0.0,
+                         "uphill_share_grpo_zero": u * p})
     return pd.DataFrame(rows)
 
 
@@ -226,17 +231,39 @@ def _zg(cells):
       (0.3, 0.3, {"ppo_gae": ("exact", 0.8, 0.0), "trepo": ("mc", 0.01, 0.01)})], "qualified"),
     ([(0.5, 0.5, {"ppo_gae": ("exact", 0.0, 0.0), "trepo": ("mc", 0.0, 0.0)})], "refuted"),
     ([(0.5, 0.2, {"ppo_gae": ("exact", 1.0, 0.0), "trepo": ("mc", 0.6, 0.02)})], "refuted"),  # GRPO not zero
+    # a signal that points downhill: a non-zero gradient is not a useful one
+    ([(0.5, 0.5, {"ppo_gae": ("exact", 1.0, 0.0, -0.2, 0.0), "trepo": ("mc", 0.6, 0.02, -0.3, 0.01)})], "refuted"),
+    ([(0.5, 0.5, {"ppo_gae": ("exact", 1.0, 0.0), "trepo": ("mc", 0.6, 0.02)}),
+      (0.3, 0.3, {"ppo_gae": ("exact", 1.0, 0.0, -0.1, 0.0), "trepo": ("mc", 0.6, 0.02, 0.01, 0.02)})], "qualified"),
 ])
 def test_claim5_rule(cells, status):
     rows = zero_groups.claim_rows(_zg(cells))
     _check(rows[0], "claim5", status)
 
 
-def test_claim5_uses_trepo_sampled_rows_and_reports_the_smallest():
-    df = _zg([(0.5, 0.5, {"ppo_gae": ("exact", 1.0, 0.0), "trepo": ("mc", 0.4, 0.02)})])
-    df = pd.concat([df, _zg([(0.5, 0.5, {"trepo": ("exact", 1.0, 0.0)})]).iloc[1:]], ignore_index=True)
-    row = zero_groups.claim_rows(df)[0]
-    assert row["number"] == 0.4 and row["uncertainty"] == 0.02
+def test_claim5_reports_the_smallest_ascent_of_the_signal():
+    df = _zg([(0.5, 0.5, {"ppo_gae": ("exact", 1.0, 0.0, 0.7, 0.0), "trepo": ("mc", 0.4, 0.02, 0.3, 0.05)})])
+    df = pd.concat([df, _zg([(0.5, 0.5, {"trepo": ("exact", 1.0, 0.0, 0.01, 0.0)})]).iloc[1:]], ignore_index=True)
+    row = zero_groups.claim_rows(df)[0]  # TRePO's exact (K -> infinity) row is not the algorithm's: left out
+    assert row["number"] == 0.3 and row["uncertainty"] == 0.05
+    assert "grad J" in row["unit"] and "uphill" in row["rule"]
+    assert "ppo_gae: P(non-zero | GRPO zero) >= 1" in row["detail"]
+    # cached before the ascent was measured: no row (the report lists claim 5 as not run)
+    assert zero_groups.claim_rows(df.drop(columns="uphill_given_grpo_zero")) == []
+
+
+def test_the_per_step_signal_on_grpo_zero_groups_points_uphill(cache):
+    """Exact rows: the share of |grad J|^2 from GRPO-zero groups is P(all equal) times the conditional
+    ascent, and PPO's (exact critic) is positive; the sampled ascent agrees with it within 4 SE."""
+    df = cache[1]["zero_groups"]
+    ppo = df[df["method"] == "ppo_gae"].set_index(["group_size", "source"])
+    for G in (2, 3):
+        ex, mc = ppo.loc[(G, "exact")], ppo.loc[(G, "mc")]
+        assert ex["uphill_given_grpo_zero"] > 0.01
+        assert ex["uphill_share_grpo_zero"] == pytest.approx(ex["uphill_given_grpo_zero"] * ex["p_all_equal"],
+                                                             rel=1e-12)
+        assert abs(mc["uphill_given_grpo_zero"] - ex["uphill_given_grpo_zero"]) < 4 * mc["uphill_given_grpo_zero_se"]
+        assert 0 < ex["frac_uphill_given_grpo_zero"] <= ex["frac_nonzero_given_grpo_zero"] + 1e-12
 
 
 def _ctr(settings):
@@ -293,6 +320,17 @@ def _mem(trepo_models="policy", trepo_peak=110, ppo_params=200):
 ])
 def test_claim6_rule(kw, status):
     _check(learning.claim6_row(_mem(**kw)), "claim6", status)
+
+
+def test_claim6_number_names_its_problem():
+    """The ratio differs by problem (7.9x tabular, 2.4x transformer in the full run): the row says which."""
+    two = pd.concat([_mem(trepo_peak=240).assign(problem="t", problem_kind="transformer"),
+                     _mem(trepo_peak=790).assign(problem="m", problem_kind="tabular")], ignore_index=True)
+    row = learning.claim6_row(two)
+    assert row["number"] == pytest.approx(7.9)
+    assert "tabular problem" in row["unit"] and "largest of 2" in row["unit"]
+    assert "transformer:" in row["detail"] and "peak TRePO/GRPO 2.40" in row["detail"]
+    assert "transformer problem" in learning.claim6_row(_mem())["unit"]
 
 
 def _curves(gaps, update_diff=1e-16):

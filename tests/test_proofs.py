@@ -1,4 +1,4 @@
-"""proofs_checks: every statement of THEORY.md section 2 holds exactly, every negative control fails.
+"""proofs_checks: every statement of docs/THEORY.md section 2 holds exactly, every negative control fails.
 
 On the default cases all of them; on random small MDPs (hypothesis) every statement, and every
 negative control whose predicted gap is not degenerate. The predicted gap of each control is a
@@ -118,6 +118,34 @@ def test_mismatch_bias_vanishes_only_at_gamma_one():
     assert biases[0] < biases[1] < biases[2]
     mdp1, policy1 = mdp_from_spec("terminal:vocab=3,horizon=1,seed=0")  # one token: nothing to discount
     assert eq26_gamma.mismatch_bias(mdp1, policy1, 0.5) < 1e-12
+
+
+def test_eq26_forced_weights_are_the_inverse_discount_of_the_last_token():
+    """The weights come from the engine's backward recursion, not from a power of gamma: with EOS every
+    length t = 1 .. H occurs and gets (1/gamma)^(t-1); without EOS only t = H does."""
+    mdp, policy = mdp_from_spec("terminal:vocab=3,horizon=4,eos=0,prompts=2,gamma=0.9,seed=5")
+    t_n, w_n = eq26_gamma.forced_weights(mdp, policy, 0.9)
+    assert t_n.tolist() == [1, 2, 3, 4]
+    assert w_n.tolist() == pytest.approx([(1 / 0.9) ** k for k in range(4)], rel=1e-12)
+    mdp, policy = mdp_from_spec("dense:vocab=3,horizon=3,seed=0")
+    t_n, w_n = eq26_gamma.forced_weights(mdp, policy, 0.5)
+    assert t_n.tolist() == [3] and w_n.tolist() == pytest.approx([4.0], rel=1e-12)
+    assert eq26_gamma.forced_weights(mdp, policy, 1.0)[1].tolist() == [1.0]
+    with pytest.raises(ValueError, match="gamma"):
+        eq26_gamma.forced_weights(mdp, policy, 0.0)
+
+
+@pytest.mark.parametrize("wrong", [
+    lambda gamma, t: torch.ones_like(t, dtype=torch.float64),                # ZRA kept as it is: no weight
+    lambda gamma, t: (1.0 / gamma) ** (t.max() - t).to(torch.float64),      # the GAE-return form (1/gamma)^(T-t)
+    lambda gamma, t: gamma ** (t - 1).to(torch.float64),                    # the discount itself
+], ids=["one", "to-go", "gamma"])
+def test_eq26_check_tells_the_theory_form_from_wrong_ones(monkeypatch, wrong):
+    """The statement check compares the forced weights with docs/THEORY.md's (1/gamma)^(t-1) at a real gamma < 1
+    on every default case (0.9 where the case has gamma = 1): any other form is violated everywhere."""
+    monkeypatch.setattr(eq26_gamma, "theory_weight", wrong)
+    for label, mdp, policy in default_cases():
+        assert eq26_gamma.check(mdp, policy) > NEGATIVE_TOL, label
 
 
 # ----------------------------------------------------------------------------- edge cases

@@ -1,4 +1,4 @@
-"""The standard suite: every verdict agrees with THEORY.md's table (asserted here), within budget."""
+"""The standard suite: every verdict agrees with docs/THEORY.md's table (asserted here), within budget."""
 
 import pytest
 

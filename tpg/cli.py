@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "compact=true at any horizon; auto (default): tree when it fits, else markov")
     p.set_defaults(func=_cmd_exact)
 
-    p = sub.add_parser("prove", help="exact checks of every statement of THEORY.md section 2, "
+    p = sub.add_parser("prove", help="exact checks of every statement of docs/THEORY.md section 2, "
                                      "with negative controls")
     p.add_argument("--statement", action="append", metavar="NAME",
                    help="only this statement (repeatable); default all")

@@ -28,7 +28,7 @@ Per token, ``Delta_t = log pi(w_t|s_t) - log pi_ref(w_t|s_t)`` (``ResponseBatch.
   problems reach the clamps are inactive, and a clamp would only zero the gradient.)
   ``low_var_kl`` is accepted as another name for ``k3``.
 
-Expected on-policy gradients of the loss kinds (THEORY 5), with the states held fixed:
+Expected on-policy gradients of the loss kinds (docs/THEORY.md section 5), with the states held fixed:
 k1 has expectation 0 (``E[grad log pi] = 0``); k2 gives ``beta E[sum_t Delta_t grad log pi]``,
 the gradient of the per-state *reverse* KL ``KL(pi || pi_ref)(s_t)`` summed along the sampled
 states (the sequence KL's gradient also has the effect on later states, which k2 misses);

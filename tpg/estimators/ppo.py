@@ -35,7 +35,7 @@ class PPOGAE(Estimator):
     for a context that fits the critic to the penalised return).
     Expected gradient (first step, ratio 1): with ``gamma = 1`` (ZRA), ``grad J`` iff the critic
     is exact (any ``lambda``) or ``lambda = 1`` (any critic that does not depend on the sampled
-    action); ``gamma < 1`` on ZRA rewards is biased (THEORY Eq. 26). Customary aggregation:
+    action); ``gamma < 1`` on ZRA rewards is biased (docs/THEORY.md section 2.4, Eq. 26). Customary aggregation:
     ``token-mean`` (verl's default).
     """
 

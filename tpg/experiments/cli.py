@@ -1,8 +1,11 @@
 """``tpg study``, ``tpg figures``, ``tpg report``: run the studies, draw their figures, write the claims report.
 
     tpg study NAME|all [--quick] [--backend processes|sequential|dask|ray] [--jobs N] [--cache-dir DIR]
-    tpg figures [NAME ...] [--cache-dir DIR] [--out-dir DIR] [--scripts-dir DIR]
+    tpg figures [NAME ...] [--cache-dir DIR] [--out-dir DIR] [--scripts-dir DIR] [--allow-partial]
     tpg report [--cache-dir DIR] [--out FILE] [--no-proofs]
+
+``tpg figures`` names every figure it drew from a study whose latest grid is not all cached and
+then exits 1, unless ``--allow-partial``; ``tpg report`` marks such a study's rows ``incomplete``.
 
 ``register(subparsers)`` adds them to ``tpg`` (:mod:`tpg.cli`); ``python -m tpg.experiments.cli``
 runs them on their own.
@@ -79,8 +82,24 @@ def _cmd_study(args) -> int:
     return 0
 
 
+def figure_studies() -> dict[str, list[str]]:
+    """Figure script name -> the studies whose results it draws (each study's ``FIGURES``)."""
+    from .studies import available_studies, load_study
+
+    out: dict[str, list[str]] = {}
+    for name in available_studies():
+        for fig in getattr(load_study(name), "FIGURES", []):
+            out.setdefault(fig, []).append(name)
+    return out
+
+
 def _cmd_figures(args) -> int:
+    from .report import partial_note, study_progress
+
     scripts = figure_scripts(args.scripts_dir, args.names)
+    owners = figure_studies()
+    progress: dict[str, dict] = {}
+    partial: list[str] = []
     failed = skipped = 0
     for path in scripts:
         start = time.perf_counter()
@@ -97,20 +116,34 @@ def _cmd_figures(args) -> int:
             continue
         names = ", ".join(str(p) for p in written)
         print(f"{path.stem}: wrote {names} in {time.perf_counter() - start:.1f} s", flush=True)
+        for study in owners.get(path.stem, []):
+            if study not in progress:
+                progress[study] = study_progress(study, args.cache_dir)
+            if progress[study]["cells"] and not progress[study]["complete"]:
+                partial.append(path.stem)
+                print(f"{path.stem}: drawn from a partial grid: {partial_note(study, progress[study])}", flush=True)
     print(f"{len(scripts) - failed - skipped} of {len(scripts)} figure scripts ran"
           + (f", {skipped} skipped (no cached results)" if skipped else "")
-          + (f", {failed} failed" if failed else ""))
+          + (f", {failed} failed" if failed else "")
+          + (f", {len(set(partial))} drawn from partial grids ({', '.join(dict.fromkeys(partial))})" if partial else ""))
+    if partial and not args.allow_partial:
+        print("tpg: figures drawn from partial grids; complete the studies or pass --allow-partial to accept them",
+              file=sys.stderr)
+        return 1
     return 1 if failed else 0
 
 
 def _cmd_report(args) -> int:
-    from .report import collect_rows, format_markdown, format_table
+    from .report import INCOMPLETE, collect_rows, format_markdown, format_table, partial_note
 
     rows, info, summaries = collect_rows(args.cache_dir, proofs=not args.no_proofs)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(format_markdown(rows, info, summaries, args.cache_dir))
     print(format_table(rows))
+    for name, s in info.items():
+        if s.get("status") == INCOMPLETE:
+            print(f"incomplete: {partial_note(name, s)}; its rows read incomplete")
     print(f"\nwrote the claims report {out}")
     return 0
 
@@ -132,11 +165,18 @@ def register(subparsers) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_study)
 
-    p = subparsers.add_parser("figures", help="draw every figure (paper_repro/*.py) from the cached results")
+    p = subparsers.add_parser("figures", help="draw every figure (paper_repro/*.py) from the cached results",
+                              description="Draw every figure script's figure from the cached results. A figure "
+                                          "whose study has fewer cells cached than its latest run's grid is "
+                                          "drawn and named as partial; the exit status is then 1 unless "
+                                          "--allow-partial (2 for bad arguments, 1 when a script fails).")
     p.add_argument("names", nargs="*", metavar="NAME", help="only these figure scripts (default all)")
     p.add_argument("--cache-dir", default=DEFAULT_CACHE, metavar="DIR", help=f"result cache (default {DEFAULT_CACHE})")
     p.add_argument("--out-dir", default=DEFAULT_FIGURES, metavar="DIR", help=f"where figures go (default {DEFAULT_FIGURES})")
     p.add_argument("--scripts-dir", default=None, metavar="DIR", help="the figure scripts (default paper_repro/)")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="exit 0 even when a figure is drawn from a study whose latest grid is not all cached "
+                        "(the figures are drawn and named either way; without this flag the exit status is 1)")
     p.set_defaults(func=_cmd_figures)
 
     p = subparsers.add_parser("report", help="write the claims report (figures/REPORT.md) from the cached results")

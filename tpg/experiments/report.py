@@ -1,17 +1,20 @@
-"""The claims report: every theorem and analysis claim of THEORY.md with a computed status.
+"""The claims report: every theorem and analysis claim of docs/THEORY.md with a computed status.
 
 ``write_report(cache_dir, out)`` gathers
 
 * the ``claim_rows`` of every study, computed from its cached results (the latest run of each
   study, :func:`tpg.experiments.runner.load_results`); each row carries its status
-  (``confirmed`` / ``refuted`` / ``qualified``), computed by the stated rule from the numbers;
+  (``confirmed`` / ``refuted`` / ``qualified``), computed by the stated rule from the numbers. A
+  study whose grid is not all in the cache (fewer cells cached than its latest run's grid, or no
+  run recorded) is ``incomplete``, never ``ok``, and every row it reports reads ``incomplete``:
+  a rule applied to part of a grid does not decide a claim (:func:`study_progress`);
 * the exact proof checks of :mod:`proofs_checks` (cheap, so computed afresh): ``lemma1``,
   ``lemma2``, ``critic_identity`` and ``td_identity`` get their row from them (confirmed when every
   statement holds on every default case AND every negative control fails; qualified when the
   statements hold but a negative control goes unflagged; refuted when a statement is violated),
   and every theorem row shows its proof-check tally beside the study's number;
 
-and writes one Markdown table per section: theorems (THEORY.md section 2), analysis claims
+and writes one Markdown table per section: theorems (docs/THEORY.md section 2), analysis claims
 (section 6), further checks (sections 3-5), followed by each row's rule and secondary numbers,
 the proof-check summary and the studies' provenance (quick or full run, cells).
 
@@ -25,7 +28,7 @@ import math
 import time
 from pathlib import Path
 
-#: (id, claim, study that reports it, proof-check module) in THEORY.md section 2 order
+#: (id, claim, study that reports it, proof-check module) in docs/THEORY.md section 2 order
 THEOREMS: tuple[tuple[str, str, str | None, str | None], ...] = (
     ("lemma1", "Lemma 1: grad J = E sum_t gamma^(t-1) Q(s_t, w_t) grad log pi(w_t|s_t)", None, "lemma1"),
     ("lemma2", "Lemma 2: a prefix-only c(s_t) added to token t's weight leaves the expectation unchanged", None,
@@ -41,7 +44,7 @@ THEOREMS: tuple[tuple[str, str, str | None, str | None], ...] = (
     ("gae", "GAE: exact critic unbiased for every lambda; inexact critic only for lambda = 1", "critic",
      "gae_equality"),
 )
-#: (id, claim, study expected to report it) for THEORY.md section 6
+#: (id, claim, study expected to report it) for docs/THEORY.md section 6
 CLAIMS: tuple[tuple[str, str, str], ...] = (
     ("claim1", "PPO's critic estimates E[RM(W^(t+1))]: with a good critic its gradient has lower variance than "
                "GRPO/ReMax/RLOO", "critic"),
@@ -54,8 +57,9 @@ CLAIMS: tuple[tuple[str, str, str], ...] = (
     ("claim6", "TRePO is simpler than PPO and matches GRPO's memory", "learning"),
     ("claim7", "response-level and token-level RL produce the same expected update", "learning"),
 )
-SECTION_NAMES = {"theorem": "Theorems (THEORY.md section 2)", "claim": "Analysis claims (THEORY.md section 6)",
-                 "further": "Further checks (THEORY.md sections 3-5)"}
+SECTION_NAMES = {"theorem": "Theorems (docs/THEORY.md section 2)",
+                 "claim": "Analysis claims (docs/THEORY.md section 6)",
+                 "further": "Further checks (docs/THEORY.md sections 3-5)"}
 
 
 # ------------------------------------------------------------------------------ proof checks
@@ -106,10 +110,43 @@ def proof_row(id: str, claim: str, summary: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------ gathering
-def study_rows(cache_dir: str | Path, studies=None) -> tuple[list[dict], dict[str, dict]]:
-    """Claim rows of every study with cached results, and per study ``{"status", "cells", "rows",
-    "quick", "error"}``."""
+#: the status of every row of a study whose grid is not all in the cache
+INCOMPLETE = "incomplete"
+
+
+def study_progress(name: str, cache_dir: str | Path, df=None) -> dict:
+    """How much of a study's latest grid is cached: ``{"cells", "grid_cells", "quick", "complete"}``.
+
+    ``cells``: distinct cells whose results :func:`~tpg.experiments.runner.load_results` reads
+    (``df``, loaded when not given); ``grid_cells``: the cells of the latest run's grid
+    (:func:`~tpg.experiments.runner.latest_run_info`; 0 when no run is recorded); ``complete``:
+    a run is recorded and every one of its cells is cached (``cells >= grid_cells > 0``).
+    """
     from .runner import latest_run_info, load_results
+
+    if df is None:
+        df = load_results(name, cache_dir)
+    run = latest_run_info(name, cache_dir) or {}
+    cells = int(df["cell_key"].nunique()) if len(df) and "cell_key" in df.columns else 0
+    grid = len(run.get("keys", []))
+    return {"cells": cells, "grid_cells": grid, "quick": run.get("quick"), "complete": grid > 0 and cells >= grid}
+
+
+def partial_note(name: str, progress: dict) -> str:
+    """One line saying a study's grid is partial and how to complete it."""
+    if progress["grid_cells"] == 0:
+        return f"study {name}: {progress['cells']} cells cached but no run recorded (run `tpg study {name}`)"
+    mode = " --quick" if progress.get("quick") else ""
+    return (f"study {name}: partial grid, {progress['cells']} of {progress['grid_cells']} cells cached "
+            f"(run `tpg study {name}{mode}` to complete it)")
+
+
+def study_rows(cache_dir: str | Path, studies=None) -> tuple[list[dict], dict[str, dict]]:
+    """Claim rows of every study with cached results, and per study ``{"status", "cells",
+    "grid_cells", "rows", "quick", "error"}``; status ``ok`` (grid complete), ``incomplete`` (its rows
+    then read ``incomplete``, with what the rule gives on the cached part in their detail), ``not run``
+    or ``error`` (a rule raised)."""
+    from .runner import load_results
     from .studies import STUDIES, load_study
 
     rows, info = [], {}
@@ -120,13 +157,17 @@ def study_rows(cache_dir: str | Path, studies=None) -> tuple[list[dict], dict[st
             info[name] = {"status": "missing", "error": str(exc)}
             continue
         df = load_results(name, cache_dir)
-        run = latest_run_info(name, cache_dir) or {}
-        entry = {"status": "not run" if df.empty else "ok", "rows": int(len(df)),
-                 "cells": int(df["cell_key"].nunique()) if "cell_key" in df.columns else 0,
-                 "grid_cells": len(run.get("keys", [])), "quick": run.get("quick"), "error": ""}
+        prog = study_progress(name, cache_dir, df)
+        status = "not run" if df.empty else ("ok" if prog["complete"] else INCOMPLETE)
+        entry = {"status": status, "rows": int(len(df)), "cells": prog["cells"], "grid_cells": prog["grid_cells"],
+                 "quick": prog["quick"], "error": ""}
         if not df.empty:
             try:
                 for r in mod.claim_rows(df):
+                    if status == INCOMPLETE:
+                        r = {**r, "status": INCOMPLETE,
+                             "detail": f"{partial_note(name, prog)}; on the cached cells alone the rule gives "
+                                       f"{r['status']}" + (f"; {r['detail']}" if r.get("detail") else "")}
                     rows.append({**r, "source": f"study {name}"})
             except Exception as exc:  # a broken rule must not hide the other rows
                 entry["status"] = "error"
@@ -206,6 +247,10 @@ def format_markdown(rows: list[dict], info: dict, summaries: dict, cache_dir: st
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     lines += ["Statuses: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), ""]
+    partial = [n for n, s in info.items() if s.get("status") == INCOMPLETE]
+    if partial:
+        lines += [f"**Incomplete:** {', '.join(partial)} — fewer cells cached than in the latest run's grid; their "
+                  "rows read `incomplete` until the grid is complete (see *Studies*).", ""]
     for section in ("theorem", "claim", "further"):
         sec = [r for r in rows if r["section"] == section]
         if not sec:
@@ -267,4 +312,4 @@ def format_table(rows: list[dict]) -> str:
 
 
 __all__ = ["write_report", "collect_rows", "format_markdown", "format_table", "proof_summary", "proof_status",
-           "THEOREMS", "CLAIMS"]
+           "study_progress", "partial_note", "INCOMPLETE", "THEOREMS", "CLAIMS"]

@@ -1,4 +1,4 @@
-"""The token MDP of an LLM (THEORY.md section 1).
+"""The token MDP of an LLM (docs/THEORY.md section 1).
 
 A prompt ``x`` is drawn from ``prompt_weights``; the policy then emits tokens
 ``w_1 .. w_T`` from a vocabulary of ``vocab_size``; a response ends when it emits

@@ -12,7 +12,7 @@ expectation cannot be computed, a sample space past the size guard); 3 when any 
 errored: the estimators expanded from ``all`` that fail, and plug-ins whose own code fails
 (raises, ``sys.exit`` included, runs past ``--plugin-timeout``, returns NaN or a wrong shape),
 are rows with verdict ``error`` and the run goes on, but it never exits 0. 3 takes precedence
-over 1. ``--suite standard`` exits 1 when a verdict disagrees with THEORY.md's.
+over 1. ``--suite standard`` exits 1 when a verdict disagrees with docs/THEORY.md's.
 
 Exit status of ``probe``: 0 when every case is ok, 1 when a case is flagged or raised, 2 on bad
 input (a bad spec, a plug-in that fails to import).

@@ -3,7 +3,7 @@
 Settings (columns) cover dense and terminal (ZRA) rewards, with and without EOS, one and three
 prompts, ``gamma`` 1 and 0.9, group sizes 2 and 4 (and 3), tabular policies and one shared-parameter
 policy. Entries (rows) are catalog specs, with the
-verdict THEORY.md (section 3-5) predicts for each setting:
+verdict docs/THEORY.md (sections 3-5) predicts for each setting:
 
 * unbiased: ``reinforce``, ``reward_to_go``, ``reinforce_baseline``, ``rloo``, ``remax``,
   ``ppo_gae`` with an exact critic (any ``lambda``) or ``lambda = 1`` (any critic), ``trepo`` with
@@ -233,7 +233,7 @@ def format_suite(result: dict) -> str:
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.append("")
     lines.append("cells: verdict in exact mode; 'scaled c' gives the scale, 'biased x' the cosine with the target; "
-                 "'!' marks a disagreement with THEORY.md's expectation")
+                 "'!' marks a disagreement with docs/THEORY.md's expectation")
     lines.append("settings: " + "; ".join(f"{s['name']} = {s['mdp']} G={s['group_size']}" for s in result["settings"]))
     bad = result["disagreements"]
     n = len(result["records"])

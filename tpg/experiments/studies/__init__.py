@@ -1,4 +1,4 @@
-"""The studies: one module per question of THEORY.md, each a grid of cells for the runner.
+"""The studies: one module per question of docs/THEORY.md, each a grid of cells for the runner.
 
 Every study module has ``NAME``, ``TITLE``, ``COLUMNS`` (documented output columns), a frozen
 dataclass ``Cell``, ``cells(quick) -> list[Cell]``, ``run_cell(cell) -> DataFrame``,

@@ -1,6 +1,6 @@
 """Loss aggregation under variable lengths, and KL estimators and placements against the exact KL gradient.
 
-Part ``agg`` (THEORY.md section 4). With EOS, responses have random lengths ``|o_i|``; each
+Part ``agg`` (docs/THEORY.md section 4). With EOS, responses have random lengths ``|o_i|``; each
 aggregation mode (verl's ``loss_agg_mode``) weights token terms differently:
 ``seq-mean-token-sum`` ``1/n`` (unbiased), ``seq-mean-token-sum-norm`` ``1/(n H)`` (scaled by ``1/H``),
 ``seq-mean-token-mean`` ``1/(n |o_i|)`` (length-biased direction), ``token-mean`` ``1 / sum_i |o_i|``
@@ -8,7 +8,7 @@ aggregation mode (verl's ``loss_agg_mode``) weights token terms differently:
 gives each mode's relative bias, cosine and ``rel_residual`` (the sine of the angle to ``grad J``,
 the part of the bias a learning rate cannot absorb) against the batch size ``G``.
 
-Part ``kl`` (THEORY.md section 5). With reference policy ``pi_ref`` (a seeded perturbation of the
+Part ``kl`` (docs/THEORY.md section 5). With reference policy ``pi_ref`` (a seeded perturbation of the
 policy) and ``beta``, an estimator's KL option changes its expected gradient by ``- beta k_hat``;
 the study recovers ``k_hat = (E g_none - E g_kl) / beta`` exactly for ``kl`` in ``k1_reward`` (k1
 in the reward), ``k1``, ``k2``, ``k3`` (as loss terms) and compares it with the exact gradient of

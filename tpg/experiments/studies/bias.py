@@ -6,7 +6,7 @@ aggregation mode) every estimator of :data:`ESTIMATORS` is verified in exact mod
 
     scale c = <E g, grad J> / |grad J|^2,   cosine,   rel_bias = |E g - grad J| / |grad J|,
 
-and the exact ``tr Cov[g]``. THEORY.md Theorem 1 says REINFORCE on ``RM`` alone is unbiased for
+and the exact ``tr Cov[g]``. docs/THEORY.md section 2.3 (Theorem 1) says REINFORCE on ``RM`` alone is unbiased for
 every reward family and ``gamma`` (``rel_bias`` at rounding level); Theorem 2 says the same of the
 per-step advantage ``V'(s_{t+1}) - V'(s_t)`` (TRePO's segment fill with exact continuation
 values). The matrix also shows Dr. GRPO's ``(1 - 1/G)`` scale, GRPO's std-normalised direction

@@ -220,7 +220,7 @@ def claim6_row(df: pd.DataFrame) -> dict | None:
     mem = df[df["kind"] == "memory"] if "kind" in df.columns else df[df["peak_bytes"].notna()]
     if not len(mem):
         return None
-    ratios, refuted, notes = [], False, []
+    ratios, labels, refuted, notes = [], [], False, []
     for name, m in mem.groupby(_key(mem), sort=False):
         by = {r["method"]: r for _, r in m.iterrows()}
         if not all(k in by for k in ("grpo", "trepo", "ppo")):
@@ -229,16 +229,20 @@ def claim6_row(df: pd.DataFrame) -> dict | None:
         if t["models"] != g["models"] or t["params"] > g["params"] or not p["params"] > g["params"]:
             refuted = True
         ratios.append(float(t["peak_bytes"]) / float(g["peak_bytes"]))
-        notes.append(f"{t['problem_kind'] if 'problem_kind' in t else name}: GRPO {g['models']} {int(g['params']):,} "
+        labels.append(str(t["problem_kind"]) if "problem_kind" in t else str(name))
+        notes.append(f"{labels[-1]}: GRPO {g['models']} {int(g['params']):,} "
                      f"params, TRePO {t['models']} {int(t['params']):,}, PPO {p['models']} {int(p['params']):,}; "
                      f"peak TRePO/GRPO {ratios[-1]:.2f}, "
                      f"PPO/GRPO {float(p['peak_bytes']) / float(g['peak_bytes']):.2f}")
     if not ratios:
         return None
-    worst = max(ratios)
-    status = "refuted" if refuted else ("qualified" if worst > PEAK_TOL else "confirmed")
-    return claim_row(CLAIM6[0], CLAIM6[1], status, worst, None, "TRePO peak / GRPO peak memory",
-                     "figures/memory_table.png", RULE6, "; ".join(notes))
+    i = max(range(len(ratios)), key=ratios.__getitem__)
+    status = "refuted" if refuted else ("qualified" if ratios[i] > PEAK_TOL else "confirmed")
+    # the number names its problem: the ratio differs by problem (a README quoting one must say which)
+    unit = (f"TRePO peak / GRPO peak memory on the {labels[i]} problem"
+            + (f", the largest of {len(ratios)} problems" if len(ratios) > 1 else ""))
+    return claim_row(CLAIM6[0], CLAIM6[1], status, ratios[i], None, unit, "figures/memory_table.png", RULE6,
+                     "; ".join(notes))
 
 
 def claim7_row(df: pd.DataFrame) -> dict | None:

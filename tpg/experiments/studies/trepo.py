@@ -1,7 +1,7 @@
 """TRePO variants at equal rollout budget: bias, variance, and where interpolation loses credit.
 
 TRePO estimates Theorem 2's per-step advantage ``V'(s_{t+1}) - V'(s_t)`` by Monte Carlo
-continuations (``K`` per anchor prefix, scored by ``RM``); the variants (THEORY.md section 3):
+continuations (``K`` per anchor prefix, scored by ``RM``); the variants (docs/THEORY.md section 3):
 
 * ``fill=segment`` (anchors ``all``, ``every:2``, ``random:1``): unbiased (``V'`` is a martingale);
 * ``fill=interpolate`` (anchors ``every:2``, ``random:1``): per-step MC advantages at the anchor
@@ -215,7 +215,7 @@ def efficiency_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def claim_rows(df: pd.DataFrame) -> list[dict]:
-    """trepo_fill (THEORY section 3): segment and ipw fills unbiased, interpolation biased."""
+    """trepo_fill (docs/THEORY.md section 3): segment and ipw fills unbiased, interpolation biased."""
     if df is None or df.empty:
         return []
     s = df[(df["kind"] == "summary") & (df["grad_norm"] > 1e-12)]

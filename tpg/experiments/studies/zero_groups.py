@@ -11,7 +11,13 @@ For one batch (one prompt ``x ~ rho`` and ``G`` responses) and each method the c
   P(RM = r | x)^G`` (``p_all_equal``, computed in closed form for every ``G``);
 * ``mean_grad_norm`` ``E|g|`` and ``mean_sq_grad_norm`` ``E|g|^2``: how much signal a batch carries;
 * ``frac_nonzero_given_grpo_zero``: on the batches where GRPO's gradient is zero, the
-  probability that this method's gradient is not.
+  probability that this method's gradient is not;
+* ``uphill_given_grpo_zero``: on those same batches, whether the signal climbs ``J``: the expected
+  projection of the batch gradient on the true gradient, ``E[<g, grad J> | GRPO zero] / |grad J|^2``
+  (positive: the expected step goes uphill; 1: as much ascent as an average batch of an unbiased
+  method, whose ``E <g, grad J> = |grad J|^2``), with ``frac_uphill_given_grpo_zero`` (the
+  probability that one such batch points uphill) and ``uphill_share_grpo_zero`` (the part of
+  ``|grad J|^2`` those batches contribute).
 
 ``source = exact``: every ordered ``G``-tuple of responses of each prompt is enumerated with its
 probability (when there are at most :data:`EXACT_MAX_ROWS` responses in all); TRePO's
@@ -29,6 +35,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -64,6 +71,13 @@ COLUMNS: dict[str, str] = {
     "frac_nonzero_given_grpo_zero": "P(this method's gradient is non-zero | GRPO's gradient on the same group is "
                                     "zero); NaN when GRPO is never zero",
     "frac_nonzero_given_grpo_zero_se": "standard error of frac_nonzero_given_grpo_zero (0 when exact)",
+    "uphill_given_grpo_zero": "E[<g, grad J> | GRPO's gradient on the same group is zero] / |grad J|^2: the "
+                              "signal's expected ascent (> 0 uphill; 1 = an average unbiased batch's); NaN when "
+                              "GRPO is never zero",
+    "uphill_given_grpo_zero_se": "standard error of uphill_given_grpo_zero (0 when exact)",
+    "frac_uphill_given_grpo_zero": "P(<g, grad J> > 0 and g non-zero | GRPO zero): one such batch points uphill",
+    "uphill_share_grpo_zero": "E[<g, grad J>; GRPO zero] / |grad J|^2: the part of |grad J|^2 the groups where "
+                              "GRPO has no gradient contribute",
     "grpo_zero_batches": "batches on which GRPO's gradient is zero (count; mc), or their probability (exact)",
     "grad_j_norm": "|grad J| (parameter units)",
 }
@@ -80,6 +94,7 @@ class Cell:
     K: int = 2
     samples: int = 4000
     seed: int = 0
+    schema: int = 2  # run_cell's output schema, part of the cache key: schema 1 had no uphill columns
 
 
 QUICK_MDPS = ("first_token:vocab=3,horizon=2,prompts=2,seed=0",
@@ -145,34 +160,50 @@ def exact_size(prob, G: int) -> int:
     return G * sum(int(L) ** G for L, w in zip(counts, prob.mdp.prompt_weights.tolist()) if w > 0)
 
 
-def _summaries(norms: dict, grpo_zero: torch.Tensor, p: torch.Tensor | None) -> dict:
-    """Per method: the zero fraction, ``E|g|``, ``E|g|^2`` and the conditional non-zero fraction
-    (probability-weighted when ``p`` is given, else sample means with standard errors)."""
+def _summaries(norms: dict, ascents: dict, grpo_zero: torch.Tensor, p: torch.Tensor | None) -> dict:
+    """Per method: the zero fraction, ``E|g|``, ``E|g|^2``, the conditional non-zero fraction and the
+    conditional ascent ``E[<g, grad J> | GRPO zero] / |grad J|^2`` (probability-weighted when ``p`` is
+    given, else sample means with standard errors). ``ascents[name]`` is ``<g_i, grad J> / |grad J|^2``
+    per batch."""
     out = {}
     N = grpo_zero.numel()
     w = p if p is not None else torch.full((N,), 1.0 / N, dtype=torch.float64)
     zmass = float(w[grpo_zero].sum())
+    n_z = int(grpo_zero.sum())
     for name, nrm in norms.items():
         zero = nrm < ZERO_TOL
+        asc = ascents[name]
         fz = float(w[zero].sum())
         mean_norm = float((w * nrm).sum())
         cond = float(w[grpo_zero & ~zero].sum()) / zmass if zmass > 0 else math.nan
+        up = float((w * asc)[grpo_zero].sum()) / zmass if zmass > 0 else math.nan
+        frac_up = float(w[grpo_zero & ~zero & (asc > 0)].sum()) / zmass if zmass > 0 else math.nan
         if p is None:
-            n_z = int(grpo_zero.sum())
             se = (math.sqrt(fz * (1 - fz) / N), float(nrm.std()) / math.sqrt(N),
-                  math.sqrt(cond * (1 - cond) / n_z) if n_z > 0 else math.nan)
+                  math.sqrt(cond * (1 - cond) / n_z) if n_z > 0 else math.nan,
+                  float(asc[grpo_zero].std()) / math.sqrt(n_z) if n_z > 1 else math.nan)
         else:
-            se = (0.0, 0.0, 0.0 if zmass > 0 else math.nan)
+            se = (0.0, 0.0, 0.0 if zmass > 0 else math.nan, 0.0 if zmass > 0 else math.nan)
         out[name] = {"frac_zero_grad": fz, "frac_zero_grad_se": se[0], "mean_grad_norm": mean_norm,
                      "mean_grad_norm_se": se[1], "mean_sq_grad_norm": float((w * nrm * nrm).sum()),
                      "frac_nonzero_given_grpo_zero": cond, "frac_nonzero_given_grpo_zero_se": se[2],
+                     "uphill_given_grpo_zero": up, "uphill_given_grpo_zero_se": se[3],
+                     "frac_uphill_given_grpo_zero": frac_up, "uphill_share_grpo_zero": up * zmass,
                      "grpo_zero_batches": float(grpo_zero.sum()) if p is None else zmass}
     return out
 
 
-def _norms(prob, ests, ro, batch_b, n, make_ctx) -> dict:
-    return {e.name: batch_gradients(prob, e, ro, batch_b, n, make_ctx(i))[0].norm(dim=1)
-            for i, e in enumerate(ests)}
+def _signals(prob, ests, ro, batch_b, n, make_ctx) -> tuple[dict, dict]:
+    """Per estimator: the norm of every batch gradient, and its ascent ``<g_i, grad J> / |grad J|^2``
+    (NaN when ``grad J = 0``)."""
+    grad_j = prob.grad_j
+    gn2 = float(grad_j @ grad_j)
+    norms, ascents = {}, {}
+    for i, e in enumerate(ests):
+        g = batch_gradients(prob, e, ro, batch_b, n, make_ctx(i))[0]
+        norms[e.name] = g.norm(dim=1)
+        ascents[e.name] = g @ grad_j / gn2 if gn2 > 0 else torch.full((n,), math.nan, dtype=torch.float64)
+    return norms, ascents
 
 
 def run_cell(cell: Cell) -> pd.DataFrame:
@@ -190,11 +221,11 @@ def _run_cell(cell: Cell) -> pd.DataFrame:
     if exact_size(prob, G) <= EXACT_MAX_ROWS:
         ro, batch_b, p = enumerate_groups(prob, G)
         ctx = ExactContext(prob.mdp, prob.policy, seed=cell.seed, sol=prob.sol)
-        norms = _norms(prob, ests, ro, batch_b, p.numel(), lambda i: ctx)
-        results.append(("exact", p.numel(), _summaries(norms, norms[GROUP_METHOD] < ZERO_TOL, p)))
+        norms, ascents = _signals(prob, ests, ro, batch_b, p.numel(), lambda i: ctx)
+        results.append(("exact", p.numel(), _summaries(norms, ascents, norms[GROUP_METHOD] < ZERO_TOL, p)))
     ro, batch_b = sample_groups(prob, cell.samples, G, cell.seed)
-    norms = _norms(prob, ests, ro, batch_b, cell.samples, lambda i: mc_context(prob, cell.seed + 1 + i))
-    results.append(("mc", cell.samples, _summaries(norms, norms[GROUP_METHOD] < ZERO_TOL, None)))
+    norms, ascents = _signals(prob, ests, ro, batch_b, cell.samples, lambda i: mc_context(prob, cell.seed + 1 + i))
+    results.append(("mc", cell.samples, _summaries(norms, ascents, norms[GROUP_METHOD] < ZERO_TOL, None)))
     rows = [{"method": e.name, "spec": e.spec, "source": src, "batches": n, **base, **summ[e.name]}
             for src, n, summ in results for e in ests]
     return pd.DataFrame(rows, columns=list(COLUMNS))
@@ -202,12 +233,17 @@ def _run_cell(cell: Cell) -> pd.DataFrame:
 
 # ------------------------------------------------------------------------------ the claim
 CLAIM = ("claim5", "A group whose rewards are all equal (all 0) gives GRPO a zero gradient, while a per-step "
-         "(PPO or TRePO) advantage can still be non-zero")
-RULE = ("confirmed if, in every cell, GRPO's zero-gradient probability equals P(all rewards equal) > 0 (exact, "
-        "within 1e-9) and both PPO (exact critic) and TRePO (K continuations, sampled) have a non-zero gradient "
-        "on more than 3 standard errors' worth of the groups where GRPO's is zero; refuted if GRPO's zero "
-        "probability differs from P(all equal) or no per-step method ever has signal there; qualified otherwise. "
-        "Number: the smallest P(non-zero | GRPO zero) over cells and per-step methods")
+         "(PPO or TRePO) advantage can still be non-zero, and that signal climbs J")
+#: an exact ascent at most this is rounding, not a direction
+ASCENT_TOL = 1e-12
+RULE = ("premise: in every cell GRPO's zero-gradient probability equals P(all G rewards equal) > 0 (exact, within "
+        "1e-9). On the groups where GRPO's gradient is zero, for each per-step method (PPO with the exact critic; "
+        "TRePO with K sampled continuations): a signal is P(non-zero gradient) above 3 standard errors, and it "
+        "points uphill when m = E[<g, grad J> | GRPO zero] / |grad J|^2 exceeds max(1e-12, 3 standard errors) "
+        "(its expected step climbs J; 1 = an average unbiased batch's ascent). Confirmed if the premise holds and "
+        "in every cell every per-step method has a signal that points uphill; refuted if the premise fails or no "
+        "per-step method has an uphill signal in any cell; qualified otherwise. Number: the smallest m over cells "
+        "and per-step methods")
 
 
 def _per_cell(df: pd.DataFrame):
@@ -215,44 +251,68 @@ def _per_cell(df: pd.DataFrame):
         yield key, c
 
 
+def claim5_table(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (cell, per-step method) with GRPO-zero groups: ``p_all_equal``, ``nonzero`` (+ ``_se``),
+    ``uphill`` (+ ``_se``), ``share``, ``source`` (TRePO's finite-K signal is the algorithm's: always its
+    sampled rows; PPO's exact rows when enumerated); ``premise`` says whether GRPO's exact zero
+    probability matches the closed form in that cell."""
+    rows = []
+    for key, c in _per_cell(df):
+        p_eq = float(c["p_all_equal"].iloc[0])
+        g = c[(c["method"] == GROUP_METHOD) & (c["source"] == "exact")]
+        premise = p_eq > 0 and not (len(g) and abs(float(g["frac_zero_grad"].iloc[0]) - p_eq) > 1e-9)
+        if not p_eq > 0:
+            rows.append({"cell": key, "method": "", "premise": premise, "p_all_equal": p_eq})
+            continue
+        for m in PER_STEP:
+            src = "mc" if m == "trepo" or not len(c[(c["method"] == m) & (c["source"] == "exact")]) else "exact"
+            r = c[(c["method"] == m) & (c["source"] == src)]
+            if not len(r) or math.isnan(float(r["frac_nonzero_given_grpo_zero"].iloc[0])):
+                continue
+            r = r.iloc[0]
+            exact = src == "exact"
+            rows.append({"cell": key, "method": m, "premise": premise, "p_all_equal": p_eq, "source": src,
+                         "nonzero": float(r["frac_nonzero_given_grpo_zero"]),
+                         "nonzero_se": 0.0 if exact else float(r["frac_nonzero_given_grpo_zero_se"]),
+                         "uphill": float(r["uphill_given_grpo_zero"]),
+                         "uphill_se": 0.0 if exact else float(r["uphill_given_grpo_zero_se"]),
+                         "share": float(r["uphill_share_grpo_zero"])})
+    return pd.DataFrame(rows)
+
+
 def claim_rows(df: pd.DataFrame) -> list[dict]:
     if df is None or len(df) == 0:
         return []
-    premise_ok, signal, p_eq_all = True, [], []
-    for _, c in _per_cell(df):
-        p_eq = float(c["p_all_equal"].iloc[0])
-        p_eq_all.append(p_eq)
-        g = c[(c["method"] == GROUP_METHOD) & (c["source"] == "exact")]
-        if len(g) and abs(float(g["frac_zero_grad"].iloc[0]) - p_eq) > 1e-9:
-            premise_ok = False
-        if not p_eq > 0:
-            premise_ok = False
-            continue
-        for m in PER_STEP:
-            # TRePO's finite-K signal is the algorithm's: always its sampled rows; PPO's exact rows when enumerated
-            src = "mc" if m == "trepo" or not len(c[(c["method"] == m) & (c["source"] == "exact")]) else "exact"
-            r = c[(c["method"] == m) & (c["source"] == src)]
-            if not len(r):
-                continue
-            v = float(r["frac_nonzero_given_grpo_zero"].iloc[0])
-            se = float(r["frac_nonzero_given_grpo_zero_se"].iloc[0])
-            if math.isnan(v):
-                continue
-            signal.append((m, v, se if src == "mc" else None))
-    if not signal:
+    if "uphill_given_grpo_zero" not in df.columns:  # cached before schema 2: the report lists claim 5 as not run
         return []
-    positive = [v > 0 and v > 3 * (se or 0.0) for _, v, se in signal]
-    if not premise_ok or not any(positive):
+    t = claim5_table(df)
+    if t.empty:
+        return []
+    premise_ok = bool(t["premise"].all())
+    sig = t[t["method"] != ""].copy()
+    if sig.empty:
+        return []
+    sig["has_signal"] = (sig["nonzero"] > 0) & (sig["nonzero"] > 3 * sig["nonzero_se"].fillna(np.inf))
+    sig["goes_up"] = sig["uphill"] > np.maximum(ASCENT_TOL, 3 * sig["uphill_se"].fillna(np.inf))
+    ok = sig["has_signal"] & sig["goes_up"]
+    if not premise_ok or not bool(ok.any()):
         status = "refuted"
-    elif all(positive):
+    elif bool(ok.all()):
         status = "confirmed"
     else:
         status = "qualified"
-    _, v, se = min(signal, key=lambda t: t[1])
-    per = {m: min(x for n, x, _ in signal if n == m) for m in PER_STEP if any(n == m for n, _, _ in signal)}
-    detail = (f"P(GRPO group all equal) {min(p_eq_all):.3g}..{max(p_eq_all):.3g} over {len(p_eq_all)} cells; "
-              + "; ".join(f"smallest P(non-zero | GRPO zero) {m} {x:.3g}" for m, x in per.items()))
-    return [claim_row(CLAIM[0], CLAIM[1], status, v, se, "P(non-zero gradient | GRPO zero)",
+    worst = sig.loc[sig["uphill"].fillna(-np.inf).idxmin()]
+    per = "; ".join(f"{m}: P(non-zero | GRPO zero) >= {float(s['nonzero'].min()):.3g}, ascent "
+                    f"{float(s['uphill'].min()):.3g}..{float(s['uphill'].max()):.3g}, share of |grad J|^2 "
+                    f"{float(s['share'].min()):.3g}..{float(s['share'].max()):.3g}"
+                    for m, s in sig.groupby("method", sort=False))
+    downhill = int((sig["uphill"] < -3 * sig["uphill_se"]).sum())
+    detail = (f"P(GRPO group all equal) {float(t['p_all_equal'].min()):.3g}..{float(t['p_all_equal'].max()):.3g} "
+              f"over {t['cell'].nunique()} cells; {int(ok.sum())} of {len(sig)} (cell, method) pairs have an uphill "
+              f"signal, {downhill} point downhill; {per}")
+    se = float(worst["uphill_se"]) if worst["source"] == "mc" else None
+    return [claim_row(CLAIM[0], CLAIM[1], status, float(worst["uphill"]), se,
+                      "E[<g, grad J> | GRPO zero] / |grad J|^2, smallest over cells and per-step methods",
                       "figures/zero_groups.png", RULE, detail)]
 
 
