@@ -30,7 +30,7 @@ Notation (``R = V + P`` rows per position, ``e`` the EOS token, ``gamma`` the di
 
       dJ / dtheta[t, prev, w] = gamma^t m(t, prev) pi(w | t, prev) (Q(t, prev, w) - V(t, prev));
 
-  with 1-based positions this is the ``gamma^(t-1)`` of THEORY.md's Lemma 1.
+  with 1-based positions this is the ``gamma^(t-1)`` of docs/THEORY.md's Lemma 1.
 
 The response-level value ``V'(s) = c(s) + gamma^t V(s)`` (with ``c(s) = sum_{k<t} gamma^k r_k`` the
 reward already earned) is *not* a function of ``(t, prev)``: ``c`` depends on the whole prefix. What
