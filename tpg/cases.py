@@ -260,8 +260,12 @@ def load_problem(case: str | None = None, mdp_spec: str | None = None, max_nodes
         return load_case(case, max_nodes or DEFAULT_MAX_NODES)
     if task_spec is not None:
         if max_nodes is not None:
+            if "max_nodes" in parse_task_spec(task_spec):
+                raise ValueError("max_nodes is given twice, by --max-nodes and by the --task spec: give it once")
             task_spec = f"{task_spec}{',' if ':' in task_spec else ':'}max_nodes={max_nodes}"
         return problem_from_task_spec(task_spec)
     if max_nodes is not None:
+        if "max_nodes" in parse_mdp_spec(mdp_spec):
+            raise ValueError("max_nodes is given twice, by --max-nodes and by the --mdp spec: give it once")
         mdp_spec = f"{mdp_spec}{',' if ':' in mdp_spec else ':'}max_nodes={max_nodes}"
     return mdp_from_spec(mdp_spec)

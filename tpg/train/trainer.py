@@ -71,6 +71,8 @@ from .memory import TensorMemoryMeter, optimizer_tensors, param_count, reward_mo
 from .methods import build_estimator, needs_learned_critic
 
 CHECKPOINT_FORMAT = "tpg-train-checkpoint/1"
+#: the file layout around a checkpoint's state: its torch bytes and their sha256 (:func:`checkpoint_bytes`)
+CHECKPOINT_ENVELOPE = "tpg-train-checkpoint-sha256/1"
 #: columns that differ between two runs of the same seed (time and memory measurements)
 UNREPRODUCIBLE_COLUMNS = ("wall_s", "eval_s", "peak_mem_bytes")
 LOG_COLUMNS = ("iter", "J", "kl_ref", "entropy", "entropy_token", "length", "grad_norm", "loss", "clip_frac",
@@ -380,15 +382,12 @@ class Trainer:
                 "estimator": est_state, "generator": self.gen.get_state(), "rows": list(self.rows)}
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the checkpoint atomically (serialised in memory, a temporary file, then a rename);
-        an ``OSError`` names ``path``."""
-        import io
-
+        """Write the checkpoint atomically (serialised in memory with its checksum,
+        :func:`checkpoint_bytes`, written to a temporary file, then renamed); an ``OSError``
+        names ``path``."""
         from .._io import write_bytes_atomic
 
-        buf = io.BytesIO()
-        torch.save(self.state(), buf)
-        write_bytes_atomic(path, buf.getvalue())
+        write_bytes_atomic(path, checkpoint_bytes(self.state()))
 
     @classmethod
     def load(cls, config: TrainConfig, path: str | os.PathLike | None = None) -> "Trainer":
@@ -401,11 +400,7 @@ class Trainer:
         where = f"TrainConfig.checkpoint: {str(path)!r}"
         if not path.is_file():
             raise ValueError(f"TrainConfig.checkpoint: no checkpoint at {str(path)!r} to resume from")
-        try:
-            state = torch.load(path, weights_only=True)
-        except Exception as exc:  # a truncated, damaged or foreign file: any error of the unpickler
-            raise ValueError(f"{where} cannot be read as a checkpoint ({_one_line(exc)})") from None
-        _check_state(state, where)
+        state = read_checkpoint(path)
         trainer = cls(config)
         saved = state["config"]
         for f in fields(TrainConfig):
@@ -447,8 +442,58 @@ class Trainer:
 
 def _one_line(exc: BaseException, limit: int = 200) -> str:
     """An exception's message on one line, at most ``limit`` characters."""
+    if isinstance(exc, KeyError) and exc.args:
+        return f"missing {exc.args[0]!r}"
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def checkpoint_bytes(state: dict) -> bytes:
+    """A checkpoint file's bytes: ``torch.save`` of the envelope
+    ``{"format": CHECKPOINT_ENVELOPE, "sha256": hex digest of S, "state": S as a uint8 tensor}``,
+    ``S`` the ``torch.save`` bytes of ``state``. torch's zip reader does not check its CRCs, so a
+    damaged byte inside a tensor would otherwise load silently; :func:`read_checkpoint` verifies."""
+    import hashlib
+    import io
+
+    inner = io.BytesIO()
+    torch.save(state, inner)
+    payload = inner.getvalue()
+    outer = io.BytesIO()
+    torch.save({"format": CHECKPOINT_ENVELOPE, "sha256": hashlib.sha256(payload).hexdigest(),
+                "state": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}, outer)
+    return outer.getvalue()
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """The verified state dict of a checkpoint file (:func:`checkpoint_bytes`; a checkpoint of the
+    plain ``tpg-train-checkpoint/1`` layout, from before the checksum, is read unverified).
+
+    ``ValueError`` naming the file when it is not a checkpoint, is truncated, or any byte differs
+    from what was written, or when a field is missing or of the wrong type."""
+    import hashlib
+    import io
+
+    where = f"TrainConfig.checkpoint: {str(path)!r}"
+
+    def load(source):
+        try:
+            return torch.load(source, weights_only=True)
+        except Exception as exc:  # truncated, damaged or foreign: any error of the zip reader or unpickler
+            raise ValueError(f"{where} cannot be read as a checkpoint (truncated, damaged or another kind of "
+                             f"file: {_one_line(exc)})") from None
+
+    state = load(path)
+    if isinstance(state, dict) and state.get("format") == CHECKPOINT_ENVELOPE:
+        payload, digest = state.get("state"), state.get("sha256")
+        if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8 or not isinstance(digest, str):
+            raise ValueError(f"{where} is damaged: its envelope lacks the state or the checksum")
+        data = payload.numpy().tobytes()
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise ValueError(f"{where} is damaged: its sha256 does not match its contents")
+        state = load(io.BytesIO(data))
+    _check_state(state, where)
+    return state
 
 
 def _check_state(state, where: str) -> None:
@@ -538,5 +583,5 @@ def train(config: TrainConfig, handle_signals: bool | None = None):
     return trainer.run(handle_signals=handle_signals)
 
 
-__all__ = ["Trainer", "TrainContext", "TrainingInterrupted", "train", "existing_outputs", "LOG_COLUMNS",
-           "UNREPRODUCIBLE_COLUMNS", "CHECKPOINT_FORMAT"]
+__all__ = ["Trainer", "TrainContext", "TrainingInterrupted", "train", "existing_outputs", "read_checkpoint",
+           "checkpoint_bytes", "LOG_COLUMNS", "UNREPRODUCIBLE_COLUMNS", "CHECKPOINT_FORMAT", "CHECKPOINT_ENVELOPE"]
