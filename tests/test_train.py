@@ -573,3 +573,12 @@ def test_a_batch_that_cannot_fit_is_refused_once_the_horizon_is_known(monkeypatc
     with pytest.raises(ValueError, match=r"^TrainConfig\.prompts 16: 16 groups of 4 responses x 3 positions needs at "
                                          r"least 4.61 kB, more than this machine's 3 kB of memory"):
         Trainer(cfg)
+
+
+def test_a_directory_as_log_or_checkpoint_is_an_os_error_naming_it(tmp_path):
+    d = tmp_path / "run.csv"
+    d.mkdir()
+    for kw in (dict(out=str(d)), dict(checkpoint=str(d)), dict(out=str(d), force=True)):
+        with pytest.raises(IsADirectoryError) as err:
+            train(quick(iters=1, **kw))
+        assert err.value.filename == str(d)

@@ -67,16 +67,16 @@ class TrainConfig:
                                  "V += lr * mean error; 3e-3 Adam for a transformer critic)")
     threads: int = _f(1, "torch CPU threads during the run (tiny models run fastest, and reproducibly, on one; "
                       "results may differ bitwise between thread counts)")
-    seed: int = _f(0, "training seed: sampling, continuations, minibatch order (the problem's own seeds "
-                   "are in its spec)")
+    seed: int = _f(0, "training seed in [0, 2^32 - 1]: sampling, continuations, minibatch order (the problem's "
+                   "own seeds are in its spec)", metavar="S")
     out: str | None = _f(None, "write the log here: .parquet (.pq) or .csv (rewritten atomically at every "
                          "checkpoint, so it always matches the checkpoint)", metavar="FILE")
     checkpoint: str | None = _f(None, "checkpoint file (default OUT.ckpt when --out is given; none without either)",
                                   metavar="FILE")
     checkpoint_every: int = _f(10, "checkpoint every N iterations (0: not by count); also at the start, at the "
-                                   "end and on SIGINT/SIGTERM")
+                                   "end and on SIGINT/SIGTERM", metavar="N")
     checkpoint_seconds: float = _f(30.0, "also checkpoint when this many seconds have passed since the last "
-                                         "checkpoint (0: not by time)")
+                                         "checkpoint (0: not by time)", metavar="SECONDS")
     resume: bool = _f(False, "continue from the checkpoint (its log, policy, optimiser, critic and RNG states)")
     force: bool = _f(False, "start afresh even when the log or the checkpoint exists, overwriting them "
                             "(without --resume or --force an existing one stops the run)")

@@ -23,6 +23,13 @@ from one ``torch.Generator`` seeded by ``TrainConfig.seed``, so a run is bitwise
 CPU, and a checkpoint (policy, optimiser, critic, estimator state such as a running baseline,
 the generator's state and the log) resumes it exactly.
 
+Nothing is lost (:meth:`Trainer.run`, :func:`train`): with a checkpoint path the checkpoint and
+the log are written atomically at the start, every ``checkpoint_every`` iterations (default 10)
+or ``checkpoint_seconds`` (default 30), at the end, and after SIGINT/SIGTERM (which stop the run
+between iterations with :class:`TrainingInterrupted`); a checkpoint file carries the sha256 of
+its state (:func:`checkpoint_bytes`), so a damaged one is refused naming the file; a fresh run
+never overwrites an existing log or checkpoint without ``force``.
+
 Log columns (one row per iteration; row 0 is the initial policy, before any update):
 
 * ``iter``; ``J`` — exact ``E_x E_W RM(W)`` of the policy after the iteration's updates (the
@@ -48,6 +55,7 @@ Log columns (one row per iteration; row 0 is the initial policy, before any upda
 from __future__ import annotations
 
 import copy
+import errno
 import math
 import os
 import signal
@@ -572,6 +580,9 @@ def train(config: TrainConfig, handle_signals: bool | None = None):
 
     A fresh run (neither ``resume`` nor ``force``) refuses to start when its log or checkpoint
     exists: ``ValueError`` naming the file and both ways on. Checkpoints and signals: :meth:`Trainer.run`."""
+    for path in (config.out, config.checkpoint_path):
+        if path and os.path.isdir(path):  # no flag helps here: say what is wrong with the path
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
     if not config.resume and not config.force:
         found = existing_outputs(config)
         if found:
