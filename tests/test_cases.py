@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import tpg.cases
-from tpg.cases import case_from_dict, case_to_dict, load_case, load_problem, make_policy, save_case
+from tpg.cases import case_from_dict, case_to_dict, load_case, load_problem, make_policy, mdp_from_spec, save_case
 from tpg.exact import solve
 from tpg.mdp import make_mdp
 from tpg.reference import enumerate_nonterminal_prefixes, reference_from_case
@@ -203,3 +203,67 @@ def test_case_file_errors(tmp_path):
         case_from_dict([1, 2])
     with pytest.raises(ValueError, match="exactly one"):
         load_problem()
+
+
+# ---------------------------------------------------------------------------- hostile files and sizes
+def test_deeply_nested_json_names_the_file(tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=r"case file '.*deep\.json' nests lists or objects too deeply"):
+        load_case(deep)
+    huge = tmp_path / "huge.json"
+    huge.write_text('{"format": "tpg-case/1", "vocab_size": ' + "9" * 5000 + "}")
+    with pytest.raises(ValueError, match=r"case file '.*huge\.json' cannot be read"):
+        load_case(huge)
+
+
+def test_numbers_past_the_float_range_are_field_errors():
+    case = copy.deepcopy(schema_example())
+    case["token_rewards"][0]["reward"] = 10**400
+    with pytest.raises(ValueError, match=r"token_rewards\[0\]\.reward must be a finite number"):
+        case_from_dict(case)
+    case = copy.deepcopy(schema_example())
+    case["prompt_weights"] = [10**400, 0.5]
+    with pytest.raises(ValueError, match="prompt_weights must be a list of finite numbers"):
+        case_from_dict(case)
+
+
+@pytest.mark.parametrize("spec", ["copy:horizon=1000000000000", "rm:horizon=1000000", "table:horizon=1000000000000",
+                                  "dense:horizon=1000000000000,compact=true", "dense:horizon=1000000"])
+def test_huge_horizons_are_refused_naming_the_field(monkeypatch, spec):
+    import tpg.mdp.tree as tree_mod
+
+    monkeypatch.setattr(tree_mod, "count_nodes", lambda *a: (_ for _ in ()).throw(AssertionError("O(H) count")))
+    kind = "mdp_spec" if spec.startswith("dense") else "task_spec"
+    with pytest.raises(ValueError, match=r"^horizon=1000000(000000)?: "):
+        load_problem(**{kind: spec})
+
+
+def test_max_nodes_given_twice_is_refused():
+    with pytest.raises(ValueError, match="max_nodes is given twice"):
+        load_problem(mdp_spec="dense:max_nodes=100", max_nodes=200)
+    with pytest.raises(ValueError, match="max_nodes is given twice"):
+        load_problem(task_spec="copy:max_nodes=100", max_nodes=200)
+    assert load_problem(mdp_spec="dense:vocab=2,horizon=2", max_nodes=7)[0].max_nodes == 7
+
+
+def test_save_case_is_atomic_and_names_the_file(tmp_path, monkeypatch):
+    mdp, pol = mdp_from_spec("dense:vocab=3,horizon=2,seed=1")
+    with pytest.raises(IsADirectoryError) as err:
+        save_case(tmp_path, mdp, pol)
+    assert err.value.filename == str(tmp_path)
+    out = tmp_path / "case.json"
+    out.write_text("old")
+    import tpg._io
+
+    def failing_replace(src, dst):
+        raise PermissionError(13, "Permission denied", str(dst))
+
+    monkeypatch.setattr(tpg._io.os, "replace", failing_replace)
+    with pytest.raises(PermissionError) as err:
+        save_case(out, mdp, pol)
+    assert err.value.filename == str(out) and out.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["case.json"]  # no temporary left behind
+    monkeypatch.undo()
+    save_case(out, mdp, pol)
+    assert load_case(out)[0].vocab_size == 3

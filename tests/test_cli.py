@@ -106,3 +106,87 @@ def test_console_script_prints_no_traceback():
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # one line
     assert "gamma must be a number in (0, 1]" in proc.stderr
+
+
+# ---------------------------------------------------------------------------- outputs that cannot be written
+def _unwritable(tmp_path, kind, suffix=""):
+    """A path where a file cannot be written: an existing directory, below a regular file, in /proc."""
+    if kind == "directory":
+        d = tmp_path / f"a_dir{suffix}"
+        d.mkdir(exist_ok=True)
+        return str(d)
+    if kind == "below a file":
+        f = tmp_path / "a_file"
+        f.write_text("x")
+        return str(f / f"out{suffix}")
+    return f"/proc/tpg-test/out{suffix}"
+
+
+@pytest.mark.parametrize("kind", ["directory", "below a file", "proc"])
+@pytest.mark.parametrize("command", ["exact", "train", "compare-runs", "report", "figures", "study"])
+def test_an_unwritable_output_is_one_line_exit_2(tmp_path, capsys, kind, command):
+    log = tmp_path / "log.csv"
+    log.write_text("iter,J\n0,1.0\n")
+    # a directory is where an output directory belongs: give a regular file instead
+    out_dir = str(log) if kind == "directory" else _unwritable(tmp_path, kind, "/figs")
+    cache = tmp_path / "cache"
+    argv = {"exact": ["exact", "--mdp", "dense", "--save-case", _unwritable(tmp_path, kind, ".json")],
+            "train": ["train", "--mdp", "dense", "--iters", "1", "--no-progress",
+                      "--out", _unwritable(tmp_path, kind, ".csv")],
+            "compare-runs": ["compare-runs", str(log), "--out", _unwritable(tmp_path, kind, ".png")],
+            "report": ["report", "--no-proofs", "--cache-dir", str(cache), "--out", _unwritable(tmp_path, kind, ".md")],
+            "figures": ["figures", "--cache-dir", str(cache), "--out-dir", out_dir],
+            "study": ["study", "gamma", "--quick", "--cache-dir", out_dir]}[command]
+    code, out, err = _run(capsys, argv)
+    assert code == 2, err
+    assert err.startswith("tpg: error: cannot write ") and err.count("\n") == 1, err
+    assert "Traceback" not in err and not cache.exists()
+
+
+def test_an_output_error_mid_run_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    import tpg.cases
+
+    def full_disk(path, *a, **k):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(tpg.cases, "save_case", full_disk)
+    code, _, err = _run(capsys, ["exact", "--mdp", "dense", "--save-case", str(tmp_path / "c.json")])
+    assert code == 2 and err == f"tpg: error: cannot write {tmp_path / 'c.json'}: No space left on device\n"
+
+
+# ---------------------------------------------------------------------------- seeds and sizes
+@pytest.mark.parametrize("argv, field", [
+    (["exact", "--mdp", "dense:seed=99999999999999999999999"], "--mdp key 'seed'"),
+    (["exact", "--mdp", "dense:policy_seed=-1"], "--mdp key 'policy_seed'"),
+    (["exact", "--task", "copy:seed=18446744073709551616"], "seed"),
+    (["verify", "--mdp", "dense", "--estimator", "reinforce", "--seed", "99999999999999999999999"], "--seed"),
+    (["verify", "--mdp", "dense", "--estimator", "reinforce", "--seed", "-5"], "--seed"),
+    (["train", "--mdp", "dense", "--iters", "1", "--seed", "99999999999999999999999"], "TrainConfig.seed"),
+])
+def test_a_seed_outside_the_range_names_the_field(capsys, argv, field):
+    code, _, err = _run(capsys, argv)
+    assert code == 2 and err.startswith("tpg: error: ") and err.count("\n") == 1
+    assert field in err and "[0, 4294967295]" in err
+
+
+def test_duplicate_mdp_keys_exit_2(capsys):
+    code, _, err = _run(capsys, ["exact", "--mdp", "dense:vocab=3,vocab=4"])
+    assert code == 2 and "--mdp key 'vocab' given twice" in err
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--group-size", "1000000000000"], "--group-size 1000000000000"),
+    (["--mode", "mc", "--group-size", "1000000000000"], "--group-size 1000000000000"),
+    (["--mode", "mc", "--samples", "1000000000000"], "--samples 1000000000000"),
+])
+def test_verify_refuses_batches_that_cannot_fit_before_sampling(capsys, monkeypatch, argv, flag):
+    import importlib
+
+    def boom(*a, **k):
+        raise AssertionError("the guard came after the work")
+
+    # by module (tpg.verify re-exports functions of the same names)
+    monkeypatch.setattr(importlib.import_module("tpg.verify.montecarlo"), "sample", boom)
+    monkeypatch.setattr(importlib.import_module("tpg.verify.exact_moments"), "sample_space_size", boom)
+    code, _, err = _run(capsys, ["verify", "--mdp", "dense", "--estimator", "grpo", *argv])
+    assert code == 2 and err.startswith(f"tpg: error: {flag}: ") and "more than this machine's" in err

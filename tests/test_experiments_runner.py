@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -209,3 +210,82 @@ def test_cell_fields_do_not_override_run_cell_columns(tmp_path):
     assert dataclasses.asdict(ToyCell(a=5))["a"] == 5
     assert os.path.isdir(tmp_path / "clash")
     assert Path(tmp_path / "clash" / "latest.json").exists()
+
+
+# ------------------------------------------------------------------------------ damaged cache files
+def _damage(data: bytes, how: str) -> bytes:
+    if how == "garbage":
+        return b"\x00garbage\xff" * 50
+    if how == "truncated":
+        return data[: len(data) * 2 // 3]
+    if how == "empty":
+        return b""
+    if how == "one byte in the middle":
+        mid = len(data) // 2
+        return data[:mid] + bytes([data[mid] ^ 0x10]) + data[mid + 1:]
+    # a number changed in the data page: Parquet would read it silently
+    six, seven = struct.pack("<d", 6.0), struct.pack("<d", 7.0)
+    assert data.find(six) >= 0
+    return data.replace(six, seven, 1)
+
+
+@pytest.mark.parametrize("how", ["garbage", "truncated", "empty", "one byte in the middle", "a changed number"])
+def test_a_damaged_cell_is_quarantined_skipped_by_load_and_recomputed_by_run(tmp_path, capsys, how):
+    study = toy_study()
+    fresh = run_study(study, backend="sequential", cache_dir=tmp_path, progress=False)
+    d = tmp_path / "toy"
+    path = d / f"{cache_key(ToyCell(a=2, opts={'s': 2}))}.parquet"
+    good = path.read_bytes()
+    path.write_bytes(_damage(good, how))
+    capsys.readouterr()
+    partial = load_results("toy", tmp_path)  # what report and figures read: the damaged cell left out, said once
+    err = capsys.readouterr().err
+    assert partial["a"].tolist() == [0, 0, 1, 1, 3, 3]
+    assert err.count("\n") == 1 and f"cache cell {path} is damaged" in err and "`tpg study toy` recomputes it" in err
+    assert not path.exists() and len(list((d / "quarantine").iterdir())) == 1
+    path.write_bytes(_damage(good, how))
+    study.calls.clear()
+    again = run_study(study, backend="sequential", cache_dir=tmp_path, progress=False)
+    err = capsys.readouterr().err
+    assert study.calls == [2] and "it will be recomputed" in err and err.count("\n") == 1
+    pd.testing.assert_frame_equal(again, fresh)
+    assert runner.read_cell(path).equals(pd.read_parquet(path))  # the recomputed cell verifies
+    assert len(list((d / "quarantine").iterdir())) == 2  # nothing in quarantine is overwritten
+
+
+def test_a_damaged_manifest_is_reported_and_ignored(tmp_path, capsys):
+    study = toy_study()
+    run_study(study, quick=True, backend="sequential", cache_dir=tmp_path, progress=False)
+    (tmp_path / "toy" / "latest.json").write_text("[" * 100_000)
+    capsys.readouterr()
+    assert runner.latest_run_info("toy", tmp_path) is None
+    assert len(load_results("toy", tmp_path)) == 4
+    assert "cache manifest" in capsys.readouterr().err
+    run_study(study, quick=True, backend="sequential", cache_dir=tmp_path, progress=False)
+    assert runner.latest_run_info("toy", tmp_path)["quick"] is True
+
+
+def test_cells_without_a_checksum_are_still_read(tmp_path):
+    """Cells written before the checksum (plain ``to_parquet``) are read, unverified."""
+    study = toy_study()
+    fresh = run_study(study, backend="sequential", cache_dir=tmp_path, progress=False)
+    for p in (tmp_path / "toy").glob("*.parquet"):
+        pd.read_parquet(p).to_parquet(p, index=False)
+    study.calls.clear()
+    pd.testing.assert_frame_equal(run_study(study, backend="sequential", cache_dir=tmp_path, progress=False), fresh)
+    assert study.calls == []
+
+
+def test_report_is_not_blocked_by_a_damaged_cell(tmp_path, capsys, monkeypatch):
+    from tpg.cli import main
+    from tpg.experiments.studies import gamma
+
+    tiny = [gamma.Cell(family=f, vocab=2, horizon=2, gammas=(0.9, 1.0), lambdas=(1.0,)) for f in ("terminal", "dense")]
+    monkeypatch.setattr(gamma, "cells", lambda quick=False: tiny)
+    run_study(gamma, backend="sequential", cache_dir=tmp_path, progress=False)
+    cell = tmp_path / "gamma" / f"{cache_key(tiny[1])}.parquet"
+    cell.write_bytes(cell.read_bytes()[:100])
+    capsys.readouterr()
+    assert main(["report", "--no-proofs", "--cache-dir", str(tmp_path), "--out", str(tmp_path / "R.md")]) == 0
+    err = capsys.readouterr().err
+    assert f"cache cell {cell} is damaged" in err and "Traceback" not in err and (tmp_path / "R.md").exists()

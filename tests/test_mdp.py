@@ -234,3 +234,41 @@ def test_parse_mdp_spec_reads_keys():
     assert kw == dict(family="sparse", vocab=4, horizon=5, eos=None, prompts=2, gamma=0.9, compact=True, p=0.3)
     mdp = make_mdp(**kw)
     assert (mdp.vocab_size, mdp.horizon, mdp.eos_token, mdp.num_prompts, mdp.gamma) == (4, 5, None, 2, 0.9)
+
+
+# ---------------------------------------------------------------------------- guards: keys, seeds, sizes
+def test_parse_mdp_spec_rejects_duplicate_keys():
+    for spec in ("dense:seed=1,seed=2", "dense:vocab=3,horizon=2,vocab=3", "dense:eos=none, eos=0"):
+        with pytest.raises(ValueError, match="given twice"):
+            parse_mdp_spec(spec)
+
+
+@pytest.mark.parametrize("key", ["seed", "policy_seed"])
+@pytest.mark.parametrize("value", [-1, 2**32, 10**23])
+def test_seeds_outside_the_range_are_refused_naming_the_key(key, value):
+    with pytest.raises(ValueError, match=rf"{key}.*\[0, 4294967295\]"):
+        parse_mdp_spec(f"dense:{key}={value}")
+    if key == "seed":
+        with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 4294967295\]"):
+            make_mdp("dense", seed=value)
+    with pytest.raises(ValueError, match=rf"{key} must be an integer in \[0, 4294967295\]"):
+        make_policy(make_mdp("dense"), **{key: value})
+    assert parse_mdp_spec(f"dense:{key}=4294967295")[key] == 2**32 - 1
+
+
+def test_a_compact_table_that_cannot_fit_names_the_horizon():
+    with pytest.raises(ValueError, match=r"^horizon=1000000000000: the compact reward table .* needs at least"):
+        make_mdp("dense", vocab=3, horizon=10**12, compact=True)
+
+
+def test_describing_an_mdp_past_the_guard_counts_in_O1(monkeypatch):
+    import tpg.mdp.tree as tree_mod
+
+    small = make_mdp("dense", vocab=3, horizon=3, prompts=2, compact=True)
+    assert small.tree_fits() and small.num_nodes == small.tree.num_nodes == 80 and "nodes=80" in small.describe()
+    monkeypatch.setattr(tree_mod, "count_nodes", lambda *a: (_ for _ in ()).throw(AssertionError("O(H) count")))
+    mdp = make_mdp("dense", vocab=3, horizon=10**5, prompts=2, compact=True, seed=1)
+    assert not mdp.tree_fits()
+    assert "nodes=about 10^47,712.6" in mdp.describe()  # log10(2 * 1.5 * 3^H)
+    with pytest.raises(ValueError, match="horizon=100000"):
+        mdp.tree

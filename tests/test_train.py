@@ -2,6 +2,8 @@
 the memory report, compare-runs, the configuration's checks and the command line."""
 
 import json
+import os
+import signal
 from dataclasses import fields, replace
 
 import pandas as pd
@@ -10,7 +12,7 @@ import torch
 
 import tpg.cli
 from tpg.exact import path_log_probs
-from tpg.train import LOG_COLUMNS, TRAIN_ALGOS, UNREPRODUCIBLE_COLUMNS, Trainer, TrainConfig, read_log, train
+from tpg.train import LOG_COLUMNS, TRAIN_ALGOS, UNREPRODUCIBLE_COLUMNS, Trainer, TrainConfig, read_log, train, write_log
 from tpg.train.config import add_config_args
 from tpg.train.critic import TableCritic, TransformerCritic
 from tpg.train.memory import TensorMemoryMeter
@@ -153,7 +155,9 @@ def test_resume_after_an_interruption(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
     monkeypatch.setattr(Trainer, "step", real_step)
-    state = torch.load(cfg.checkpoint, weights_only=True)
+    from tpg.train.trainer import read_checkpoint
+
+    state = read_checkpoint(cfg.checkpoint)
     assert state["iteration"] == 2  # the last periodic checkpoint before the crash
     same_log(full, train(replace(cfg, resume=True)))
 
@@ -295,6 +299,7 @@ def test_curve_table_bands():
     ("clip_eps", -0.1), ("lr", 0.0), ("adam_beta1", 1.0), ("adam_beta2", -0.5), ("adam_eps", float("nan")),
     ("max_grad_norm", -1.0), ("kl", "k9"), ("kl_beta", -1.0), ("reward", "sparse"), ("critic_model", "mlp"),
     ("critic_lr", 0.0), ("threads", 0), ("seed", -1), ("out", "log.txt"), ("iters", 2.5), ("algo", ""),
+    ("seed", 2**32), ("seed", 10**23), ("group_size", 10**12), ("prompts", 10**12), ("checkpoint_seconds", -1.0),
 ])
 def test_bad_config_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=rf"TrainConfig\.{field}\b"):
@@ -364,3 +369,216 @@ def test_cli_bad_input_exits_2(cli, capsys):
     assert "tpg: error: TrainConfig.iters" in capsys.readouterr().err
     assert cli(["train", "--algo", "nope", "--mdp", TAB, "--iters", "1", "--no-progress"]) == 2
     assert "TrainConfig.algo" in capsys.readouterr().err
+
+
+# -- nothing is lost -----------------------------------------------------------------------------------
+
+def read_checkpoint(path):
+    from tpg.train.trainer import read_checkpoint as read
+
+    return read(path)
+
+
+def test_an_existing_log_or_checkpoint_stops_a_fresh_run(tmp_path, cli, capsys):
+    out = tmp_path / "run.csv"
+    cfg = quick(algo="grpo", iters=2, out=str(out))
+    first = train(cfg)
+    assert out.exists() and (tmp_path / "run.csv.ckpt").exists()
+    before = out.read_bytes()
+    with pytest.raises(ValueError, match=r"TrainConfig\.out: '.*run\.csv' exists .*--resume.*--force"):
+        train(cfg)
+    (tmp_path / "other.ckpt").write_bytes(b"an earlier checkpoint")
+    with pytest.raises(ValueError, match=r"TrainConfig\.checkpoint: '.*other\.ckpt' exists .*--resume.*--force"):
+        train(quick(algo="grpo", iters=2, checkpoint=str(tmp_path / "other.ckpt")))
+    assert out.read_bytes() == before
+    same_log(first, train(replace(cfg, force=True)))
+    assert list(train(replace(cfg, iters=3, resume=True))["iter"]) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match=r"TrainConfig\.force"):
+        quick(out=str(out), resume=True, force=True)
+    argv = ["train", "--algo", "grpo", "--mdp", TAB, "--iters", "3", "--no-progress", "--out", str(out)]
+    capsys.readouterr()
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "exists" in err and "--resume" in err and "--force" in err
+    assert cli(argv + ["--force"]) == 0
+
+
+def test_checkpoints_by_default_every_10_iterations_and_30_seconds(tmp_path, monkeypatch):
+    assert (TrainConfig.checkpoint_every, TrainConfig.checkpoint_seconds) == (10, 30.0)
+    out = tmp_path / "run.parquet"
+    cfg = quick(algo="rloo", iters=12, out=str(out))
+    real_step = Trainer.step
+
+    def crash_at(n):
+        def step(self):
+            if self.iteration == n:
+                raise KeyboardInterrupt
+            return real_step(self)
+        return step
+
+    monkeypatch.setattr(Trainer, "step", crash_at(11))
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    assert read_checkpoint(cfg.checkpoint_path)["iteration"] == 10
+    assert list(read_log(str(out))["iter"]) == list(range(11))  # the log matches the checkpoint
+    # by time: a tiny checkpoint_seconds saves after every iteration
+    timed = quick(algo="rloo", iters=12, checkpoint=str(tmp_path / "t.ckpt"), checkpoint_every=0,
+                  checkpoint_seconds=1e-9)
+    monkeypatch.setattr(Trainer, "step", crash_at(5))
+    with pytest.raises(KeyboardInterrupt):
+        train(timed)
+    assert read_checkpoint(timed.checkpoint)["iteration"] == 5
+    monkeypatch.setattr(Trainer, "step", real_step)
+    same_log(train(quick(algo="rloo", iters=12)), train(replace(cfg, resume=True)))
+
+
+def test_the_log_is_written_atomically(tmp_path, monkeypatch):
+    out = tmp_path / "run.csv"
+    out.write_text("the previous log\n")
+    import tpg._io
+
+    renames = []
+    real_replace = tpg._io.os.replace
+
+    def spy(src, dst):
+        renames.append((str(src), str(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(tpg._io.os, "replace", spy)
+    train(quick(algo="grpo", iters=2, out=str(out), force=True))
+    logs = [(s, d) for s, d in renames if d == str(out)]
+    assert logs and all(os.path.dirname(s) == str(tmp_path) and os.path.basename(s).startswith(".run.csv.")
+                        for s, _ in logs)
+
+    def no_rename(src, dst):
+        raise PermissionError(13, "Permission denied", str(dst))
+
+    monkeypatch.setattr(tpg._io.os, "replace", no_rename)
+    df = pd.DataFrame({"iter": [0], "J": [1.0]})
+    before = out.read_bytes()
+    with pytest.raises(PermissionError) as err:
+        write_log(df, str(out))
+    assert err.value.filename == str(out) and out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.csv", "run.csv.ckpt"]  # no temporary left
+
+
+def test_sigint_checkpoints_and_resumes_to_the_uninterrupted_log(tmp_path, monkeypatch):
+    cfg = quick(algo="ppo", iters=6, out=str(tmp_path / "run.csv"), checkpoint_every=0, checkpoint_seconds=0)
+    full = train(quick(algo="ppo", iters=6))
+    real_step = Trainer.step
+
+    def step(self):
+        row = real_step(self)
+        if self.iteration == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C during iteration 3
+        return row
+
+    monkeypatch.setattr(Trainer, "step", step)
+    from tpg.train import TrainingInterrupted
+
+    with pytest.raises(TrainingInterrupted) as stop:
+        train(cfg, handle_signals=True)
+    assert stop.value.exit_status == 130 and stop.value.iteration == 3
+    assert "SIGINT" in stop.value.message() and "--resume" in stop.value.message()
+    assert read_checkpoint(cfg.checkpoint_path)["iteration"] == 3
+    assert list(read_log(cfg.out)["iter"]) == [0, 1, 2, 3]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
+    monkeypatch.setattr(Trainer, "step", real_step)
+    same_log(full, train(replace(cfg, resume=True)))
+
+
+_SLOW_TRAIN = """
+import sys, time
+import tpg.train.trainer as trainer
+real_step = trainer.Trainer.step
+def slow_step(self):
+    time.sleep(0.1)
+    return real_step(self)
+trainer.Trainer.step = slow_step
+import tpg.cli
+sys.exit(tpg.cli.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_to_tpg_train_checkpoints_and_resume_gives_the_uninterrupted_log(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "slow_train.py"
+    script.write_text(_SLOW_TRAIN)
+    out = tmp_path / "run.csv"
+    argv = ["train", "--algo", "ppo", "--mdp", TAB, "--iters", "20", "--no-progress", "--no-measure-memory",
+            "--out", str(out), "--checkpoint-every", "0", "--checkpoint-seconds", "0"]
+    proc = subprocess.Popen([sys.executable, str(script), *argv], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not out.exists() and proc.poll() is None and time.time() < deadline:  # written at the start
+        time.sleep(0.02)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "stopped by SIGTERM" in err and "--resume" in err and "Traceback" not in err
+    done = read_checkpoint(str(out) + ".ckpt")["iteration"]
+    assert 1 <= done < 20 and len(read_log(str(out))) == done + 1
+    cfg = quick(algo="ppo", iters=20, out=str(out), checkpoint_every=0, checkpoint_seconds=0)
+    same_log(train(quick(algo="ppo", iters=20)), train(replace(cfg, resume=True)))
+
+
+def _damaged(path, how):
+    data = path.read_bytes()
+    if how == "truncated":
+        return data[: len(data) // 2]
+    if how == "garbage":
+        return bytes(range(256)) * 8
+    mid = len(data) // 2  # one byte in the middle: inside the state's tensors
+    return data[:mid] + bytes([data[mid] ^ 0x40]) + data[mid + 1:]
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage", "one byte in the middle", "a tensor", "wrong shapes",
+                                 "missing optimizer", "wrong rows"])
+def test_a_corrupt_checkpoint_is_one_line_naming_the_file(tmp_path, cli, capsys, how):
+    good = tmp_path / "good.ckpt"
+    train(quick(algo="grpo", iters=2, checkpoint=str(good)))
+    bad = tmp_path / "bad.ckpt"
+    state = read_checkpoint(good)
+    if how in ("truncated", "garbage", "one byte in the middle"):
+        bad.write_bytes(_damaged(good, how))
+    elif how == "a tensor":
+        torch.save(torch.zeros(3), bad)
+    else:
+        if how == "wrong shapes":
+            state["policy"] = {k: torch.zeros(2, 2, dtype=torch.float64) for k in state["policy"]}
+        elif how == "missing optimizer":
+            del state["optimizer"]
+        else:
+            state["rows"] = [{"iter": 0}] * len(state["rows"])
+        torch.save(state, bad)  # a valid torch file (the pre-checksum layout) with the wrong content
+    with pytest.raises(ValueError, match=r"TrainConfig\.checkpoint: '.*bad\.ckpt'"):
+        train(quick(algo="grpo", iters=4, checkpoint=str(bad), resume=True))
+    capsys.readouterr()
+    assert cli(["train", "--algo", "grpo", "--mdp", TAB, "--iters", "4", "--no-progress", "--no-measure-memory",
+                "--checkpoint", str(bad), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tpg: error: TrainConfig.checkpoint: ") and "bad.ckpt" in err and err.count("\n") == 1
+
+
+def test_a_batch_that_cannot_fit_is_refused_once_the_horizon_is_known(monkeypatch):
+    import tpg._guards
+
+    # 16 prompts x 4 responses x 24 bytes: 1536 bytes at one position each, 4608 at the horizon 3 (the
+    # tree of 44 nodes takes 2816)
+    monkeypatch.setattr(tpg._guards, "memory_budget_bytes", lambda: 3000)
+    cfg = quick(prompts=16, group_size=4)
+    with pytest.raises(ValueError, match=r"^TrainConfig\.prompts 16: 16 groups of 4 responses x 3 positions needs at "
+                                         r"least 4.61 kB, more than this machine's 3 kB of memory"):
+        Trainer(cfg)
+
+
+def test_a_directory_as_log_or_checkpoint_is_an_os_error_naming_it(tmp_path):
+    d = tmp_path / "run.csv"
+    d.mkdir()
+    for kw in (dict(out=str(d)), dict(checkpoint=str(d)), dict(out=str(d), force=True)):
+        with pytest.raises(IsADirectoryError) as err:
+            train(quick(iters=1, **kw))
+        assert err.value.filename == str(d)

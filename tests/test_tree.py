@@ -1,5 +1,6 @@
 """The flat response tree: node counts, layout invariants, navigation, size guard."""
 
+import math
 import re
 
 import pytest
@@ -129,3 +130,57 @@ def test_prefix_of_an_unknown_node_id_is_a_value_error():
         tree.prefix(tree.num_nodes)
     with pytest.raises(ValueError, match="node id must be in"):
         tree.prefix(-1)
+
+
+# ---------------------------------------------------------------------------- O(1) size guard
+@pytest.fixture
+def no_big_integers(monkeypatch):
+    """Fail if the exact per-depth count runs (O(horizon) big-integer work): a guard that needs it
+    for a huge horizon would take minutes (10^6) or forever (10^12)."""
+    import tpg.mdp.tree as tree_mod
+
+    def boom(*a, **k):
+        raise AssertionError("count_nodes ran: the size guard is not O(1)")
+
+    monkeypatch.setattr(tree_mod, "count_nodes", boom)
+
+
+@pytest.mark.parametrize("P,V,H,eos", SHAPES + [(1, 2, 30, 1), (3, 7, 6, None), (2, 2, 40, None)])
+def test_log_and_closed_form_node_counts_match_the_exact_count(P, V, H, eos):
+    from tpg.mdp.tree import log_num_nodes, num_tree_nodes
+
+    exact = sum(count_nodes(P, V, H, eos))
+    assert num_tree_nodes(P, V, H, eos) == exact
+    assert log_num_nodes(P, V, H, eos) == pytest.approx(math.log(exact), rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("P,V,eos,max_nodes", [(1, 3, None, 5_000_000), (2, 4, 3, 1000), (1, 2, 1, 999),
+                                               (3, 5, None, 40), (2, 3, None, 5)])
+def test_max_fitting_horizon_is_the_largest_that_fits(P, V, eos, max_nodes):
+    from tpg.mdp.tree import check_tree_size, max_fitting_horizon
+
+    H = max_fitting_horizon(P, V, eos, max_nodes)
+    if H >= 1:
+        assert check_tree_size(P, V, H, eos, max_nodes) == sum(count_nodes(P, V, H, eos))
+    assert sum(count_nodes(P, V, H + 1, eos)) > max_nodes
+    with pytest.raises(ValueError, match=rf"horizon={H + 1}: .*at most horizon={H} fits|not even horizon=1"):
+        check_tree_size(P, V, H + 1, eos, max_nodes)
+
+
+@pytest.mark.parametrize("H", [10**6, 10**12])
+@pytest.mark.parametrize("eos", [None, 0])
+def test_huge_horizons_are_refused_without_big_integers(no_big_integers, H, eos):
+    from tpg.mdp.tree import check_tree_size
+
+    with pytest.raises(ValueError, match=rf"^horizon={H}: the response tree has about 10\^[\d,.]+ nodes") as err:
+        check_tree_size(1, 3, H, eos, 5_000_000)
+    assert "max_nodes=5,000,000" in str(err.value) and "at most horizon=" in str(err.value)
+    with pytest.raises(ValueError, match=rf"horizon={H}"):
+        TokenTree.build(1, 3, H, eos)
+    # V = 2 with EOS: one non-terminal child per node, 1 + 2 H nodes (10^6 fits, 10^12 does not)
+    if H == 10**6:
+        assert check_tree_size(1, 2, H, 1, 5_000_000) == 2 * H + 1
+    else:
+        with pytest.raises(ValueError, match=rf"horizon={H}: the response tree has about 10\^12.3 nodes.*"
+                                             rf"at most horizon=2499999 fits"):
+            check_tree_size(1, 2, H, 1, 5_000_000)

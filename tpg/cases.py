@@ -22,11 +22,12 @@ from pathlib import Path
 
 import torch
 
+from ._guards import check_seed
 from .mdp.families import make_mdp, parse_mdp_spec
 from .mdp.mdp import TokenMDP, validate_shape
 from .mdp.tasks import make_task, parse_task_spec
 from .mdp.rewards import TreeRewards
-from .mdp.tree import DEFAULT_MAX_NODES, TokenTree
+from .mdp.tree import DEFAULT_MAX_NODES, TokenTree, check_tree_size
 from .policies import SharedSoftmax, TabularSoftmax, TinyTransformerPolicy
 
 CASE_FORMAT = "tpg-case/1"
@@ -41,8 +42,10 @@ def make_policy(mdp: TokenMDP, policy: str = "tabular", policy_seed: int | None 
                 scale: float = 1.0):
     """A seeded random policy for ``mdp``: ``tabular`` (needs the tree) or ``shared``.
 
-    The logits are ``N(0, scale^2)`` from ``policy_seed`` (default ``seed + 1000``)."""
-    pseed = seed + 1000 if policy_seed is None else policy_seed
+    The logits are ``N(0, scale^2)`` from ``policy_seed`` (default ``seed + 1000``); seeds are
+    integers in ``[0, 2^32 - 1]``."""
+    seed = check_seed(seed, "seed")
+    pseed = seed + 1000 if policy_seed is None else check_seed(policy_seed, "policy_seed")
     if policy == "tabular":
         if not mdp.tree_fits():  # say what does work at this size, before the tree's size guard
             raise ValueError(f"policy=tabular needs the stored response tree, which is above max_nodes="
@@ -58,6 +61,13 @@ def make_policy(mdp: TokenMDP, policy: str = "tabular", policy_seed: int | None 
 def mdp_from_spec(spec: str):
     """``(mdp, policy)`` from ``FAMILY:key=value,...`` (keys: :func:`tpg.mdp.families.spec_help`)."""
     kw = parse_mdp_spec(spec)
+    if kw.get("compact") and kw.get("policy", "tabular") == "tabular":
+        # compact rewards are built before any tree, but a tabular policy needs one: its O(1) guard speaks first
+        V, H, eos, P = kw.get("vocab", 3), kw.get("horizon", 3), kw.get("eos"), kw.get("prompts", 1)
+        validate_shape(V, H, eos, kw.get("gamma", 1.0), [1.0])
+        if P < 1:
+            raise ValueError(f"prompts must be an integer >= 1, got {P!r}")
+        check_tree_size(P, V, H, eos, kw.get("max_nodes", DEFAULT_MAX_NODES))
     mdp = make_mdp(**kw)
     pol = make_policy(mdp, kw.get("policy", "tabular"), kw.get("policy_seed"), kw.get("seed", 0),
                       kw.get("scale", 1.0))
@@ -74,6 +84,9 @@ def problem_from_task_spec(spec: str):
     ``n_head`` and ``init_scale`` set its shape."""
     kw = parse_task_spec(spec)
     mdp = make_task(**kw)
+    # every use of a task problem (exact J and gradients, verification, training) needs the stored tree;
+    # the O(1) guard refuses a too-long horizon before the policy allocates its position table
+    check_tree_size(mdp.num_prompts, mdp.vocab_size, mdp.horizon, mdp.eos_token, mdp.max_nodes)
     pol = TinyTransformerPolicy.from_mdp(mdp, seed=kw.get("policy_seed", kw.get("seed", 0) + 1000),
                                          **{k: kw[k] for k in _TRANSFORMER_KEYS if k in kw})
     return mdp, pol
@@ -85,7 +98,12 @@ def _is_int(x) -> bool:
 
 
 def _is_number(x) -> bool:
-    return (isinstance(x, (int, float)) and not isinstance(x, bool)) and math.isfinite(x)
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an integer past the float range
+        return False
 
 
 def _prefix_node(tree: TokenTree, where: str, prompt, prefix, horizon: int, vocab: int, eos) -> int:
@@ -195,6 +213,11 @@ def load_case(path: str | Path, max_nodes: int = DEFAULT_MAX_NODES):
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"case file {str(path)!r} is not valid JSON: {exc}") from None
+    except RecursionError:  # the decoder recurses once per nested list or object
+        raise ValueError(f"case file {str(path)!r} nests lists or objects too deeply to read (a case file is "
+                         f"at most 4 levels deep)") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise ValueError(f"case file {str(path)!r} cannot be read: {exc}") from None
     mdp, pol = case_from_dict(data, max_nodes)
     mdp.name = path.stem
     return mdp, pol
@@ -225,8 +248,11 @@ def case_to_dict(mdp: TokenMDP, policy) -> dict:
 
 
 def save_case(path: str | Path, mdp: TokenMDP, policy) -> None:
-    """Write :func:`case_to_dict` as JSON (floats round-trip exactly)."""
-    Path(path).write_text(json.dumps(case_to_dict(mdp, policy), indent=1) + "\n")
+    """Write :func:`case_to_dict` as JSON (floats round-trip exactly), atomically (a temporary file
+    beside it, then a rename); an ``OSError`` names ``path``."""
+    from ._io import write_bytes_atomic
+
+    write_bytes_atomic(path, (json.dumps(case_to_dict(mdp, policy), indent=1) + "\n").encode())
 
 
 def load_problem(case: str | None = None, mdp_spec: str | None = None, max_nodes: int | None = None,
@@ -239,8 +265,12 @@ def load_problem(case: str | None = None, mdp_spec: str | None = None, max_nodes
         return load_case(case, max_nodes or DEFAULT_MAX_NODES)
     if task_spec is not None:
         if max_nodes is not None:
+            if "max_nodes" in parse_task_spec(task_spec):
+                raise ValueError("max_nodes is given twice, by --max-nodes and by the --task spec: give it once")
             task_spec = f"{task_spec}{',' if ':' in task_spec else ':'}max_nodes={max_nodes}"
         return problem_from_task_spec(task_spec)
     if max_nodes is not None:
+        if "max_nodes" in parse_mdp_spec(mdp_spec):
+            raise ValueError("max_nodes is given twice, by --max-nodes and by the --mdp spec: give it once")
         mdp_spec = f"{mdp_spec}{',' if ':' in mdp_spec else ':'}max_nodes={max_nodes}"
     return mdp_from_spec(mdp_spec)

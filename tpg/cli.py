@@ -5,7 +5,8 @@ Commands:
     tpg prove  [--statement NAME ...] [--json]
     tpg mdp-help | task-help
 and the commands registered by sub-packages (``register(subparsers)`` functions listed in
-``_COMMAND_MODULES``). Bad input prints one line ``tpg: error: ...`` and exits with status 2.
+``_COMMAND_MODULES``). Bad input prints one line ``tpg: error: ...`` and exits with status 2, and so
+does an output that cannot be written (``tpg: error: cannot write FILE: reason``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
+from pathlib import Path
 
 # modules that add sub-commands: each has register(subparsers); missing ones are skipped
 _COMMAND_MODULES = ("tpg.verify.cli", "tpg.train.cli", "tpg.experiments.cli")
@@ -187,10 +190,83 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_command(args) -> int:
-    """Run a parsed command (``args.func``): its exit code; a ``ValueError`` is printed as
-    ``tpg: error: ...`` and gives 2, a closed output pipe gives 0."""
+#: options naming a file a command writes, and options naming a directory it writes into (per
+#: command where the same option is read elsewhere: ``--cache-dir`` is written only by ``study``)
+_OUTPUT_FILES = ("out", "checkpoint", "save_case")
+_OUTPUT_DIRS = {"out_dir": None, "cache_dir": ("study",)}
+
+
+def output_paths(args) -> list[tuple[str, str, bool]]:
+    """``(option, path, is_directory)`` of the outputs named by a parsed command's options."""
+    found = []
+    for name in _OUTPUT_FILES:
+        value = getattr(args, name, None)
+        if isinstance(value, (str, os.PathLike)) and str(value):
+            found.append((name, str(value), False))
+    for name, commands in _OUTPUT_DIRS.items():
+        value = getattr(args, name, None)
+        if isinstance(value, (str, os.PathLike)) and str(value) and (commands is None or args.command in commands):
+            found.append((name, str(value), True))
+    return found
+
+
+def check_writable(path: str, is_dir: bool) -> None:
+    """``OSError`` naming ``path`` unless a file (``is_dir=False``) or files inside a directory could
+    be created there. Tries for real, without leaving anything: opens an existing file for appending
+    (its contents untouched), else creates and removes a temporary file in the directory, or in the
+    nearest existing ancestor of a directory still to be created (so ``/proc/...``, a directory given
+    as a file, a file given as a directory and missing permissions all fail here, before the work)."""
+    import errno
+    import tempfile
+
+    p = Path(path)
+    if p.exists():
+        if is_dir and not p.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
+        if not is_dir:
+            if p.is_dir():
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+            try:
+                with open(p, "ab"):
+                    pass
+            except OSError as exc:
+                raise OSError(exc.errno, exc.strerror, path) from None
+            return
+    anc = p if p.is_dir() else p.parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"{anc} is not a directory", path)
     try:
+        with tempfile.TemporaryFile(dir=anc, prefix=".tpg-write-check-"):
+            pass
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, path) from None
+
+
+def _os_error_line(exc: OSError, args) -> str:
+    """``cannot write FILE: reason`` for an output of the command (or a file inside an output
+    directory), ``cannot access FILE: reason`` for any other file."""
+    name = exc.filename
+    reason = exc.strerror or str(exc)
+    if name is None:
+        return f"{reason}"
+    target = Path(os.fsdecode(name))
+    outputs = [Path(path) for _, path, _ in output_paths(args)]
+    writing = any(target == out or out in target.parents for out in outputs)
+    return f"cannot {'write' if writing else 'access'} {os.fsdecode(name)}: {reason}"
+
+
+def run_command(args) -> int:
+    """Run a parsed command (``args.func``): its exit code.
+
+    Before the work, every output the options name (``--out``, ``--checkpoint``, ``--save-case``,
+    ``--out-dir``, ``study --cache-dir``) is checked writable (:func:`check_writable`). A
+    ``ValueError`` is printed as ``tpg: error: ...`` and gives 2; so does an ``OSError``, as
+    ``tpg: error: cannot write FILE: reason`` (one line); a closed output pipe gives 0."""
+    try:
+        for _, path, is_dir in output_paths(args):
+            check_writable(path, is_dir)
         return int(args.func(args) or 0)
     except ValueError as exc:
         print(f"tpg: error: {exc}", file=sys.stderr)
@@ -198,6 +274,9 @@ def run_command(args) -> int:
     except BrokenPipeError:  # e.g. `tpg exact --json | head`
         sys.stderr.close()
         return 0
+    except OSError as exc:  # an output that cannot be written: a directory, no permission, /proc, a full disk
+        print(f"tpg: error: {_os_error_line(exc, args)}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:

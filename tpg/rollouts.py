@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from ._guards import check_fits
 from ._threads import intra_op_threads as _intra_op_threads
 from .mdp.mdp import TokenMDP
 from .mdp.rewards import CompactRewards
@@ -77,6 +78,43 @@ class Rollouts:
         return Rollouts(**kw)
 
 
+# ---------------------------------------------------------------------------- size guards
+#: Bytes every sampled (response, position) cell holds at least: an int64 token, a float64
+#: log-probability and a float64 token reward (the batch also holds a mask, node ids and per-row
+#: fields, and the Monte Carlo test keeps a float64 coefficient, an int64 state index and an int64
+#: token per cell: again 24 bytes). A lower bound, so the guard never refuses a batch that fits.
+MIN_BYTES_PER_CELL = 24
+
+
+def sampled_batch_bytes(rows, horizon) -> float:
+    """A lower bound on the bytes of ``rows`` sampled responses padded to ``horizon`` positions::
+
+        bytes >= rows * horizon * MIN_BYTES_PER_CELL
+
+    in floating point (O(1), no overflow for absurd sizes)."""
+    return float(rows) * float(horizon) * MIN_BYTES_PER_CELL
+
+
+def check_batches_fit(horizon: int | None, group_size: int, num_groups: int = 1, *, group_flag: str = "--group-size",
+                      groups_flag: str | None = None, budget: int | None = None) -> None:
+    """Refuse, in O(1) and before any allocation, ``num_groups`` groups of ``group_size`` sampled
+    responses whose tensors cannot fit in this machine's memory (:func:`sampled_batch_bytes` against
+    :func:`tpg._guards.memory_budget_bytes`).
+
+    ``horizon=None`` (not known yet) counts one position per response. The one-line
+    ``ValueError`` names ``group_flag`` when one group alone does not fit, else ``groups_flag``
+    (the number of groups: ``--prompts``, ``--samples``); ``groups_flag=None`` checks one group only."""
+    cells = 1 if horizon is None else horizon
+    shape = "" if horizon is None else f" x {horizon:,} positions"
+    check_fits(sampled_batch_bytes(group_size, cells), f"{group_flag} {group_size}",
+               f"one group of {group_size:,} responses{shape}", f"lower {group_flag}", budget)
+    if groups_flag is not None:
+        rows = float(group_size) * float(num_groups)
+        check_fits(sampled_batch_bytes(rows, cells), f"{groups_flag} {num_groups}",
+                   f"{num_groups:,} groups of {group_size:,} responses{shape}",
+                   f"lower {groups_flag} or {group_flag}", budget)
+
+
 def _check_generator(generator: torch.Generator | None, seed: int | None) -> torch.Generator:
     if generator is not None:
         return generator
@@ -105,6 +143,7 @@ def sample(mdp: TokenMDP, policy, num_prompts: int | None = None, group_size: in
         raise ValueError(f"num_prompts must be an integer >= 1, got {num_prompts!r}")
     if not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be an integer >= 1, got {group_size!r}")
+    check_batches_fit(mdp.horizon, group_size, num_prompts, group_flag="group_size", groups_flag="num_prompts")
     gen = _check_generator(generator, seed)
     policy_threads = torch.get_num_threads()
     with _intra_op_threads(1):

@@ -11,6 +11,12 @@ function ``run_cell(cell) -> DataFrame``. The runner
   backends; ``sequential``: in this process), with a progress bar of cells done and time left;
 * writes each result to a temporary file and renames it, so an interrupted run leaves only
   whole cells and the next run resumes where it stopped;
+* checks every cell it reads: a cell file carries the sha256 of its own bytes (in its Parquet
+  key-value metadata, ``tpg.sha256``, computed with that digest replaced by 64 zeros), so
+  garbage, a truncated file or one damaged byte anywhere is detected (:func:`read_cell`). A
+  damaged cell is moved to ``<cache_dir>/<study>/quarantine/`` with a one-line message on
+  stderr; :func:`run_study` then recomputes it, and :func:`load_results` leaves it out and says
+  so. Cells written before checksums existed are read unverified (Parquet's own checks only);
 * returns one DataFrame: every row of ``run_cell`` plus the cell's fields as columns
   (nested dicts flattened to ``outer.inner``, lists stored as JSON text), ``study`` and
   ``cell_key``.
@@ -77,15 +83,96 @@ def _cell_path(study_name: str, key: str, cache_dir: str | Path) -> Path:
     return study_dir(study_name, cache_dir) / f"{key}.parquet"
 
 
-def _write_atomic(df: pd.DataFrame, path: Path) -> None:
-    # a kill mid-write leaves only a dotted temp file, which no reader ever picks up
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+_CHECKSUM_KEY = b"tpg.sha256"
+_PLACEHOLDER = b"0" * 64
+QUARANTINE = "quarantine"
+
+
+class CorruptCell(ValueError):
+    """A cached cell file that cannot be trusted (not Parquet, truncated, or its checksum differs)."""
+
+
+def _digest_with_placeholder(data: bytes, digest: bytes) -> bytes | None:
+    """``sha256`` (hex) of ``data`` with its last occurrence of ``digest`` replaced by 64 zeros, or
+    ``None`` when ``digest`` does not occur. The key-value metadata sits in the Parquet footer,
+    after every data page and statistic, so the last occurrence is the stored one."""
+    pos = data.rfind(digest)
+    if pos < 0:
+        return None
+    return hashlib.sha256(data[:pos] + _PLACEHOLDER + data[pos + len(digest):]).hexdigest().encode()
+
+
+def cell_bytes(df: pd.DataFrame) -> bytes:
+    """The Parquet bytes of a cell's frame (what ``df.to_parquet(index=False)`` writes) with the
+    sha256 of the whole file in its key-value metadata ``tpg.sha256``: written once with 64 zeros
+    there, hashed, and the zeros overwritten by the hex digest (the same length, so no other byte
+    moves). :func:`read_cell` reverses the substitution to check it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), _CHECKSUM_KEY: _PLACEHOLDER})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    data = sink.getvalue().to_pybytes()
+    pos = data.rfind(_PLACEHOLDER)
+    digest = hashlib.sha256(data).hexdigest().encode()
+    data = data[:pos] + digest + data[pos + len(_PLACEHOLDER):]
+    if _digest_with_placeholder(data, digest) != digest:  # pragma: no cover - would be a bug here
+        raise AssertionError("a cell's checksum does not verify right after writing it")
+    return data
+
+
+def read_cell(path: str | Path) -> pd.DataFrame:
+    """A cached cell's frame, after checking the file: ``CorruptCell`` (a ``ValueError``) when it is
+    not Parquet, is truncated, or differs anywhere from what was written (its ``tpg.sha256``)."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = Path(path).read_bytes()
     try:
-        df.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        meta = pq.read_metadata(pa.BufferReader(data)).metadata or {}
+    except Exception as exc:  # not Parquet, truncated, a damaged footer
+        raise CorruptCell(f"not a readable Parquet file: {_one_line(exc)}") from None
+    digest = meta.get(_CHECKSUM_KEY)
+    if digest is not None and (len(digest) != 64 or _digest_with_placeholder(data, digest) != digest):
+        raise CorruptCell("its sha256 does not match its contents: the file was damaged after it was written")
+    try:
+        return pd.read_parquet(io.BytesIO(data))
+    except Exception as exc:  # a legacy cell without checksum whose pages are damaged
+        raise CorruptCell(f"its data cannot be decoded: {_one_line(exc)}") from None
+
+
+def _one_line(exc: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def quarantine_cell(path: Path, reason: str, consequence: str) -> Path | None:
+    """Move a damaged cell file into ``quarantine/`` beside it (a unique name, so nothing there is
+    ever overwritten) and print one line on stderr saying why and what follows; returns the new
+    path, or ``None`` when it could not be moved (a read-only cache: the message says so)."""
+    import sys
+
+    dest = path.parent / QUARANTINE / f"{path.stem}.{time.time_ns()}{path.suffix}"
+    try:
+        dest.parent.mkdir(exist_ok=True)
+        os.replace(path, dest)
+        where = f"moved to {dest}"
+    except OSError as exc:
+        dest, where = None, f"could not move it aside ({exc.strerror or exc})"
+    print(f"tpg: cache cell {path} is damaged ({reason}); {where}; {consequence}", file=sys.stderr, flush=True)
+    return dest
+
+
+def _write_atomic(df: pd.DataFrame, path: Path) -> None:
+    # serialised with its checksum, written to a dotted temporary file and renamed: a kill mid-write
+    # leaves only the temporary, which no reader ever picks up
+    from tpg._io import write_bytes_atomic
+
+    write_bytes_atomic(path, cell_bytes(df))
 
 
 def _with_cell_columns(df: pd.DataFrame, study_name: str, cell: Any, key: str) -> pd.DataFrame:
@@ -125,12 +212,54 @@ def get_study(study: str | ModuleType) -> ModuleType:
     return study
 
 
-def _read_cells(study_name: str, keys: list[str], cache_dir: str | Path) -> pd.DataFrame:
-    frames = [pd.read_parquet(_cell_path(study_name, k, cache_dir)) for k in keys]
-    frames = [f for f in frames if len(f.columns)]
-    if not frames:
+def _cached_frames(study_name: str, keys: list[str], cache_dir: str | Path, consequence: str) -> dict:
+    """``{key: frame}`` of the cached cells among ``keys`` that read and verify (:func:`read_cell`);
+    a damaged one is quarantined (:func:`quarantine_cell`, with ``consequence`` in its message) and
+    left out, a missing one just left out."""
+    frames = {}
+    for k in dict.fromkeys(keys):
+        path = _cell_path(study_name, k, cache_dir)
+        if not path.exists():
+            continue
+        try:
+            frames[k] = read_cell(path)
+        except CorruptCell as exc:
+            quarantine_cell(path, str(exc), consequence)
+    return frames
+
+
+def _read_cells(study_name: str, keys: list[str], cache_dir: str | Path, frames: dict | None = None,
+                consequence: str = "left out of these results") -> pd.DataFrame:
+    """The cells ``keys`` (in order) as one frame: those in ``frames`` as given, the others read
+    from the cache and checked; damaged ones are quarantined and left out."""
+    frames = dict(frames or {})
+    missing = [k for k in keys if k not in frames]
+    frames.update(_cached_frames(study_name, missing, cache_dir, consequence))
+    found = [frames[k] for k in keys if k in frames]
+    found = [f for f in found if len(f.columns)]
+    if not found:
         return pd.DataFrame()
-    return pd.concat(frames, ignore_index=True)
+    return pd.concat(found, ignore_index=True)
+
+
+def _read_manifest(d: Path) -> dict | None:
+    """The latest run's manifest of a study directory, or ``None`` when there is none; a damaged
+    one is reported on stderr and treated as absent (it never blocks ``study`` or ``report``)."""
+    import sys
+
+    manifest = d / _MANIFEST
+    if not manifest.exists():
+        return None
+    try:
+        data = json.loads(manifest.read_text())
+        if not isinstance(data, dict) or not isinstance(data.get("keys"), list) or \
+                not all(isinstance(k, str) for k in data["keys"]):
+            raise ValueError("it is not a {\"keys\": [...]} object")
+        return data
+    except (OSError, ValueError, RecursionError) as exc:
+        print(f"tpg: cache manifest {manifest} is damaged ({_one_line(exc)}); ignoring it", file=sys.stderr,
+              flush=True)
+        return None
 
 
 def load_results(study_name: str, cache_dir: str | Path = ".tpg-cache", which: str = "latest") -> pd.DataFrame:
@@ -145,19 +274,20 @@ def load_results(study_name: str, cache_dir: str | Path = ".tpg-cache", which: s
     d = study_dir(study_name, cache_dir)
     if not d.is_dir():
         return pd.DataFrame()
-    manifest = d / _MANIFEST
-    if which == "latest" and manifest.exists():
-        keys = json.loads(manifest.read_text())["keys"]
+    manifest = _read_manifest(d) if which == "latest" else None
+    if manifest is not None:
+        keys = manifest["keys"]
     else:
         keys = sorted(p.stem for p in d.glob("*.parquet"))
     keys = [k for k in dict.fromkeys(keys) if _cell_path(study_name, k, cache_dir).exists()]
-    return _read_cells(study_name, keys, cache_dir)
+    return _read_cells(study_name, keys, cache_dir,
+                       consequence=f"left out of these results (`tpg study {study_name}` recomputes it)")
 
 
 def latest_run_info(study_name: str, cache_dir: str | Path = ".tpg-cache") -> dict | None:
-    """``{"study", "quick", "keys", "started"}`` of the latest run, or ``None``."""
-    manifest = study_dir(study_name, cache_dir) / _MANIFEST
-    return json.loads(manifest.read_text()) if manifest.exists() else None
+    """``{"study", "quick", "keys", "started"}`` of the latest run, or ``None`` (also for a damaged
+    manifest, which is reported on stderr)."""
+    return _read_manifest(study_dir(study_name, cache_dir))
 
 
 # ------------------------------------------------------------------------------ running
@@ -218,7 +348,8 @@ def run_study(study: str | ModuleType, quick: bool = False, backend: str = "proc
     manifest = {"study": name, "quick": bool(quick), "keys": keys, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     _write_text_atomic(d / _MANIFEST, json.dumps(manifest, indent=1))
 
-    todo = [c for c, k in zip(grid, keys) if not _cell_path(name, k, cache_dir).exists()]
+    cached = _cached_frames(name, keys, cache_dir, "it will be recomputed")  # damaged cells: quarantined
+    todo = [c for c, k in zip(grid, keys) if k not in cached]
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -242,7 +373,7 @@ def run_study(study: str | ModuleType, quick: bool = False, backend: str = "proc
     finally:
         if bar is not None:
             bar.close()
-    return _read_cells(name, keys, cache_dir)
+    return _read_cells(name, keys, cache_dir, frames=cached)
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -252,4 +383,4 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 
 __all__ = ["BACKENDS", "run_study", "load_results", "latest_run_info", "cache_key", "compute_cell",
-           "flatten_fields", "get_study"]
+           "flatten_fields", "get_study", "read_cell", "cell_bytes", "quarantine_cell", "CorruptCell", "QUARANTINE"]

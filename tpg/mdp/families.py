@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from .._guards import check_fits, check_seed
 from .mdp import TokenMDP, validate_shape
 from .rewards import CompactRewards, Rewards, TreeRewards
 from .tree import DEFAULT_MAX_NODES, TokenTree
@@ -64,6 +65,10 @@ def compact_rewards(family: str, num_prompts: int, vocab_size: int, horizon: int
     if family == "first_token":
         raise ValueError("reward family 'first_token' has no compact form (its reward depends on the "
                          "first token, not on (position, previous token, token)); use compact=false")
+    # the table and its float64 draws: ~17 bytes per entry (8 for the table, 8 for the draw, 1 for the mask)
+    check_fits(17.0 * horizon * (vocab_size + num_prompts) * vocab_size, f"horizon={horizon}",
+               f"the compact reward table of horizon x (vocab_size + prompts) x vocab_size = {horizon} x "
+               f"{vocab_size + num_prompts} x {vocab_size} entries", "lower horizon")
     gen = torch.Generator().manual_seed(int(seed))
     shape = (horizon, vocab_size + num_prompts, vocab_size)
     last = torch.zeros(shape, dtype=torch.bool)
@@ -89,9 +94,10 @@ _SPEC_KEYS = {
     "prompts": "number of prompts >= 1 (default 1)",
     "weights": "'uniform' or 'random' prompt weights (default uniform)",
     "gamma": "discount in (0, 1] (default 1)",
-    "seed": "seed of the rewards (default 0); the policy uses seed + 1000 unless policy_seed is set",
+    "seed": "seed of the rewards, in [0, 2^32 - 1] (default 0); the policy uses seed + 1000 unless policy_seed "
+            "is set",
     "policy": "'tabular' or 'shared' (default tabular)",
-    "policy_seed": "seed of the random policy logits",
+    "policy_seed": "seed of the random policy logits, in [0, 2^32 - 1]",
     "scale": "standard deviation of the random logits (default 1)",
     "compact": "true to store rewards as a (position, previous token, token) table (default false)",
     "p": "probability of a rewarded token for the sparse family (default 0.2)",
@@ -150,8 +156,12 @@ def parse_mdp_spec(spec: str) -> dict:
     for key, value in spec_items(rest, "--mdp"):
         if key not in _SPEC_KEYS:
             raise ValueError(f"unknown --mdp key {key!r}; allowed keys: {', '.join(_SPEC_KEYS)}")
+        if key in out:
+            raise ValueError(f"--mdp key {key!r} given twice")
         if key in ("vocab", "horizon", "prompts", "seed", "policy_seed", "max_nodes"):
             out[key] = _parse_int(key, value)
+            if key in ("seed", "policy_seed"):
+                check_seed(out[key], f"--mdp key {key!r}")
         elif key == "eos":
             out[key] = None if value.strip().lower() in ("none", "null", "") else _parse_int(key, value)
         elif key in ("gamma", "scale", "p", "cost"):
@@ -174,6 +184,7 @@ def make_mdp(family: str = "dense", vocab: int = 3, horizon: int = 3, eos: int |
              cost: float = 0.1, twin: bool = False, max_nodes: int = DEFAULT_MAX_NODES, **_policy) -> TokenMDP:
     """A seeded MDP of a reward family (see the module docstring). Policy keys are ignored."""
     _check_family(family)
+    check_seed(seed, "seed")
     if not isinstance(prompts, int) or prompts < 1:
         raise ValueError(f"prompts must be an integer >= 1, got {prompts!r}")
     if not 0.0 <= p <= 1.0:

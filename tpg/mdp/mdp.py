@@ -13,7 +13,7 @@ import math
 import torch
 
 from .rewards import Rewards, TwinRewards
-from .tree import DEFAULT_MAX_NODES, TokenTree, check_tree_size
+from .tree import DEFAULT_MAX_NODES, TokenTree, check_tree_size, describe_count, log_num_nodes, num_tree_nodes
 
 
 def validate_shape(vocab_size, horizon, eos_token, gamma, prompt_weights) -> torch.Tensor:
@@ -82,11 +82,23 @@ class TokenMDP:
         return int(self.prompt_weights.numel())
 
     @property
+    def log_num_nodes(self) -> float:
+        """``ln`` of the response tree's node count, O(1) (:func:`~tpg.mdp.tree.log_num_nodes`)."""
+        return log_num_nodes(self.num_prompts, self.vocab_size, self.horizon, self.eos_token)
+
+    @property
     def num_nodes(self) -> int:
-        return sum(_counts(self))
+        """The exact node count of the response tree; ``ValueError`` past ``10^4000`` nodes (a
+        horizon of thousands), where an exact count is of no use and costly."""
+        if self.log_num_nodes > 4000 * math.log(10):
+            raise ValueError(f"horizon={self.horizon}: the response tree has "
+                             f"{describe_count(self.log_num_nodes)} nodes, too many to count exactly")
+        return num_tree_nodes(self.num_prompts, self.vocab_size, self.horizon, self.eos_token)
 
     def tree_fits(self) -> bool:
-        """Whether the response tree is within the size guard."""
+        """Whether the response tree is within the size guard (O(1): compares logarithms first)."""
+        if self.log_num_nodes > math.log(max(self.max_nodes, 1)) + 1e-6:
+            return False
         return self.num_nodes <= self.max_nodes
 
     @property
@@ -122,12 +134,11 @@ class TokenMDP:
     def describe(self) -> str:
         eos = "none" if self.eos_token is None else str(self.eos_token)
         return (f"{self.name}: V={self.vocab_size} H={self.horizon} eos={eos} gamma={self.gamma:g} "
-                f"prompts={self.num_prompts} nodes={self.num_nodes:,}")
+                f"prompts={self.num_prompts} nodes={self._nodes_text()}")
+
+    def _nodes_text(self) -> str:
+        log_n = self.log_num_nodes
+        return describe_count(log_n, self.num_nodes if log_n < 30 * math.log(10) else None)
 
     def __repr__(self) -> str:
         return f"TokenMDP({self.describe()})"
-
-
-def _counts(mdp: TokenMDP) -> list[int]:
-    from .tree import count_nodes
-    return count_nodes(mdp.num_prompts, mdp.vocab_size, mdp.horizon, mdp.eos_token)

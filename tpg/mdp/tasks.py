@@ -32,6 +32,7 @@ import math
 
 import torch
 
+from .._guards import check_seed
 from .families import compact_rewards, spec_items
 from .mdp import TokenMDP
 from .rewards import Rewards, TwinRewards, _check_finite
@@ -238,11 +239,11 @@ _COMMON = {
     "horizon": "max response length H (default: the answer's length)",
     "gamma": "discount in (0, 1] (default 1)",
     "reward": "'dense' (rewards where they fall) or 'terminal' (the zero-reward twin) (default dense)",
-    "seed": "seed of the prompts and of random rewards (default 0)",
+    "seed": "seed of the prompts and of random rewards, in [0, 2^32 - 1] (default 0)",
     "max_nodes": f"size guard of the stored tree (default {DEFAULT_MAX_NODES})",
 }
 _POLICY = {
-    "policy_seed": "seed of the transformer policy's initialisation (default seed + 1000)",
+    "policy_seed": "seed of the transformer policy's initialisation, in [0, 2^32 - 1] (default seed + 1000)",
     "n_layer": "transformer layers (default 2)",
     "d_model": "transformer width (default 32)",
     "n_head": "attention heads (default 2)",
@@ -351,6 +352,8 @@ def parse_task_spec(spec: str) -> dict:
         if key in out:
             raise ValueError(f"--task key {key!r} given twice")
         out[key] = _parse_value(key, value)
+        if key in ("seed", "policy_seed"):
+            check_seed(out[key], f"--task key {key!r}")
     return out
 
 
@@ -395,6 +398,7 @@ def make_task(name: str, vocab: int | None = None, length: int | None = None, pr
     ignored, so the dict of :func:`parse_task_spec` can be passed whole. Unknown keys, and keys
     that do not apply to the task, raise ``ValueError``."""
     _check_task(name)
+    check_seed(seed, "task option seed")
     given = {k: v for k, v in dict(vocab=vocab, length=length, prompts=prompts, horizon=horizon).items()
              if v is not None}
     extras = dict(score=(score, "token"), target=(target, None), answer_length=(answer_length, 3),

@@ -12,7 +12,7 @@ checkpoints), :mod:`.report` (the memory table), :mod:`.plots` (``compare-runs``
 
 from .config import TRAIN_ALGOS, TrainConfig
 from .logio import read_log, write_log
-from .trainer import LOG_COLUMNS, UNREPRODUCIBLE_COLUMNS, Trainer, train
+from .trainer import LOG_COLUMNS, UNREPRODUCIBLE_COLUMNS, Trainer, TrainingInterrupted, train
 
-__all__ = ["TrainConfig", "TRAIN_ALGOS", "train", "Trainer", "LOG_COLUMNS", "UNREPRODUCIBLE_COLUMNS",
-           "read_log", "write_log"]
+__all__ = ["TrainConfig", "TRAIN_ALGOS", "train", "Trainer", "TrainingInterrupted", "LOG_COLUMNS",
+           "UNREPRODUCIBLE_COLUMNS", "read_log", "write_log"]

@@ -1,12 +1,20 @@
 """``tpg train`` and ``tpg compare-runs`` (registered into :mod:`tpg.cli` by :func:`register`).
 
     tpg train --algo NAME (--task SPEC | --mdp SPEC | --case FILE) [--reward dense|terminal] --iters N
-              [--seed S] [--out FILE.parquet|FILE.csv] [--resume] [--checkpoint-every N] [...]
+              [--seed S] [--out FILE.parquet|FILE.csv] [--resume | --force] [--checkpoint-every N]
+              [--checkpoint-seconds S] [...]
     tpg train --report-memory (--task SPEC | --mdp SPEC | --case FILE) [--algos a,b,...] [--json]
     tpg compare-runs RUN_LOG... --out FILE.png [--x iter|tokens] [--label-by algo,reward] [--band minmax|std]
 
 Every ``tpg train`` flag is a field of :class:`~tpg.train.config.TrainConfig` (``--help`` lists
 them with their help lines). Bad input raises ``ValueError`` naming the field (exit status 2).
+
+Nothing is lost: with ``--out`` (or ``--checkpoint``) the run checkpoints at the start, every 10
+iterations or 30 seconds (``--checkpoint-every``, ``--checkpoint-seconds``) and at the end, and
+rewrites the log atomically with each checkpoint; an existing log or checkpoint stops a new run
+unless ``--resume`` (continue it) or ``--force`` (start afresh over it) is given. SIGINT (Ctrl-C)
+or SIGTERM finishes the iteration in progress, writes both files and exits with status 130 or 143
+(``128 + signal``) and a message saying how to resume; a second signal stops at once.
 """
 
 from __future__ import annotations
@@ -44,10 +52,14 @@ def cmd_train(args) -> int:
         rows = memory_report(cfg, algos)
         print(json.dumps(rows) if args.json else format_memory_table(rows))
         return 0
-    from .trainer import train
+    from .trainer import TrainingInterrupted, train
 
     cfg = config_from_args(args)
-    df = train(cfg)
+    try:
+        df = train(cfg, handle_signals=True)
+    except TrainingInterrupted as stop:
+        print(f"tpg train: {stop.message()}", file=sys.stderr)
+        return stop.exit_status
     first, last = df.iloc[0], df.iloc[-1]
     print(f"{last['algo']} on {last['problem']} ({cfg.reward} reward), seed {cfg.seed}: "
           f"J {first['J']:.6g} -> {last['J']:.6g} in {int(last['iter'])} iterations, "

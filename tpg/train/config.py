@@ -13,6 +13,9 @@ import math
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from .._guards import check_seed
+from ..rollouts import check_batches_fit
+
 #: the training methods of the catalog, in the order tables and plots list them
 TRAIN_ALGOS = ("reinforce", "rloo", "remax", "grpo", "dr_grpo", "reinforce_pp", "ppo", "trepo")
 REWARD_MODES = ("dense", "terminal")
@@ -64,13 +67,19 @@ class TrainConfig:
                                  "V += lr * mean error; 3e-3 Adam for a transformer critic)")
     threads: int = _f(1, "torch CPU threads during the run (tiny models run fastest, and reproducibly, on one; "
                       "results may differ bitwise between thread counts)")
-    seed: int = _f(0, "training seed: sampling, continuations, minibatch order (the problem's own seeds "
-                   "are in its spec)")
-    out: str | None = _f(None, "write the log here: .parquet (.pq) or .csv", metavar="FILE")
-    checkpoint: str | None = _f(None, "checkpoint file (default OUT.ckpt when --out is given)",
+    seed: int = _f(0, "training seed in [0, 2^32 - 1]: sampling, continuations, minibatch order (the problem's "
+                   "own seeds are in its spec)", metavar="S")
+    out: str | None = _f(None, "write the log here: .parquet (.pq) or .csv (rewritten atomically at every "
+                         "checkpoint, so it always matches the checkpoint)", metavar="FILE")
+    checkpoint: str | None = _f(None, "checkpoint file (default OUT.ckpt when --out is given; none without either)",
                                   metavar="FILE")
-    checkpoint_every: int = _f(0, "also checkpoint every N iterations (0: only at the end)")
+    checkpoint_every: int = _f(10, "checkpoint every N iterations (0: not by count); also at the start, at the "
+                                   "end and on SIGINT/SIGTERM", metavar="N")
+    checkpoint_seconds: float = _f(30.0, "also checkpoint when this many seconds have passed since the last "
+                                         "checkpoint (0: not by time)", metavar="SECONDS")
     resume: bool = _f(False, "continue from the checkpoint (its log, policy, optimiser, critic and RNG states)")
+    force: bool = _f(False, "start afresh even when the log or the checkpoint exists, overwriting them "
+                            "(without --resume or --force an existing one stops the run)")
     progress: bool = _f(True, "show a progress bar on stderr")
     measure_memory: bool = _f(True, "measure each step's peak tensor memory (a dispatch-mode allocation count)")
 
@@ -91,12 +100,22 @@ class TrainConfig:
         for name, low in (("prompts", 1), ("group_size", 1), ("epochs", 1), ("minibatches", 1), ("threads", 1)):
             if getattr(self, name) < low:
                 bad(name, f"must be >= {low}, got {getattr(self, name)}")
-        for name in ("iters", "checkpoint_every", "seed"):
+        for name in ("iters", "checkpoint_every"):
             if getattr(self, name) < 0:
                 bad(name, f"must be >= 0, got {getattr(self, name)}")
+        check_seed(self.seed, "TrainConfig.seed")
+        # O(1) before anything is built: even one position per response must fit (the run checks the
+        # problem's horizon once it is loaded)
+        check_batches_fit(None, self.group_size, self.prompts, group_flag="TrainConfig.group_size",
+                          groups_flag="TrainConfig.prompts")
         if self.minibatches > self.prompts * self.group_size:
             bad("minibatches", f"{self.minibatches} exceeds the batch of prompts * group_size = "
                                f"{self.prompts * self.group_size} responses")
+        v = self.checkpoint_seconds
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            bad("checkpoint_seconds", f"must be a finite number >= 0, got {v!r}")
+        if self.resume and self.force:
+            bad("force", "--resume continues the checkpointed run and --force starts afresh over it: give one")
         for name in ("clip_eps", "lr", "adam_beta1", "adam_beta2", "adam_eps", "max_grad_norm", "kl_beta",
                      "critic_lr"):
             v = getattr(self, name)
@@ -159,7 +178,8 @@ class TrainConfig:
 
 
 #: fields that may differ between a checkpointed run and its resumption
-RESUME_FREE_FIELDS = ("iters", "out", "checkpoint", "checkpoint_every", "resume", "progress", "measure_memory")
+RESUME_FREE_FIELDS = ("iters", "out", "checkpoint", "checkpoint_every", "checkpoint_seconds", "resume", "force",
+                      "progress", "measure_memory")
 
 
 def _flag(name: str) -> str:

@@ -1,13 +1,18 @@
 """Reading and writing run logs: Parquet (``.parquet``/``.pq``, through pyarrow) or CSV (``.csv``).
 
-Without pyarrow a Parquet path is written as CSV next to it (``FILE.parquet.csv``), with a
-warning on stderr; :func:`read_log` reads either.
+A log is written atomically, like a checkpoint: serialised in memory, written to a temporary
+file beside the destination and renamed over it (:func:`tpg._io.write_bytes_atomic`), so a
+crash or a signal never leaves half a log. Without pyarrow a Parquet path is written as CSV next
+to it (``FILE.parquet.csv``), with a warning on stderr; :func:`read_log` reads either.
 """
 
 from __future__ import annotations
 
+import io
 import sys
 from pathlib import Path
+
+from .._io import write_bytes_atomic
 
 
 def _has_parquet() -> bool:
@@ -18,22 +23,25 @@ def _has_parquet() -> bool:
     return True
 
 
-def write_log(df, path: str) -> str:
-    """Write ``df`` by ``path``'s extension; returns the path written."""
+def write_log(df, path: str, quiet: bool = False) -> str:
+    """Write ``df`` by ``path``'s extension, atomically (module docstring); returns the path written.
+    An ``OSError`` names ``path``."""
     p = Path(path)
     suffix = p.suffix.lower()
     if suffix not in (".parquet", ".pq", ".csv"):
         raise ValueError(f"TrainConfig.out: a log file must end in .parquet, .pq or .csv, got {path!r}")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    if suffix == ".csv":
-        df.to_csv(p, index=False)
-        return str(p)
-    if not _has_parquet():
+    if suffix != ".csv" and not _has_parquet():
         alt = p.with_name(p.name + ".csv")
-        print(f"tpg train: pyarrow is not installed; writing {alt} (CSV) instead of {p}", file=sys.stderr)
-        df.to_csv(alt, index=False)
-        return str(alt)
-    df.to_parquet(p, index=False)
+        if not quiet:
+            print(f"tpg train: pyarrow is not installed; writing {alt} (CSV) instead of {p}", file=sys.stderr)
+        p, suffix = alt, ".csv"
+    if suffix == ".csv":
+        data = df.to_csv(index=False).encode()
+    else:
+        buf = io.BytesIO()
+        df.to_parquet(buf, index=False)
+        data = buf.getvalue()
+    write_bytes_atomic(p, data)
     return str(p)
 
 

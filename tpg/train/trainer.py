@@ -23,6 +23,13 @@ from one ``torch.Generator`` seeded by ``TrainConfig.seed``, so a run is bitwise
 CPU, and a checkpoint (policy, optimiser, critic, estimator state such as a running baseline,
 the generator's state and the log) resumes it exactly.
 
+Nothing is lost (:meth:`Trainer.run`, :func:`train`): with a checkpoint path the checkpoint and
+the log are written atomically at the start, every ``checkpoint_every`` iterations (default 10)
+or ``checkpoint_seconds`` (default 30), at the end, and after SIGINT/SIGTERM (which stop the run
+between iterations with :class:`TrainingInterrupted`); a checkpoint file carries the sha256 of
+its state (:func:`checkpoint_bytes`), so a damaged one is refused naming the file; a fresh run
+never overwrites an existing log or checkpoint without ``force``.
+
 Log columns (one row per iteration; row 0 is the initial policy, before any update):
 
 * ``iter``; ``J`` — exact ``E_x E_W RM(W)`` of the policy after the iteration's updates (the
@@ -48,9 +55,12 @@ Log columns (one row per iteration; row 0 is the initial policy, before any upda
 from __future__ import annotations
 
 import copy
+import errno
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import fields
@@ -61,7 +71,7 @@ import torch
 from ..estimators import ResponseBatch, ppo_clip_loss
 from ..estimators.kl import KL_LOSS_KINDS, canonical_kl_kind, kl_value
 from ..exact.engine import solve
-from ..rollouts import sample
+from ..rollouts import check_batches_fit, sample
 from ..verify.context import MonteCarloContext, node_paths
 from .config import RESUME_FREE_FIELDS, TrainConfig
 from .critic import make_critic
@@ -69,6 +79,8 @@ from .memory import TensorMemoryMeter, optimizer_tensors, param_count, reward_mo
 from .methods import build_estimator, needs_learned_critic
 
 CHECKPOINT_FORMAT = "tpg-train-checkpoint/1"
+#: the file layout around a checkpoint's state: its torch bytes and their sha256 (:func:`checkpoint_bytes`)
+CHECKPOINT_ENVELOPE = "tpg-train-checkpoint-sha256/1"
 #: columns that differ between two runs of the same seed (time and memory measurements)
 UNREPRODUCIBLE_COLUMNS = ("wall_s", "eval_s", "peak_mem_bytes")
 LOG_COLUMNS = ("iter", "J", "kl_ref", "entropy", "entropy_token", "length", "grad_norm", "loss", "clip_frac",
@@ -143,6 +155,9 @@ class Trainer:
         self.config = cfg = config.resolved(problem.kind)
         self.kind = problem.kind
         self.mdp, self.policy = problem.mdp, problem.policy
+        # one iteration's batch must fit, now that the horizon is known (O(1), before any sampling)
+        check_batches_fit(self.mdp.horizon, cfg.group_size, cfg.prompts, group_flag="TrainConfig.group_size",
+                          groups_flag="TrainConfig.prompts")
         self.tree = self.mdp.tree
         self.problem_spec = problem.spec
         self.ref = copy.deepcopy(self.policy)
@@ -304,18 +319,29 @@ class Trainer:
         return {k: row[k] for k in LOG_COLUMNS}
 
     # ------------------------------------------------------------------ the loop
-    def run(self, progress: bool | None = None):
-        """Train up to ``config.iters`` iterations (checkpointing as configured); the log as a DataFrame."""
-        cfg = self.config
-        with torch_threads(cfg.threads):
-            return self._run(cfg.progress if progress is None else progress)
+    def run(self, progress: bool | None = None, handle_signals: bool | None = None):
+        """Train up to ``config.iters`` iterations; the log as a DataFrame.
 
-    def _run(self, show: bool):
+        With a checkpoint path (``config.checkpoint``, or ``OUT.ckpt``) the checkpoint, and the log
+        when ``config.out`` is set, are written (atomically) at the start, every
+        ``checkpoint_every`` iterations or ``checkpoint_seconds`` seconds, and at the end.
+        ``handle_signals`` (default: when there is a checkpoint path and this is the main thread):
+        SIGINT and SIGTERM finish the current iteration, write the checkpoint and the log, and
+        raise :class:`TrainingInterrupted`; a second signal stops at once (``KeyboardInterrupt``)."""
+        cfg = self.config
+        if handle_signals is None:
+            handle_signals = cfg.checkpoint_path is not None
+        with torch_threads(cfg.threads), _deferred_signals(handle_signals) as received:
+            return self._run(cfg.progress if progress is None else progress, received)
+
+    def _run(self, show: bool, received: list):
         from tqdm import tqdm
 
         cfg = self.config
         if not self.rows:
             self.rows.append(self._row(0, {}))
+        self.save_progress()  # at the start: an unwritable --out or checkpoint fails now, not after the run
+        last_save = time.monotonic()
         bar = tqdm(total=cfg.iters, initial=self.iteration, file=sys.stderr, disable=not show,
                    desc=f"{self.method} seed {cfg.seed}", dynamic_ncols=True, leave=True)
         bar.set_postfix(J=f"{self.rows[-1]['J']:.4f}")
@@ -324,13 +350,29 @@ class Trainer:
                 row = self.step()
                 bar.update(1)
                 bar.set_postfix(J=f"{row['J']:.4f}")
-                if cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0 and cfg.checkpoint_path:
-                    self.save(cfg.checkpoint_path)
+                if received and self.iteration < cfg.iters:
+                    self.save_progress()
+                    raise TrainingInterrupted(received[0], self.iteration, cfg.iters, cfg.checkpoint_path, cfg.out)
+                by_count = cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0
+                by_time = cfg.checkpoint_seconds and time.monotonic() - last_save >= cfg.checkpoint_seconds
+                if (by_count or by_time) and self.iteration < cfg.iters:
+                    self.save_progress()
+                    last_save = time.monotonic()
         finally:
             bar.close()
+        self.save_progress()
+        return self.log()
+
+    def save_progress(self) -> None:
+        """Write the checkpoint (when there is a checkpoint path) and then the log (when
+        ``config.out`` is set), both atomically, so the log on disk always matches the checkpoint."""
+        cfg = self.config
         if cfg.checkpoint_path:
             self.save(cfg.checkpoint_path)
-        return self.log()
+        if cfg.out:
+            from .logio import write_log
+
+            write_log(self.log(), cfg.out, quiet=self.iteration > 0)
 
     def log(self):
         import pandas as pd
@@ -348,26 +390,25 @@ class Trainer:
                 "estimator": est_state, "generator": self.gen.get_state(), "rows": list(self.rows)}
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the checkpoint atomically (a temporary file, then a rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(self.state(), tmp)
-        os.replace(tmp, path)
+        """Write the checkpoint atomically (serialised in memory with its checksum,
+        :func:`checkpoint_bytes`, written to a temporary file, then renamed); an ``OSError``
+        names ``path``."""
+        from .._io import write_bytes_atomic
+
+        write_bytes_atomic(path, checkpoint_bytes(self.state()))
 
     @classmethod
     def load(cls, config: TrainConfig, path: str | os.PathLike | None = None) -> "Trainer":
         """The trainer of a checkpoint, continuing under ``config`` (only the fields of
-        :data:`~tpg.train.config.RESUME_FREE_FIELDS` may differ from the checkpointed run's)."""
+        :data:`~tpg.train.config.RESUME_FREE_FIELDS` may differ from the checkpointed run's).
+
+        A missing, unreadable, truncated or foreign checkpoint, or one whose contents do not fit the
+        run (a damaged file that still unpickles), raises one ``ValueError`` naming the file."""
         path = Path(path or config.checkpoint_path)
+        where = f"TrainConfig.checkpoint: {str(path)!r}"
         if not path.is_file():
             raise ValueError(f"TrainConfig.checkpoint: no checkpoint at {str(path)!r} to resume from")
-        try:
-            state = torch.load(path, weights_only=True)
-        except Exception as exc:  # a truncated or foreign file
-            raise ValueError(f"TrainConfig.checkpoint: cannot read {str(path)!r}: {exc}") from None
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"TrainConfig.checkpoint: {str(path)!r} is not a {CHECKPOINT_FORMAT} file")
+        state = read_checkpoint(path)
         trainer = cls(config)
         saved = state["config"]
         for f in fields(TrainConfig):
@@ -379,33 +420,179 @@ class Trainer:
         if state["iteration"] > config.iters:
             raise ValueError(f"TrainConfig.iters: the checkpoint is at iteration {state['iteration']}, past "
                              f"iters={config.iters}")
-        trainer.policy.load_state_dict(state["policy"])
-        trainer.ref.load_state_dict(state["reference"])
-        trainer.opt.load_state_dict(state["optimizer"])
-        if trainer.critic is not None:
-            trainer.critic.load_state_dict(state["critic"])
-        for k, v in state["estimator"].items():
-            setattr(trainer.estimator, k, v.clone())
-        trainer.gen.set_state(state["generator"])
+        part = "policy"
+        try:
+            trainer.policy.load_state_dict(state["policy"])
+            part = "reference"
+            trainer.ref.load_state_dict(state["reference"])
+            part = "optimizer"
+            trainer.opt.load_state_dict(state["optimizer"])
+            part = "critic"
+            if trainer.critic is not None:
+                trainer.critic.load_state_dict(state["critic"])
+            part = "estimator"
+            for k, v in state["estimator"].items():
+                setattr(trainer.estimator, k, v.clone())
+            part = "generator"
+            trainer.gen.set_state(state["generator"])
+            part = "log rows"
+            rows = [{k: r[k] for k in LOG_COLUMNS} for r in state["rows"]]
+        except Exception as exc:  # wrong shapes, missing keys, wrong types: the file is not this run's state
+            raise ValueError(f"{where} is damaged: its {part} cannot be restored ({_one_line(exc)})") from None
         trainer.iteration = state["iteration"]
         trainer.tokens_total = state["tokens_total"]
-        trainer.rows = list(state["rows"])
+        trainer.rows = rows
         with torch.no_grad():
             trainer.ref_logp_kv = trainer.ref.node_log_probs(trainer.tree).to(torch.float64)
         trainer._sol = None
         return trainer
 
 
-def train(config: TrainConfig):
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's message on one line, at most ``limit`` characters."""
+    if isinstance(exc, KeyError) and exc.args:
+        return f"missing {exc.args[0]!r}"
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def checkpoint_bytes(state: dict) -> bytes:
+    """A checkpoint file's bytes: ``torch.save`` of the envelope
+    ``{"format": CHECKPOINT_ENVELOPE, "sha256": hex digest of S, "state": S as a uint8 tensor}``,
+    ``S`` the ``torch.save`` bytes of ``state``. torch's zip reader does not check its CRCs, so a
+    damaged byte inside a tensor would otherwise load silently; :func:`read_checkpoint` verifies."""
+    import hashlib
+    import io
+
+    inner = io.BytesIO()
+    torch.save(state, inner)
+    payload = inner.getvalue()
+    outer = io.BytesIO()
+    torch.save({"format": CHECKPOINT_ENVELOPE, "sha256": hashlib.sha256(payload).hexdigest(),
+                "state": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}, outer)
+    return outer.getvalue()
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """The verified state dict of a checkpoint file (:func:`checkpoint_bytes`; a checkpoint of the
+    plain ``tpg-train-checkpoint/1`` layout, from before the checksum, is read unverified).
+
+    ``ValueError`` naming the file when it is not a checkpoint, is truncated, or any byte differs
+    from what was written, or when a field is missing or of the wrong type."""
+    import hashlib
+    import io
+
+    where = f"TrainConfig.checkpoint: {str(path)!r}"
+
+    def load(source):
+        try:
+            return torch.load(source, weights_only=True)
+        except Exception as exc:  # truncated, damaged or foreign: any error of the zip reader or unpickler
+            raise ValueError(f"{where} cannot be read as a checkpoint (truncated, damaged or another kind of "
+                             f"file: {_one_line(exc)})") from None
+
+    state = load(path)
+    if isinstance(state, dict) and state.get("format") == CHECKPOINT_ENVELOPE:
+        payload, digest = state.get("state"), state.get("sha256")
+        if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8 or not isinstance(digest, str):
+            raise ValueError(f"{where} is damaged: its envelope lacks the state or the checksum")
+        data = payload.numpy().tobytes()
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise ValueError(f"{where} is damaged: its sha256 does not match its contents")
+        state = load(io.BytesIO(data))
+    _check_state(state, where)
+    return state
+
+
+def _check_state(state, where: str) -> None:
+    """``ValueError`` unless ``state`` has the fields of a checkpoint, of the right types."""
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{where} is not a {CHECKPOINT_FORMAT} file")
+    kinds = {"config": dict, "iteration": int, "tokens_total": int, "policy": dict, "reference": dict,
+             "optimizer": dict, "estimator": dict, "generator": torch.Tensor, "rows": list}
+    for key, kind in kinds.items():
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            raise ValueError(f"{where} is damaged: {key!r} is missing or not a {kind.__name__}")
+    if state["iteration"] < 0 or len(state["rows"]) != state["iteration"] + 1 or \
+            not all(isinstance(r, dict) for r in state["rows"]):
+        raise ValueError(f"{where} is damaged: {len(state['rows'])} log rows for iteration {state['iteration']}")
+
+
+class TrainingInterrupted(BaseException):
+    """Raised by :meth:`Trainer.run` after SIGINT or SIGTERM, once the iteration in progress is done
+    and the checkpoint and the log are written. A ``BaseException`` (like ``KeyboardInterrupt``), so
+    a broad ``except Exception`` does not swallow a request to stop.
+
+    Attributes: ``signum``, ``iteration`` (iterations done), ``iters`` (asked for), ``checkpoint``
+    and ``out`` (the files written, or ``None``); ``exit_status`` is ``128 + signum`` (130 for
+    SIGINT, 143 for SIGTERM), the shell's convention."""
+
+    def __init__(self, signum: int, iteration: int, iters: int, checkpoint: str | None, out: str | None):
+        self.signum, self.iteration, self.iters = int(signum), iteration, iters
+        self.checkpoint, self.out = checkpoint, out
+        self.exit_status = 128 + self.signum
+        super().__init__(self.message())
+
+    def message(self) -> str:
+        name = signal.Signals(self.signum).name
+        head = f"stopped by {name} after iteration {self.iteration} of {self.iters}"
+        if not self.checkpoint:
+            return f"{head}; nothing was saved (no --out or --checkpoint), so the run cannot be resumed"
+        saved = f"checkpoint {self.checkpoint}" + (f" and log {self.out}" if self.out else "")
+        return f"{head}; wrote {saved}: run the same command with --resume to continue"
+
+
+@contextmanager
+def _deferred_signals(enabled: bool):
+    """While active (``enabled`` and in the main thread), SIGINT and SIGTERM append their number to
+    the yielded list instead of stopping the process (the loop checks it between iterations); a
+    second signal raises ``KeyboardInterrupt`` at once. The previous handlers come back after."""
+    received: list[int] = []
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def existing_outputs(config: TrainConfig) -> list[tuple[str, str]]:
+    """``(field, path)`` of the run's log and checkpoint files that already exist."""
+    out = []
+    for name, path in (("out", config.out), ("checkpoint", config.checkpoint_path)):
+        if path and os.path.lexists(path):
+            out.append((name, path))
+    return out
+
+
+def train(config: TrainConfig, handle_signals: bool | None = None):
     """Run ``config`` (resuming from its checkpoint with ``config.resume``); the log as a
-    ``pandas.DataFrame`` (columns: see the module docstring), also written to ``config.out``."""
-    from .logio import write_log
+    ``pandas.DataFrame`` (columns: see the module docstring), also written to ``config.out``.
 
+    A fresh run (neither ``resume`` nor ``force``) refuses to start when its log or checkpoint
+    exists: ``ValueError`` naming the file and both ways on. Checkpoints and signals: :meth:`Trainer.run`."""
+    for path in (config.out, config.checkpoint_path):
+        if path and os.path.isdir(path):  # no flag helps here: say what is wrong with the path
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+    if not config.resume and not config.force:
+        found = existing_outputs(config)
+        if found:
+            name, path = found[0]
+            raise ValueError(f"TrainConfig.{name}: {path!r} exists (an earlier run's "
+                             f"{'log' if name == 'out' else 'checkpoint'}); continue that run with --resume, or "
+                             f"start afresh over it with --force")
     trainer = Trainer.load(config) if config.resume else Trainer(config)
-    df = trainer.run()
-    if config.out:
-        write_log(df, config.out)
-    return df
+    return trainer.run(handle_signals=handle_signals)
 
 
-__all__ = ["Trainer", "TrainContext", "train", "LOG_COLUMNS", "UNREPRODUCIBLE_COLUMNS", "CHECKPOINT_FORMAT"]
+__all__ = ["Trainer", "TrainContext", "TrainingInterrupted", "train", "existing_outputs", "read_checkpoint",
+           "checkpoint_bytes", "LOG_COLUMNS", "UNREPRODUCIBLE_COLUMNS", "CHECKPOINT_FORMAT", "CHECKPOINT_ENVELOPE"]

@@ -115,12 +115,20 @@ def cmd_verify(args) -> int:
     if args.group_size < 1:
         raise ValueError(f"--group-size must be >= 1, got {args.group_size}")
     timeout = _plugin_timeout(args.plugin_timeout)
+    from .._guards import check_seed
+    from ..rollouts import check_batches_fit
+    for name in ("seed", "reward_seed", "lm_seed"):  # one line naming the flag, before torch sees a seed
+        if getattr(args, name, None) is not None:
+            check_seed(getattr(args, name), "--" + name.replace("_", "-"))
+    mc_groups = dict(num_groups=args.samples, groups_flag="--samples") if args.mode == "mc" else {}
+    check_batches_fit(None, args.group_size, **mc_groups)  # O(1), before the problem is built
     if getattr(args, "lm", None):
         from .lm import problem_from_lm_args
         mdp, policy = problem_from_lm_args(args)
     else:
         from ..cli import load_problem_from_args
         mdp, policy = load_problem_from_args(args)
+    check_batches_fit(mdp.horizon, args.group_size, **mc_groups)
     records = verify(mdp, policy, args.estimator, group_size=args.group_size, mode=args.mode, samples=args.samples,
                      seed=args.seed, dtype=_DTYPES[args.dtype], alpha=args.alpha, max_rows=args.max_rows,
                      progress=not args.json, on_error="record_all", plugin_timeout=timeout)

@@ -1,0 +1,61 @@
+"""Atomic file writes whose errors name the file the user asked for.
+
+A write goes to a dotted temporary file in the destination's directory, is flushed to disk, and
+is renamed over the destination (``os.replace``, atomic on POSIX), so a reader or a crash never
+sees half a file: the destination holds the old contents or the new ones. Any ``OSError`` on the
+way (a directory where the file should be, no permission, ``/proc``, a full disk) is re-raised
+with the destination as its ``filename`` (never the temporary name), which the command line
+prints as ``tpg: error: cannot write FILE: reason``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from pathlib import Path
+
+
+def temp_path(path: Path) -> Path:
+    """A fresh dotted temporary name beside ``path`` (pid and a clock tick, so concurrent writers of
+    one file never share a temporary)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+
+
+def ensure_parent(path: Path) -> None:
+    """Create ``path``'s missing parent directories; ``NotADirectoryError`` naming the ancestor when
+    one of them is a file (``mkdir`` would say only "File exists")."""
+    anc = path.parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if anc.exists() and not anc.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"{anc} is not a directory", str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, fsync: bool = True) -> None:
+    """Write ``data`` to ``path`` atomically (module docstring); missing parent directories are
+    created. ``OSError`` (of the right subclass: ``PermissionError``, ``IsADirectoryError``, ...)
+    names ``path``."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        ensure_parent(path)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
+    finally:
+        try:
+            tmp.unlink()
+        except OSError:  # renamed away (the usual case) or never created
+            pass
+
+
+__all__ = ["write_bytes_atomic", "temp_path", "ensure_parent"]
