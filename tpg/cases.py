@@ -67,7 +67,11 @@ def mdp_from_spec(spec: str):
         validate_shape(V, H, eos, kw.get("gamma", 1.0), [1.0])
         if P < 1:
             raise ValueError(f"prompts must be an integer >= 1, got {P!r}")
-        check_tree_size(P, V, H, eos, kw.get("max_nodes", DEFAULT_MAX_NODES))
+        try:
+            check_tree_size(P, V, H, eos, kw.get("max_nodes", DEFAULT_MAX_NODES))
+        except ValueError as exc:  # say what does work at this size
+            raise ValueError(f"{exc}. policy=tabular needs the stored response tree: use policy=shared with "
+                             f"compact=true (solved by the Markov engine at any horizon)") from None
     mdp = make_mdp(**kw)
     pol = make_policy(mdp, kw.get("policy", "tabular"), kw.get("policy_seed"), kw.get("seed", 0),
                       kw.get("scale", 1.0))
