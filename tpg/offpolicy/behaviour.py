@@ -292,15 +292,18 @@ def stale_policy(mdp, policy, steps: int, lr: float):
     for step in range(steps):
         x = target - lr * _grad_vector(mdp, mu)  # the explicit step: a good starting point
         delta = math.inf
+        history = []
         for it in range(1, STALE_MAX_ITER + 1):
             _set_vector(params, x)
             x_new = target - lr * _grad_vector(mdp, mu)
             delta = float((x_new - x).abs().max())
             x = x_new
-            if not math.isfinite(delta) or delta > 1e6 * scale:
-                break
             if delta <= STALE_TOL * scale:
                 iters.append(it)
+                break
+            history.append(delta)
+            # a contraction shrinks the change geometrically; one that stalls over 10 iterations will not converge
+            if not math.isfinite(delta) or delta > 1e6 * scale or (it > 20 and delta > 0.95 * history[-11]):
                 break
         else:
             it = STALE_MAX_ITER
