@@ -604,7 +604,7 @@ def mismatch_report(mdp, logp_pi_nv: torch.Tensor, logp_mu_nv: torch.Tensor, sol
         "min_token_ratio": float(torch.where(seen, ratio, torch.full_like(ratio, math.inf)).min()),
         "max_seq_ratio": float(seq_ratio.max()),
         "pi_mass_outside_token": outside / length if length > 0 else 0.0,
-        "pi_mass_outside_seq": max(0.0, 1.0 - float(P_pi[live].sum())),
+        "pi_mass_outside_seq": float(P_pi[~live].sum()),
         "seq_ratio_second_moment": second,
         "ess_fraction": first ** 2 / second if second > 0 else 0.0,
         "mean_length_mu": length,

@@ -83,8 +83,8 @@ def draw_groups(mdp, beh: Behaviour, n: int, G: int, gen: torch.Generator, mode:
                          f"(P(non-degenerate) = {Z:.3g})")
     # same_prompt: each slot keeps its prompt and redraws its group until it is not degenerate
     prompts = torch.multinomial(mdp.prompt_weights, n, replacement=True, generator=gen)
-    slot_rows: list[Rollouts | None] = [None] * n
     pending = torch.nonzero(q_x[prompts] > 0).flatten()
+    parts, slot_parts = [], []
     drawn = 0
     for _ in range(MAX_ROUNDS):
         if pending.numel() == 0:
@@ -92,18 +92,19 @@ def draw_groups(mdp, beh: Behaviour, n: int, G: int, gen: torch.Generator, mode:
         ro = sample(mdp, beh.policy, prompts=prompts[pending], group_size=G, generator=gen)
         drawn += ro.num_tokens
         kept = ~_degenerate_groups(ro, G)
-        for j in torch.nonzero(kept).flatten().tolist():
-            slot_rows[int(pending[j])] = ro.index(torch.arange(j * G, (j + 1) * G))
+        idx = torch.nonzero(kept).flatten()
+        parts.append(ro.index(_rows_of_groups(idx, G)))
+        slot_parts.append(pending[idx].repeat_interleave(G))
         pending = pending[~kept]
     else:
         raise ValueError(f"dynamic sampling: {pending.numel()} prompt(s) still degenerate after {MAX_ROUNDS} redraws")
-    filled = [i for i in range(n) if slot_rows[i] is not None]
-    if not filled:
+    slots = torch.cat(slot_parts) if slot_parts else torch.zeros(0, dtype=torch.long)
+    if slots.numel() == 0:
         raise ValueError("dynamic sampling: every drawn prompt has only degenerate groups (q_x = 0)")
-    out = _cat([slot_rows[i] for i in filled])
-    slots = torch.tensor(filled, dtype=torch.long).repeat_interleave(G)
-    out.group = slots.clone()
-    return out, slots, drawn
+    order = torch.sort(slots, stable=True).indices  # rows in slot order, each group's rows kept together
+    out = _cat(parts).index(order)
+    out.group = slots[order].clone()
+    return out, out.group.clone(), drawn
 
 
 def sample_offpolicy_terms(mdp, policy, estimator, behaviour="pi", loss=None, num_batches: int = 1000,
