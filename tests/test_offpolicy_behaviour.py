@@ -231,10 +231,15 @@ def test_stale_is_exactly_k_ascent_steps_behind(spec):
     assert resolve_behaviour("stale:0", mdp, pol).mismatch["kl_seq"] == 0
 
 
-def test_stale_refuses_a_step_too_large_to_invert(problem):
+def test_stale_large_steps_and_the_refusal(problem):
+    """A step too large for the plain fixed-point iteration still inverts (damped; the forward check holds);
+    one that cannot be inverted on this problem is refused with the field named."""
     mdp, pol = problem
-    with pytest.raises(ValueError, match="smaller lr"):
-        resolve_behaviour("stale:1,lr=200", mdp, pol)
+    beh = resolve_behaviour("stale:1,lr=5", mdp, pol)
+    assert beh.info["stale_residual"] < 1e-10 and beh.info["stale_iterations"][0] > 20
+    with pytest.raises(ValueError, match="behaviour stale: the backward gradient step 1 of size lr=20 did not "
+                                         "converge.*smaller lr"):
+        resolve_behaviour("stale:1,lr=20", mdp, pol)
 
 
 def test_recorded_policies_case_file_and_checkpoint(problem, tmp_path):

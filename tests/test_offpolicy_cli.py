@@ -89,3 +89,22 @@ def test_public_api():
     mod = importlib.import_module("tpg.offpolicy")
     assert mod.__all__ and not [n for n in mod.__all__ if not hasattr(mod, n)]
     assert len(set(mod.__all__)) == len(mod.__all__)
+
+
+def test_hooks_flag_needs_an_offpolicy_setting(capsys):
+    code, _, err = run(capsys, "verify", "--mdp", MDP, "--estimator", "grpo", "--hooks-from", "policy")
+    assert code == 2 and "off-policy verification only" in err
+
+
+def test_offpolicy_bench_tiny(tmp_path, monkeypatch):
+    """The benchmark script runs end to end at a tiny size (no timing assertions)."""
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parent.parent / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench))
+    out = tmp_path / "offpolicy.json"
+    assert importlib.import_module("offpolicy_bench").main(["--tiny", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    row = result["rows"][0]
+    assert row["on_batches"] == row["off_batches"] > 0 and row["on_s"] > 0 and row["off_s"] > 0
+    assert row["ratio"] > 0 and row["ratio_cpu"] > 0 and result["command"].startswith("python benchmarks/offpolicy")

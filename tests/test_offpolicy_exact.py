@@ -290,3 +290,16 @@ def test_records_carry_the_setting_and_the_mismatch(problem):
         verify(mdp, pol, "grpo", loss="ppo")
     with pytest.raises(ValueError, match="max_rows"):
         verify(mdp, pol, "grpo", group_size=3, behaviour="top_p:0.9", max_rows=100)
+
+
+def test_example_verl_loss_plugin_equals_the_builtin(problem):
+    """examples/plugins/ppo_tis_loss_verl.py with old=pi (verl's recomputed pi_old) is PPO at its first step
+    times the TIS weight: exactly tis:2, in the exact engine (vectorised over the batches)."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples/plugins/ppo_tis_loss_verl.py"
+    mdp, pol, sol = problem
+    for est in ("grpo", "rloo:agg=token-mean"):
+        want = _mean(problem, est, "logit_noise:0.5,1", "tis:2").mean
+        got = _mean(problem, est, "logit_noise:0.5,1", f"{path}:compute_policy_loss:old=pi,tis_cap=2").mean
+        assert float((got - want).abs().max()) < 1e-14, est

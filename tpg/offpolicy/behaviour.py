@@ -32,9 +32,12 @@ policy (each stage maps logits to logits; ``mu = softmax`` of the last), e.g.
   with ``theta_{j+1} = theta_j + eta grad J(theta_j)`` and ``theta_0 = theta`` (the policy's parameters),
   so that ``k`` plain gradient-ascent steps of size ``eta`` (default 0.5) from ``mu`` land exactly on
   ``pi`` and the verification target stays ``grad J(pi)``. Each backward step solves
-  ``theta_{j-1} = theta_j - eta grad J(theta_{j-1})`` by fixed-point iteration (a contraction when
-  ``eta`` times the curvature of ``J`` is below 1; otherwise a ``ValueError`` asks for a smaller
-  ``eta``); the residual of the ``k`` forward steps is reported (``info['stale_residual']``).
+  ``theta_{j-1} + eta grad J(theta_{j-1}) = theta_j`` (damped fixed-point iteration, :func:`stale_policy`;
+  where the step cannot be inverted a ``ValueError`` asks for a smaller ``eta``; with a large ``eta`` the
+  step map may have several preimages, and ``mu`` is the one reached from the explicit guess
+  ``theta_j - eta grad J(theta_j)``); the residual of the ``k`` forward steps is reported
+  (``info['stale_residual']``). Each iteration is one exact gradient, so transformer policies want a small
+  ``eta`` (e.g. 0.05).
   A policy recorded by ``tpg train`` is given with ``file:`` instead.
 * ``file:PATH`` — any recorded policy on the same tree: a ``tpg-case/1`` JSON file (its tabular
   policy; its rewards are ignored) or a ``tpg train`` checkpoint (``.ckpt``/``.pt``, its ``policy``
@@ -78,8 +81,8 @@ from ..policies.base import Policy
 from ._spec import bind_args, canonical, fmt_value, positive, split_head, split_top, unwrap
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-#: Fixed-point iterations allowed per backward step of ``stale``.
-STALE_MAX_ITER = 2000
+#: Iterations allowed per backward step of ``stale``.
+STALE_MAX_ITER = 500
 #: Convergence of a backward step: ``max |Delta theta| <= STALE_TOL * max(1, max |theta|)``.
 STALE_TOL = 1e-13
 
@@ -279,8 +282,15 @@ def _get_vector(params: list[torch.Tensor]) -> torch.Tensor:
 def stale_policy(mdp, policy, steps: int, lr: float):
     """``(mu_policy, info)``: a copy of ``policy`` moved ``steps`` exact gradient-ascent steps of size ``lr``
     *back*, i.e. ``k`` forward steps ``theta <- theta + lr grad J(theta)`` from it return ``policy``'s
-    parameters (see the module docstring); ``info`` has the fixed-point iterations of each step and the
-    forward residual ``max |theta_k - theta|``."""
+    parameters (see the module docstring); ``info`` has the iterations of each step and the forward
+    residual ``max |theta_k - theta|``.
+
+    Each backward step solves ``r(x) = x + lr grad J(x) - theta_j = 0`` from the explicit guess
+    ``x = theta_j - lr grad J(theta_j)`` by damped Richardson iteration ``x <- x - alpha r(x)``, halving
+    ``alpha`` whenever ``max |r|`` does not decrease (``alpha = 1`` is the plain fixed-point iteration
+    ``x <- theta_j - lr grad J(x)``). It converges where the step is locally invertible
+    (``1 + lr lambda > 0`` for every eigenvalue ``lambda`` of the Hessian of ``J``); elsewhere the
+    backward step is not defined and a ``ValueError`` asks for a smaller ``lr``."""
     mu = copy.deepcopy(policy)
     params = _flat_params(mu)
     if not params:
@@ -289,28 +299,32 @@ def stale_policy(mdp, policy, steps: int, lr: float):
     scale = max(1.0, float(theta.abs().max()))
     iters = []
     target = theta.clone()
+
+    def residual(x):
+        _set_vector(params, x)
+        return x + lr * _grad_vector(mdp, mu) - target
+
     for step in range(steps):
+        _set_vector(params, target)
         x = target - lr * _grad_vector(mdp, mu)  # the explicit step: a good starting point
-        delta = math.inf
-        history = []
-        for it in range(1, STALE_MAX_ITER + 1):
-            _set_vector(params, x)
-            x_new = target - lr * _grad_vector(mdp, mu)
-            delta = float((x_new - x).abs().max())
-            x = x_new
-            if delta <= STALE_TOL * scale:
-                iters.append(it)
-                break
-            history.append(delta)
-            # a contraction shrinks the change geometrically; one that stalls over 10 iterations will not converge
-            if not math.isfinite(delta) or delta > 1e6 * scale or (it > 20 and delta > 0.95 * history[-11]):
-                break
-        else:
-            it = STALE_MAX_ITER
-        if not (math.isfinite(delta) and delta <= STALE_TOL * scale):
+        r = residual(x)
+        err = float(r.abs().max())
+        alpha, it = 1.0, 0
+        while err > STALE_TOL * scale and it < STALE_MAX_ITER and alpha >= 1e-4:
+            it += 1
+            x_try = x - alpha * r
+            r_try = residual(x_try)
+            err_try = float(r_try.abs().max())
+            if math.isfinite(err_try) and err_try < err:
+                x, r, err = x_try, r_try, err_try
+                alpha = min(1.0, 1.5 * alpha)
+            else:
+                alpha /= 2
+        if not err <= STALE_TOL * scale:
             raise ValueError(f"behaviour stale: the backward gradient step {step + 1} of size lr={fmt_value(lr)} did "
-                             f"not converge (last change {delta:.3g} after {it} fixed-point iterations): the step is "
-                             f"too large for an exact inverse on this problem; use a smaller lr")
+                             f"not converge (residual {err:.3g} after {it} iterations): the step is too large to be "
+                             f"inverted on this problem (1 + lr * curvature <= 0 somewhere); use a smaller lr")
+        iters.append(it)
         _set_vector(params, x)
         target = x.clone()
     # the forward check: k ascent steps from mu must return to pi
@@ -320,9 +334,8 @@ def stale_policy(mdp, policy, steps: int, lr: float):
     for _ in range(steps):
         y = y + lr * _grad_vector(mdp, check)
         _set_vector(cparams, y)
-    residual = float((y - theta).abs().max()) if steps else 0.0
-    return mu, {"stale_steps": steps, "stale_lr": lr, "stale_fixed_point_iterations": iters,
-                "stale_residual": residual,
+    residual_k = float((y - theta).abs().max()) if steps else 0.0
+    return mu, {"stale_steps": steps, "stale_lr": lr, "stale_iterations": iters, "stale_residual": residual_k,
                 "stale_param_distance": float((_get_vector(params) - theta).norm())}
 
 

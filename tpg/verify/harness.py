@@ -17,6 +17,11 @@ reference policy: the one given, or a seeded perturbation of the policy). ``vari
 (continuations, greedy responses); in exact mode the hook part is measured on sampled batches
 (``tokens_exact = False``).
 
+With a behaviour policy or a policy loss (``verify(..., behaviour=, loss=)``, :mod:`tpg.offpolicy`) the
+expectation is over batches sampled from the behaviour, the gradient is taken through the loss, and the
+records also carry ``behaviour, loss, hooks, mismatch, behaviour_info, kept_prob``
+(:mod:`tpg.offpolicy.record`).
+
 A plug-in verified with ``dtype=torch.float32`` is verified in float64 too; when the verdicts
 differ both records are returned (the float32 one second), otherwise the float32 one only.
 """
@@ -246,6 +251,8 @@ def verify(mdp, policy, estimators, group_size: int = 2, mode: str = "exact", sa
     specs = resolve_specs(estimators)
     prob = _Problem(mdp, policy, seed, ref_policy)
     off = None
+    if hooks != "behaviour" and behaviour is None and loss is None:
+        raise ValueError(f"hooks={hooks!r} applies to off-policy verification only: give a behaviour or a loss")
     if behaviour is not None or loss is not None:
         from ..offpolicy.record import prepare_offpolicy
         off = prepare_offpolicy(mdp, policy, prob.sol, behaviour, loss, hooks)
