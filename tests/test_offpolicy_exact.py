@@ -303,3 +303,35 @@ def test_example_verl_loss_plugin_equals_the_builtin(problem):
         want = _mean(problem, est, "logit_noise:0.5,1", "tis:2").mean
         got = _mean(problem, est, "logit_noise:0.5,1", f"{path}:compute_policy_loss:old=pi,tis_cap=2").mean
         assert float((got - want).abs().max()) < 1e-14, est
+
+
+AGGS = ["seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean", "token-mean", "token-sum"]
+
+
+def _combine(agg, compare_on_policy):
+    mdp, pol = mdp_from_spec("dense:vocab=2,horizon=2,eos=0,prompts=2,seed=5")
+    if compare_on_policy:
+        on = verify(mdp, pol, f"all:agg={agg}", group_size=2, on_error="record")
+        at_pi = verify(mdp, pol, f"all:agg={agg}", group_size=2, on_error="record", loss="ppo_clip:0.2,dual_clip=3")
+        for a, b in zip(on, at_pi):
+            assert a["verdict"] == b["verdict"] != "error", (a["spec"], b.get("error"))
+            assert b["cosine"] == pytest.approx(a["cosine"], abs=1e-12)
+            assert b["scale"] == pytest.approx(a["scale"], abs=1e-12)
+    for loss in ("ppo_clip:0.2,dual_clip=3", "is_seq:filter_degenerate_groups=true"):
+        recs = verify(mdp, pol, f"all:agg={agg}", group_size=2, behaviour="logit_noise:0.4,2", loss=loss,
+                      on_error="record")
+        assert [r["verdict"] for r in recs if r["verdict"] == "error"] == [], [r["error"] for r in recs]
+
+
+@pytest.mark.parametrize("agg", ["token-mean"])
+def test_every_estimator_combines_with_a_loss(agg):
+    """The whole catalog runs under a behaviour with a clipped loss and with dynamic sampling (no error
+    records; token-mean makes every estimator batch-coupled)."""
+    _combine(agg, compare_on_policy=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("agg", AGGS)
+def test_every_estimator_and_aggregation_mode_combines_with_a_loss(agg):
+    """Every aggregation mode; at mu = pi the clipped loss reproduces the on-policy numbers."""
+    _combine(agg, compare_on_policy=True)
