@@ -49,6 +49,19 @@ trainer's backward pass would. The catalog (:data:`LOSSES`):
   1 + eps_high)) A_t log pi_t``, the clipped importance weight with stop-gradient times ``log pi``; no
   lower clip unless ``clip_low`` is given.
 
+Which log-probabilities each loss reads (``log pi`` is always the trainer's, live; ``log mu`` the
+engine's ``rollout_log_probs`` as sampled; ``log pi_old`` per the ``old`` option):
+
+    ==============================  ===========================================================
+    pg                              log pi only
+    is_token, is_seq, tis, mis      log pi and log mu (the ratio pi/mu; in the TIS / IcePop papers
+                                    the numerator is the trainer's recomputed pi_old, which equals
+                                    pi at the first step)
+    ppo_clip, gspo, cispo           log pi and log pi_old: log mu with old=mu (default), the
+                                    recomputed log pi with old=pi
+    plug-ins                        old_log_prob per old=mu|pi; rollout_log_probs = log mu
+    ==============================  ===========================================================
+
 Every loss adds the estimator's KL loss term unchanged (its coefficient is ``d (beta k) / d log pi`` at
 the trainer's log-probabilities, as verl's ``kl_loss`` is added next to the policy loss).
 
