@@ -335,3 +335,26 @@ def test_every_estimator_combines_with_a_loss(agg):
 def test_every_estimator_and_aggregation_mode_combines_with_a_loss(agg):
     """Every aggregation mode; at mu = pi the clipped loss reproduces the on-policy numbers."""
     _combine(agg, compare_on_policy=True)
+
+
+def test_batch_layouts_where_the_verifier_has_them():
+    """verl's batch:PxN layout (P prompt draws with N responses each, from the plug-in layouts): is_token at
+    mu = pi is the on-policy verifier, and DAPO's new_prompts filter rescales a leave-one-out estimator by
+    1/Z (its degenerate groups have zero advantage; the P slots are independent)."""
+    import importlib
+    from pathlib import Path
+
+    if not hasattr(importlib.import_module("tpg.verify.exact_moments"), "rows_per_batch"):
+        pytest.skip("this verifier has no batch:PxN layout yet (it comes with the plug-in layouts)")
+    path = Path(__file__).resolve().parent.parent / "examples/plugins/rloo_simple.py"
+    mdp, pol = mdp_from_spec(SPARSE)
+    sol = solve(mdp, pol)
+    est = get_estimator(f"{path}:advantage:layout=batch:2x2")
+    on = exact_moments(mdp, pol, est, 2, with_cov=False)
+    off = offpolicy_moments(mdp, pol, est, "pi", "is_token", 2, sol=sol)
+    assert float((off.mean - on.mean).abs().max()) < 1e-14
+    assert off.variance_trace == pytest.approx(on.variance_trace, rel=1e-12)
+    filt = offpolicy_moments(mdp, pol, est, "pi", "pg:filter_degenerate_groups=true", 2, sol=sol)
+    Z = float((mdp.prompt_weights * keep_probabilities(mdp, sol.response_prob, sol.response_rm, 2)).sum())
+    assert filt.kept_prob == pytest.approx(Z, abs=1e-14) and Z < 0.99
+    assert float((filt.mean - on.mean / Z).abs().max()) < 1e-13

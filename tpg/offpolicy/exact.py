@@ -1,7 +1,8 @@
 """Exact moments of an off-policy gradient estimate: the sample space enumerated under ``mu``.
 
 A batch is drawn as on-policy (:func:`tpg.verify.exact_moments.batch_layout`: one prompt and ``G``
-responses, ``G`` independent pairs, or one pair) but from the behaviour ``mu``: the batch ``b`` of
+responses, ``G`` independent pairs, one pair, or ``P`` prompt draws with ``N`` responses each where the
+verifier has verl's ``batch:PxN`` layout) but from the behaviour ``mu``: the batch ``b`` of
 prompts ``x_i`` and responses ``W_i`` has probability ``p_b = prod_i rho(x_i) P_mu(W_i | x_i)`` (a group
 shares its prompt), and only batches with ``p_b > 0`` (``mu``'s support) are enumerated. On each batch
 
@@ -32,7 +33,11 @@ never dropped (DAPO keeps them). With ``q_x = P_mu(group of x non-degenerate) = 
 * ``same_prompt`` (the prompt is kept and its group redrawn until it is not degenerate): the prompt
   stays ``rho``-distributed and its group follows ``mu^G(W | x) 1[kept] / q_x``, so
   ``E[g] = sum_x rho(x) E_mu[g 1[kept] | x] / q_x``: each prompt's contribution rescaled by
-  ``1 / P(non-degenerate | x)``; a prompt with ``q_x = 0`` contributes ``g = 0``.
+  ``1 / P(non-degenerate | x)``; a prompt with ``q_x = 0`` contributes ``g = 0`` (refused for batches of
+  several groups, where the batch would have no defined value).
+
+A batch of several groups (``batch:PxN``) has independent group slots, so its conditional probability is
+the product of the slots' (``Z^P`` of kept mass under ``new_prompts``).
 
 Proof of both: the batch law is the conditional law above (a batch's groups are independent slots), and
 ``E[g] = sum_b p'_b g_b`` for any batch law ``p'``. For estimators that give a degenerate group zero
@@ -94,6 +99,27 @@ class OffPolicyMoments:
     behaviour: str = "pi"
     loss: str = "pg"
     mismatch: dict = field(default_factory=dict)
+
+
+def layout_shape(layout: str, G: int) -> tuple[int, int, int]:
+    """``(rows per batch, groups per batch, rows per group)`` of a batch layout: ``group`` ``(G, 1, G)``,
+    ``independent`` ``(G, G, 1)``, ``single`` ``(1, 1, 1)``, ``batch:PxN`` ``(P N, P, N)`` (verl's batch of
+    ``P`` prompt draws with ``N`` responses each, where the verifier has that layout)."""
+    if layout.startswith("batch:"):
+        P, _, N = layout.split(":", 1)[1].lower().partition("x")
+        return int(P) * int(N), int(P), int(N)
+    if layout == "group":
+        return G, 1, G
+    if layout == "independent":
+        return G, G, 1
+    return 1, 1, 1
+
+
+def _plugin_error():
+    """The plug-in failure class whose errors pass through unchanged, where the estimators define one."""
+    from ..estimators import plugin
+
+    return getattr(plugin, "PluginError", ())
 
 
 def keep_probabilities(mdp, response_prob_l: torch.Tensor, rm_l: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -207,17 +233,22 @@ def offpolicy_moments(mdp, policy, estimator, behaviour="pi", loss=None, group_s
     ref_all = ref_log_probs(ref_policy, tree, leaves_ro) if ref_policy is not None else None
 
     rho = mdp.prompt_weights
-    mode = loss.filter if layout == "group" and G >= 2 else "false"
-    q_x = keep_probabilities(mdp, beh.sol.response_prob, leaves_ro.rm, G) if mode != "false" else None
+    per_batch, n_groups, per_group = layout_shape(layout, G)
+    mode = loss.filter if per_group >= 2 else "false"
+    q_x = keep_probabilities(mdp, beh.sol.response_prob, leaves_ro.rm, per_group) if mode != "false" else None
     Z = float((rho * q_x).sum()) if q_x is not None else 1.0
     if mode != "false" and Z <= 0.0:
-        raise ValueError(f"dynamic sampling: every group of {G} responses has identical rewards under the behaviour "
-                         f"{beh.spec!r} (P(non-degenerate) = 0), so no batch is ever filled")
+        raise ValueError(f"dynamic sampling: every group of {per_group} responses has identical rewards under the "
+                         f"behaviour {beh.spec!r} (P(non-degenerate) = 0), so no batch is ever filled")
+    never = [] if q_x is None else [x for x in range(mdp.num_prompts) if float(rho[x]) > 0 and float(q_x[x]) <= 0]
+    if mode == "same_prompt" and never and n_groups > 1:
+        raise ValueError(f"dynamic sampling same_prompt: prompt(s) {never} only ever give degenerate groups, and a "
+                         f"{layout} batch has no defined value without them; use new_prompts")
     # the expected mass of the kept batches: 1, or the weight of the prompts that can be kept (same_prompt)
     expected_total = 1.0 if mode != "same_prompt" else float(rho[q_x > 0].sum())
 
     D = pmap.logit_dim
-    chunk_batches = max(1, _CHUNK_ENTRIES // max(D * G, 1))
+    chunk_batches = max(1, _CHUNK_ENTRIES // max(D * per_batch, 1))
     shift = sol_pi.grad_logits.reshape(-1).to(torch.float64)
     s1 = torch.zeros(D, dtype=torch.float64)
     s2 = torch.zeros(D, D, dtype=torch.float64)
@@ -228,7 +259,7 @@ def offpolicy_moments(mdp, policy, estimator, behaviour="pi", loss=None, group_s
     for rows, batch_b, p_n in _space_chunks(mdp, beh.sol, layout, G, chunk_batches):
         if mode != "false":
             rm_rows = leaves_ro.rm[rows]
-            group_rows = batch_b if layout == "group" else torch.arange(rows.numel())
+            group_rows = torch.arange(rows.numel()) // per_group
             factor = _group_factors(rm_rows, batch_b, group_rows, leaves_ro.prompt[rows], p_n.numel(), mode, q_x, Z)
             kept_mass += float((p_n * (factor > 0)).sum())
             p_n = p_n * factor
@@ -240,10 +271,12 @@ def offpolicy_moments(mdp, policy, estimator, behaviour="pi", loss=None, group_s
             rows, p_n = rows[keep_rows], p_n[live]
         nb = p_n.numel()
         ro = _take(leaves_ro, rows)
-        ro.group = batch_b.clone() if layout == "group" else torch.arange(rows.numel())
+        ro.group = torch.arange(rows.numel()) // per_group  # group, one per prompt draw, or one per row
         rb = make_batch(estimator, ro, batch_b, dtype, None if ref_all is None else ref_all[rows])
         try:
             out = estimator(rb, ctx)
+        except _plugin_error():  # the plug-in's own failure, not a refusal of exact mode
+            raise
         except ValueError as exc:
             raise ValueError(f"exact mode refused for {name!r}: {exc}") from exc
         coef = checked_coef(estimator, out, ro.tokens.shape)
@@ -265,16 +298,16 @@ def offpolicy_moments(mdp, policy, estimator, behaviour="pi", loss=None, group_s
     if abs(total_p - expected_total) > 1e-9:
         raise ValueError(f"the sample space's probabilities under the behaviour sum to {total_p!r}, not "
                          f"{expected_total!r}")
-    if mode == "new_prompts" and abs(kept_mass - Z) > 1e-9:
+    if mode == "new_prompts" and abs(kept_mass - Z ** n_groups) > 1e-9:
         raise ValueError(f"dynamic sampling: the enumerated kept mass {kept_mass!r} disagrees with the closed form "
-                         f"Z = {Z!r}")
+                         f"Z^{n_groups} = {Z ** n_groups!r}")
     null = 1.0 - expected_total  # batches with g = 0 (same_prompt: prompts that are never kept)
     if null > 0:  # they sit at -shift in the centred coordinates
         s1 -= null * shift
         s2 += null * torch.outer(shift, shift)
     cov_logit = s2 - torch.outer(s1, s1)
     if mode != "false":
-        tokens = _sampled_tokens(mdp, beh, G, mode, q_x, Z)
+        tokens = n_groups * _sampled_tokens(mdp, beh, per_group, mode, q_x, Z)
     kept_prob = Z if mode != "false" else 1.0
     return OffPolicyMoments(mean=pmap.to_params(shift + s1), cov=pmap.param_cov(cov_logit) if with_cov else None,
                             variance_trace=max(pmap.param_trace(cov_logit), 0.0), num_batches=kept_batches,
@@ -285,7 +318,7 @@ def offpolicy_moments(mdp, policy, estimator, behaviour="pi", loss=None, group_s
 
 
 def _sampled_tokens(mdp, beh: Behaviour, G: int, mode: str, q_x: torch.Tensor, Z: float) -> float:
-    """Expected response tokens drawn to fill one batch under dynamic sampling (rejected groups included)."""
+    """Expected response tokens drawn to fill one group slot under dynamic sampling (rejected groups included)."""
     tree = mdp.tree
     rho = mdp.prompt_weights
     lengths = tree.depth_n[tree.leaf_ids].to(torch.float64)
@@ -297,4 +330,4 @@ def _sampled_tokens(mdp, beh: Behaviour, G: int, mode: str, q_x: torch.Tensor, Z
     return float((G * per_prompt[live] / q_x[live]).sum())
 
 
-__all__ = ["OffPolicyMoments", "offpolicy_moments", "keep_probabilities", "hooks_context", "HOOKS"]
+__all__ = ["OffPolicyMoments", "offpolicy_moments", "keep_probabilities", "hooks_context", "layout_shape", "HOOKS"]

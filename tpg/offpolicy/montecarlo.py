@@ -24,7 +24,7 @@ from ..verify.exact_moments import batch_layout, checked_coef, make_batch, ref_l
 from ..verify.montecarlo import CHUNK_ROWS, GradientSamples
 from ..verify.score import token_nt
 from .behaviour import Behaviour, resolve_behaviour
-from .exact import HOOKS, keep_probabilities
+from .exact import HOOKS, keep_probabilities, layout_shape
 from .losses import LossInputs, get_loss, loss_coefficients
 
 #: Rounds of rejection sampling before dynamic sampling gives up.
@@ -128,14 +128,19 @@ def sample_offpolicy_terms(mdp, policy, estimator, behaviour="pi", loss=None, nu
     layout, G = batch_layout(estimator, group_size)
     tree = mdp.tree
     rho = mdp.prompt_weights
-    mode = loss.filter if layout == "group" and G >= 2 else "false"
+    per_batch, n_groups, per_group = layout_shape(layout, G)
+    mode = loss.filter if per_group >= 2 else "false"
     q_x = None
     if mode != "false":
-        q_x = keep_probabilities(mdp, beh.sol.response_prob, beh.sol.response_rm, G)
+        q_x = keep_probabilities(mdp, beh.sol.response_prob, beh.sol.response_rm, per_group)
         if float((rho * q_x).sum()) <= 0:
-            raise ValueError(f"dynamic sampling: every group of {G} responses has identical rewards under the "
-                             f"behaviour {beh.spec!r}, so no batch is ever filled")
-    per_chunk = max(1, CHUNK_ROWS // G)
+            raise ValueError(f"dynamic sampling: every group of {per_group} responses has identical rewards under "
+                             f"the behaviour {beh.spec!r}, so no batch is ever filled")
+        never = [x for x in range(mdp.num_prompts) if float(rho[x]) > 0 and float(q_x[x]) <= 0]
+        if mode == "same_prompt" and never and n_groups > 1:
+            raise ValueError(f"dynamic sampling same_prompt: prompt(s) {never} only ever give degenerate groups, and "
+                             f"a {layout} batch has no defined value without them; use new_prompts")
+    per_chunk = max(1, CHUNK_ROWS // per_batch)
     zero = torch.zeros((), dtype=torch.float64)
     lpi = sol_pi.logp
     coefs, nts, toks, bids = [], [], [], []
@@ -144,11 +149,12 @@ def sample_offpolicy_terms(mdp, policy, estimator, behaviour="pi", loss=None, nu
     done = 0
     while done < num_batches:
         n = min(per_chunk, num_batches - done)
-        if layout == "group":
-            ro, batch_b, drawn = draw_groups(mdp, beh, n, G, gen, mode, q_x)
+        if per_group >= 2:  # group slots (one per batch, or P per batch:PxN batch), each its own group
+            ro, slot_b, drawn = draw_groups(mdp, beh, n * n_groups, per_group, gen, mode, q_x)
+            batch_b = slot_b // n_groups
         else:
-            ro = sample(mdp, beh.policy, num_prompts=n * G, group_size=1, generator=gen)
-            batch_b, drawn = torch.arange(n).repeat_interleave(G), ro.num_tokens
+            ro = sample(mdp, beh.policy, num_prompts=n * per_batch, group_size=1, generator=gen)
+            batch_b, drawn = torch.arange(n).repeat_interleave(per_batch), ro.num_tokens
         tokens += drawn
         if ro.batch_size:
             nt = token_nt(tree, ro.nodes)
@@ -156,7 +162,7 @@ def sample_offpolicy_terms(mdp, policy, estimator, behaviour="pi", loss=None, nu
             logp_mu = ro.logp.clone()  # what the engine reported while sampling
             ro.logp = torch.where(ro.mask, lpi[ntc, ro.tokens], zero)  # the trainer recomputes log pi
             ref = ref_log_probs(ref_policy, tree, ro) if ref_policy is not None else None
-            local, nb = torch.unique_consecutive(batch_b, return_inverse=True)
+            _, nb = torch.unique_consecutive(batch_b, return_inverse=True)
             rb = make_batch(estimator, ro, nb, dtype, ref)
             out = estimator(rb, ctx)
             coef = checked_coef(estimator, out, ro.tokens.shape)
@@ -164,7 +170,7 @@ def sample_offpolicy_terms(mdp, policy, estimator, behaviour="pi", loss=None, nu
                 inp = LossInputs(logp_mu_bt=torch.where(ro.mask, logp_mu, zero),
                                  advantages_bt=out.advantages.detach().to(torch.float64),
                                  weights_bt=out.weights.detach().to(torch.float64), mask_bt=ro.mask, batch_b=nb,
-                                 rows_per_batch=G if layout != "single" else 1,
+                                 rows_per_batch=per_batch,
                                  agg=getattr(estimator, "agg", "seq-mean-token-sum"))
                 kl = None if out.kl_coef is None else out.kl_coef.detach().to(torch.float64)
                 coef = loss_coefficients(loss, ro.logp, inp, kl)

@@ -104,13 +104,14 @@ def offpolicy_result(prob, est, setup: OffPolicySetup, mode: str, group_size: in
 
 def _kept_prob(setup: OffPolicySetup, mdp, est, group_size: int) -> float:
     from ..verify.exact_moments import batch_layout
-    from .exact import keep_probabilities
+    from .exact import keep_probabilities, layout_shape
 
     layout, G = batch_layout(est, group_size)
-    if setup.loss.filter == "false" or layout != "group" or G < 2:
+    _, _, per_group = layout_shape(layout, G)
+    if setup.loss.filter == "false" or per_group < 2:
         return 1.0
     sol = setup.behaviour.sol
-    return float((mdp.prompt_weights * keep_probabilities(mdp, sol.response_prob, sol.response_rm, G)).sum())
+    return float((mdp.prompt_weights * keep_probabilities(mdp, sol.response_prob, sol.response_rm, per_group)).sum())
 
 
 def format_offpolicy_header(records: list[dict]) -> str:
