@@ -90,8 +90,8 @@ def _closed_form(spec, logp, inp):
 def test_coefficients_match_the_hand_derived_formula(tab, spec):
     inp, ro, out = tab["inp"], tab["ro"], tab["out"]
     got = loss_coefficients(get_loss(spec), ro.logp, inp, out.kl_coef)
-    want = _closed_form(spec, ro.logp, inp) - torch.where(ro.mask, out.weights * out.kl_coef, torch.zeros((),
-                                                                                                       dtype=torch.float64))
+    zero = torch.zeros((), dtype=torch.float64)
+    want = _closed_form(spec, ro.logp, inp) - torch.where(ro.mask, out.weights * out.kl_coef, zero)
     assert float((got - want).abs().max()) < 1e-13
     if spec.startswith(("ppo_clip:0.2", "gspo:0.05", "cispo:0.2", "tis:1.3")) and "old=pi" not in spec:
         # the case exercises the clip: some tokens inside it and some outside
@@ -268,7 +268,8 @@ def test_loss_specs_and_errors():
     assert get_loss("is_seq:filter_degenerate_groups=same_prompt").filter == "same_prompt"
     for spec in ALL_LOSSES:
         assert get_loss(get_loss(spec).spec).spec == get_loss(spec).spec
-    bad = {"tis:-1": "'C' must be", "mis:2,1": "lo must be <= hi", "ppo_clip:0.2,dual_clip=0.5": "dual_clip must be > 1",
+    bad = {"tis:-1": "'C' must be", "mis:2,1": "lo must be <= hi",
+           "ppo_clip:0.2,dual_clip=0.5": "dual_clip must be > 1",
            "clip:0.2": "unknown loss 'clip'", "pg,filter_degenerate_groups=true": "arguments follow a colon",
            "tis:2,level=word": "token | seq | geo", "ppo_clip:0.2,old=nu": "must be mu",
            "pg:filter_degenerate_groups=maybe": "false | true", "is_token:1": "too many arguments",

@@ -5,7 +5,6 @@ for dynamic sampling) against the exact off-policy mean, with tolerances from th
 import math
 
 import pytest
-import torch
 
 from tpg.cases import mdp_from_spec
 from tpg.estimators import get_estimator

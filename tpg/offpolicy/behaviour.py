@@ -532,10 +532,6 @@ class Behaviour:
     mismatch: dict
     info: dict = field(default_factory=dict)
 
-    @property
-    def is_identity(self) -> bool:
-        return self.spec == "pi"
-
 
 def behaviour_logits(spec, mdp, policy) -> tuple[torch.Tensor, str, dict]:
     """``(logits [N_nt, V], canonical spec, info)`` of a behaviour given as a spec string, a policy on the

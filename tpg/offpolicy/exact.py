@@ -60,7 +60,7 @@ from ..verify.exact_moments import (DEFAULT_MAX_ROWS, _calls_since, _space_chunk
                                     sample_space_size)
 from ..verify.score import ParamMap, batch_logit_gradients, token_nt
 from .behaviour import Behaviour, resolve_behaviour
-from .losses import Loss, LossInputs, get_loss, loss_coefficients
+from .losses import LossInputs, get_loss, loss_coefficients
 
 HOOKS = ("behaviour", "policy")
 #: Entries of a dense chunk of per-batch logit gradients (as the on-policy engine).

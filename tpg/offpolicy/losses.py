@@ -91,7 +91,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import inspect
-import math
 import os
 import re
 import sys
@@ -120,7 +119,8 @@ def _parse_filter(value) -> str:
 def _parse_old(value) -> str:
     v = str(value).strip().lower()
     if v not in ("mu", "pi"):
-        raise ValueError(f"must be mu (the behaviour's log-probs) or pi (the trainer's recomputed log pi); got {value!r}")
+        raise ValueError(f"must be mu (the behaviour's log-probs) or pi (the trainer's recomputed log pi); "
+                         f"got {value!r}")
     return v
 
 

@@ -129,7 +129,8 @@ def format_offpolicy_header(records: list[dict]) -> str:
             v = m.get(key)
             return "inf" if v is None else format(v, spec)
 
-        lines.append(f"mismatch: KL(mu||pi) {f('kl_token')}/token {f('kl_seq')}/seq, KL(pi||mu) {f('kl_pi_mu_seq')}/seq, "
+        lines.append(f"mismatch: KL(mu||pi) {f('kl_token')}/token {f('kl_seq')}/seq, "
+                     f"KL(pi||mu) {f('kl_pi_mu_seq')}/seq, "
                      f"|log pi/mu| mean {f('mean_abs_log_ratio')} max {f('max_abs_log_ratio')}, "
                      f"pi/mu in [{f('min_token_ratio')}, {f('max_token_ratio')}] per token, "
                      f"max {f('max_seq_ratio')} per seq, pi mass outside supp mu {f('pi_mass_outside_seq')}/seq, "
