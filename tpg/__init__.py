@@ -3,7 +3,8 @@
 The pipeline, in the order data flows: a simulator (:mod:`tpg.mdp` + :mod:`tpg.policies`)
 produces rollouts (:mod:`tpg.rollouts`); estimators (:mod:`tpg.estimators`) turn them into
 advantages and a surrogate loss; the exact engine (:mod:`tpg.exact`) produces the truth; the
-verifier (:mod:`tpg.verify`) compares the two; training (:mod:`tpg.train`) and experiments
+verifier (:mod:`tpg.verify`) compares the two, on-policy or under a behaviour policy and a policy
+loss (:mod:`tpg.offpolicy`); training (:mod:`tpg.train`) and experiments
 (:mod:`tpg.experiments`) sit on top. The names below are the curated public API; the
 sub-packages export more (the verifier's entry point is ``tpg.verify.verify``: a top-level
 ``verify`` function would shadow the ``tpg.verify`` package).

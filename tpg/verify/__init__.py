@@ -3,6 +3,7 @@
     from tpg.verify import verify
     records = verify(mdp, policy, ["rloo", "grpo:std_norm=false"], group_size=3)   # exact mode
     records = verify(mdp, policy, "all", mode="mc", samples=4000, seed=0)          # Monte Carlo
+    records = verify(mdp, policy, "grpo", behaviour="top_p:0.9", loss="tis:2")     # off-policy (tpg.offpolicy)
 
 Modules: :mod:`.context` (the exact and Monte Carlo estimator contexts), :mod:`.score` (per-batch
 gradients from the analytic score, the logit-to-parameter map), :mod:`.exact_moments` (``E[g]`` and

@@ -2,8 +2,10 @@
 
     tpg verify (--case FILE | --mdp SPEC | --task SPEC | --suite standard) [--estimator SPEC ...] [--group-size G]
                [--mode exact|mc] [--samples N] [--seed S] [--alpha A] [--dtype float64|float32]
-               [--max-rows N] [--plugin-timeout SECONDS] [--json] [--fail-on-bias]
+               [--max-rows N] [--plugin-timeout SECONDS] [--json] [--fail-on-bias] [--behaviour SPEC] [--loss SPEC]
+               [--hooks-from behaviour|policy]
     tpg probe FILE.py:FUNCTION [--dtype float64|float32] [--plugin-timeout SECONDS] [--json]
+    tpg offpolicy-help
 
 Exit status of ``verify`` (:data:`VERIFY_EXIT`): 0 when every estimator got a verdict (and, with
 ``--fail-on-bias``, none is biased); 1 with ``--fail-on-bias`` when an estimator is biased and
@@ -89,7 +91,27 @@ def _add_verify(sub) -> None:
     p.add_argument("--fail-on-bias", action="store_true", help="exit with status 1 when any estimator is biased "
                                                                "(3 if any errored)")
     _add_timeout(p)
+    _add_offpolicy_args(p)
     p.set_defaults(func=cmd_verify)
+
+
+def _add_offpolicy_args(p) -> None:
+    """``--behaviour``, ``--loss``, ``--hooks-from`` (tpg.offpolicy; ``tpg offpolicy-help`` lists the specs)."""
+    g = p.add_argument_group("off-policy", "sample from a behaviour policy mu and form the gradient through a policy "
+                             "loss; the target stays grad J(pi) of the given policy pi (see `tpg offpolicy-help`)")
+    g.add_argument("--behaviour", "--behavior", metavar="SPEC", default=None,
+                   help="the policy mu the responses are sampled from, a chain STAGE[+STAGE...] of: pi, "
+                        "temperature:T, top_k:k, top_p:p, min_p:m, logit_noise:sigma[,seed], precision:bf16|fp16|fp32, "
+                        "stale:k[,lr=eta], file:PATH (a case file or a tpg train checkpoint), mix:w,SPEC1,SPEC2 "
+                        "(e.g. temperature:0.7+top_p:0.9); default: pi (on-policy)")
+    g.add_argument("--loss", metavar="SPEC", default=None,
+                   help="the policy loss the gradient is taken through (autograd through its ratios): pg, is_token, "
+                        "is_seq, tis:C[,level=token|seq|geo], mis:lo,hi, ppo_clip:eps[,clip_low=,clip_high=,dual_clip=c,"
+                        "old=mu|pi], gspo[:eps], cispo:eps, or FILE.py:FUNCTION (verl's policy-loss form); every loss "
+                        "takes filter_degenerate_groups=true|same_prompt (DAPO's dynamic sampling); default pg")
+    g.add_argument("--hooks-from", choices=("behaviour", "policy"), default="behaviour",
+                   help="whose context answers the estimators' hooks (continuations, critic, greedy response): the "
+                        "behaviour mu (default: what the engine samples) or the training policy pi")
 
 
 def cmd_verify(args) -> int:
@@ -100,6 +122,8 @@ def cmd_verify(args) -> int:
     if args.suite:
         if args.estimator:
             raise ValueError("--suite runs its own estimators; do not combine it with --estimator")
+        if args.behaviour is not None or args.loss is not None:
+            raise ValueError("--suite runs on-policy; do not combine it with --behaviour or --loss")
         result = run_suite(args.suite, progress=not args.json)
         if args.json:
             print(json.dumps(result))
@@ -131,11 +155,15 @@ def cmd_verify(args) -> int:
     check_batches_fit(mdp.horizon, args.group_size, **mc_groups)
     records = verify(mdp, policy, args.estimator, group_size=args.group_size, mode=args.mode, samples=args.samples,
                      seed=args.seed, dtype=_DTYPES[args.dtype], alpha=args.alpha, max_rows=args.max_rows,
-                     progress=not args.json, on_error="record_all", plugin_timeout=timeout)
+                     progress=not args.json, on_error="record_all", plugin_timeout=timeout,
+                     behaviour=args.behaviour, loss=args.loss, hooks=args.hooks_from)
     if args.json:
         print(json.dumps(records))
     else:
         print(mdp.describe())
+        if args.behaviour is not None or args.loss is not None:
+            from ..offpolicy.record import format_offpolicy_header
+            print(format_offpolicy_header(records))
         print(format_records(records))
     errored = [r["spec"] for r in records if r["verdict"] == "error"]
     if errored:
@@ -179,10 +207,33 @@ def cmd_probe(args) -> int:
     return 0 if report["ok"] else 1
 
 
+def _add_offpolicy_help(sub) -> None:
+    p = sub.add_parser("offpolicy-help", help="the behaviour policies and policy losses of `tpg verify --behaviour "
+                                              "--loss`, with their formulas")
+    p.set_defaults(func=cmd_offpolicy_help)
+
+
+def cmd_offpolicy_help(args) -> int:
+    """Print the behaviour stages and the loss catalog."""
+    from ..offpolicy import describe_behaviours, describe_losses
+
+    print("Behaviours (--behaviour STAGE[+STAGE...]; mu = softmax of the last stage's logits):")
+    print(describe_behaviours())
+    print("\nLosses (--loss NAME[:ARG,...,key=value,...]; every loss also takes filter_degenerate_groups="
+          "false|true|new_prompts|same_prompt):")
+    print(describe_losses())
+    print("  FILE.py:FUNCTION[:key=value,...]                     a plug-in: fn(old_log_prob, log_prob, advantages, "
+          "response_mask, loss_agg_mode, ...) -> loss (verl) or fn(old_log_prob, log_prob, advantages) -> "
+          "per-token loss")
+    print("\nFormulas and sources: python -c 'import tpg.offpolicy.losses as m; help(m)' (and .behaviour).")
+    return 0
+
+
 def register(subparsers) -> None:
-    """Add ``verify`` and ``probe`` to the ``tpg`` command line."""
+    """Add ``verify``, ``probe`` and ``offpolicy-help`` to the ``tpg`` command line."""
     _add_verify(subparsers)
     _add_probe(subparsers)
+    _add_offpolicy_help(subparsers)
 
 
-__all__ = ["register", "cmd_verify", "cmd_probe", "VERIFY_EXIT"]
+__all__ = ["register", "cmd_verify", "cmd_probe", "cmd_offpolicy_help", "VERIFY_EXIT"]

@@ -17,6 +17,11 @@ reference policy: the one given, or a seeded perturbation of the policy). ``vari
 (continuations, greedy responses); in exact mode the hook part is measured on sampled batches
 (``tokens_exact = False``).
 
+With a behaviour policy or a policy loss (``verify(..., behaviour=, loss=)``, :mod:`tpg.offpolicy`) the
+expectation is over batches sampled from the behaviour, the gradient is taken through the loss, and the
+records also carry ``behaviour, loss, hooks, mismatch, behaviour_info, kept_prob``
+(:mod:`tpg.offpolicy.record`).
+
 A plug-in verified with ``dtype=torch.float32`` is verified in float64 too; when the verdicts
 differ both records are returned (the float32 one second), otherwise the float32 one only.
 """
@@ -153,7 +158,7 @@ class _Problem:
 
 
 def _verify_one(prob: _Problem, est, spec_text: str, mode: str, group_size: int, samples: int, seed: int,
-                dtype, alpha: float, max_rows: int) -> dict:
+                dtype, alpha: float, max_rows: int, off=None) -> dict:
     if hasattr(est, "reset"):
         est.reset()
     kind, _ = _kl_of(est)
@@ -163,7 +168,11 @@ def _verify_one(prob: _Problem, est, spec_text: str, mode: str, group_size: int,
     rec = {"estimator": getattr(est, "name", spec_text), "spec": getattr(est, "spec", spec_text),
            "options": _json_options(est), "mode": mode, "group_size": G, "layout": layout,
            "dtype": str(dtype).replace("torch.", ""), "target": target_name, "mdp": prob.mdp.describe()}
-    if mode == "exact":
+    if off is not None:  # a behaviour policy and/or a policy loss: tpg.offpolicy
+        from ..offpolicy.record import offpolicy_result
+        rec.update(offpolicy_result(prob, est, off, mode, group_size, samples, seed, dtype, alpha, max_rows, ref,
+                                    target))
+    elif mode == "exact":
         ctx = prob.exact_context(ref)
         mom = exact_moments(prob.mdp, prob.policy, est, group_size, dtype=torch.float64, with_cov=False,
                             max_rows=max_rows, ref_policy=ref, context=ctx, param_map=prob.pmap)
@@ -210,7 +219,8 @@ def _error_record(spec_text: str, mode: str, group_size: int, dtype, mdp, exc: E
 def verify(mdp, policy, estimators, group_size: int = 2, mode: str = "exact", samples: int = DEFAULT_SAMPLES,
            seed: int = 0, dtype=torch.float64, alpha: float = DEFAULT_ALPHA, max_rows: int = DEFAULT_MAX_ROWS,
            ref_policy=None, progress: bool = False, on_error: str = "raise",
-           plugin_timeout: float | None = DEFAULT_TIMEOUT) -> list[dict]:
+           plugin_timeout: float | None = DEFAULT_TIMEOUT, behaviour=None, loss=None,
+           hooks: str = "behaviour") -> list[dict]:
     """Verdicts of ``estimators`` on ``(mdp, policy)``; one record per estimator (see the module docstring).
 
     Args:
@@ -227,6 +237,16 @@ def verify(mdp, policy, estimators, group_size: int = 2, mode: str = "exact", sa
             ``record_all`` (record errors of specs expanded from ``all`` and failures of a plug-in's
             own code, :class:`~tpg.estimators.plugin.PluginError`; raise the others).
         plugin_timeout: seconds a plug-in's import or one call may take (``None``: no limit).
+        behaviour: the policy ``mu`` the batches are sampled from (:mod:`tpg.offpolicy.behaviour`: a spec such
+            as ``top_p:0.9``, a policy on the same tree, or a ``[N_nt, V]`` log-probability table); the
+            target stays ``grad J(policy)``. ``None``: on-policy.
+        loss: the policy loss the gradient is taken through (:mod:`tpg.offpolicy.losses`: ``pg``,
+            ``is_token``, ``is_seq``, ``tis:C``, ``mis:lo,hi``, ``ppo_clip:eps``, ``gspo``, ``cispo``, a plug-in
+            ``FILE.py:FUNCTION`` or a callable). ``None``: ``pg`` when a behaviour is given.
+        hooks: with a behaviour or loss, whose context answers the estimators' hooks: ``behaviour`` (mu:
+            the engine's continuations, a critic of mu's returns) or ``policy`` (pi).
+    With ``behaviour`` or ``loss`` the records carry ``behaviour``, ``loss``, ``hooks``, ``mismatch``,
+    ``behaviour_info`` and ``kept_prob`` (:mod:`tpg.offpolicy.record`).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
@@ -240,6 +260,12 @@ def verify(mdp, policy, estimators, group_size: int = 2, mode: str = "exact", sa
         raise ValueError(f"on_error must be raise, record or record_all; got {on_error!r}")
     specs = resolve_specs(estimators)
     prob = _Problem(mdp, policy, seed, ref_policy)
+    off = None
+    if hooks != "behaviour" and behaviour is None and loss is None:
+        raise ValueError(f"hooks={hooks!r} applies to off-policy verification only: give a behaviour or a loss")
+    if behaviour is not None or loss is not None:
+        from ..offpolicy.record import prepare_offpolicy
+        off = prepare_offpolicy(mdp, policy, prob.sol, behaviour, loss, hooks)
     records: list[dict] = []
     bar = None
     if progress and sys.stderr.isatty() and len(specs) > 1:
@@ -252,11 +278,12 @@ def verify(mdp, policy, estimators, group_size: int = 2, mode: str = "exact", sa
                 bar.set_postfix_str(text[:40])
             try:
                 est = _load(spec, torch.float64, plugin_timeout)
-                rec = _verify_one(prob, est, text, mode, group_size, samples, seed, torch.float64, alpha, max_rows)
+                rec = _verify_one(prob, est, text, mode, group_size, samples, seed, torch.float64, alpha, max_rows,
+                                  off)
                 if _is_plugin(spec) and dtype == torch.float32:
                     est32 = _load(spec, torch.float32, plugin_timeout)
                     rec32 = _verify_one(prob, est32, text, mode, group_size, samples, seed, torch.float32, alpha,
-                                        max_rows)
+                                        max_rows, off)
                     rec32["float64_verdict"] = rec["verdict"]
                     records += [rec, rec32] if rec32["verdict"] != rec["verdict"] else [rec32]
                 else:
@@ -266,6 +293,9 @@ def verify(mdp, policy, estimators, group_size: int = 2, mode: str = "exact", sa
                                            and not isinstance(exc, PluginError)):
                     raise ValueError(f"{text}: {exc}") from exc
                 records.append(_error_record(text, mode, group_size, dtype, mdp, exc))
+                if off is not None:
+                    from ..offpolicy.record import offpolicy_fields
+                    records[-1].update(offpolicy_fields(off))
             if bar is not None:
                 bar.update(1)
     finally:
