@@ -50,9 +50,9 @@ import torch
 
 #: Exact mode's verdicts (a proof by enumeration, to float64 tolerances) and what each one means.
 EXACT_VERDICTS: dict[str, str] = {
-    "unbiased": "E[g] = target (relative error < 1e-8, enumerated exactly)",
-    "scaled": "E[g] = c target with c > 0, c != 1 (direction exact to 1 - cosine < 1e-10)",
-    "biased": "E[g] is not a positive multiple of the target (cosine < 1)",
+    "unbiased": "E[g] = target: relative error below 1e-8 (1e-4 for a float32 plug-in), enumerated exactly",
+    "scaled": "E[g] = c target with c > 0, c != 1: 1 - cosine below 1e-10 (1e-8 for float32)",
+    "biased": "E[g] is not a positive multiple of the target",
 }
 #: Monte Carlo mode's verdicts (the outcome of two Holm-adjusted tests) and what each one means.
 MC_VERDICTS: dict[str, str] = {
@@ -76,10 +76,13 @@ class Verdict:
     Monte Carlo fields: ``p_value`` / ``p_value_direction`` the raw p-values of the scale test
     (``c = 1``) and the direction test, ``p_value_adjusted`` / ``p_value_direction_adjusted`` their
     Holm-adjusted values in a family of ``holm_family`` tests, ``scale_se`` the standard error of
-    ``scale``, ``scale_ci`` its interval at confidence ``scale_ci_level``; ``mde_rel_bias`` (with
-    ``mde_cosine = 1 / sqrt(1 + mde_rel_bias^2)``) and ``mde_scale`` the effects detected with
-    probability ``power`` (see :class:`tpg.verify.montecarlo.PowerModel`), ``n_for_cosine`` the
-    number of batches at which a bias of cosine ``target_cosine`` is detected with that power.
+    ``scale``, ``scale_ci`` its interval at confidence ``scale_ci_level``; ``mde_rel_bias`` (a bias
+    ``b`` orthogonal to the target, ``|b| / |target|``) and ``mde_scale`` (``|c - 1|``) the effects
+    detected with probability ``power`` at level ``alpha / holm_family``, ``mde_cosine`` the cosine
+    ``c / sqrt(c^2 + mde_rel_bias^2)`` of ``c target + b`` with the target (``c = min(1, scale)``),
+    ``n_for_cosine`` the number of batches at which a bias leaving cosine ``target_cosine`` is
+    detected with that power (see :class:`tpg.verify.montecarlo.PowerModel`,
+    :func:`tpg.verify.montecarlo.family_verdicts`).
     """
 
     verdict: str
