@@ -167,6 +167,19 @@ def test_text_output_states_the_family_and_the_power(default_run):
         assert (line is not None) == (r["verdict"] != "biased"), r["spec"]
     rloo = next(r for r in default_run if r["spec"] == "rloo")
     assert rloo["n_for_cosine"] <= 4000 and "N = 4,000 detects cosine 0.99" in text
+    # the printed interval, as printed, agrees with the verdict (enough digits to keep 1 in or out)
+    for r, line in zip(default_run, text.splitlines()[2:]):
+        lo, hi = map(float, re.search(r"\[(\S+), (\S+)\] \S+%", line).groups())
+        assert (lo <= 1 <= hi) == (r["verdict"] == "consistent" or (r["verdict"] == "biased"
+                                                                     and r["scale_ci"][0] <= 1 <= r["scale_ci"][1]))
+
+
+def test_printed_interval_keeps_one_where_it_is():
+    """An interval just below 1 is printed with the digits that show it excludes 1 (not '[1, 1]')."""
+    from tpg.verify.harness import _fmt_interval
+    assert _fmt_interval(0.99951, 0.999996) == "[0.99951, 0.999996]"
+    assert _fmt_interval(0.61234, 0.7) == "[0.612, 0.7]"
+    assert _fmt_interval(0.9999, 1.00002) == "[1, 1]"  # contains 1, and reads so
 
 
 def test_power_fields(default_run):
