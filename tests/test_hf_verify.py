@@ -68,12 +68,16 @@ def test_sketch_is_the_projected_jacobian(problem):
 
 
 def test_monte_carlo_on_sketched_per_sample_gradients():
-    """The calibrated test in the sketch (k = 128): reinforce passes, grpo's bias is found."""
+    """The calibrated test in the sketch (k = 128): reinforce is consistent (not rejected), grpo is not
+    (c = 1 rejected: its scale is ~0.18). Its direction error (cosine 0.997 in the sketch, exact mode)
+    is below what N = 2000 detects, and the record says so: its minimal detectable cosine is lower."""
     mdp, pol = make_lm_problem("gpt2-tiny", ALLOWED, PROMPTS, 3, eos_token=5, reward="table")
     records = verify_lm(mdp, pol, ["reinforce", "grpo"], mode="mc", samples=2000, group_size=2, sketch_dim=128,
                         seed=1)
     v = verdicts(records)
-    assert v == {"reinforce": "unbiased", "grpo": "biased"}
+    assert v["reinforce"] == "consistent" and v["grpo"] in ("consistent-scaled", "biased")
+    grpo = {r["spec"]: r for r in records}["grpo"]
+    assert grpo["scale_ci"][1] < 1 and (grpo["verdict"] == "biased" or grpo["mde_cosine"] < 0.997)
     assert all(r["param_space"] == "sketch" and r["mode"] == "mc" for r in records)
     rec = {r["spec"]: r for r in records}["reinforce"]
     assert rec["scale_ci"][0] < 1.0 < rec["scale_ci"][1]

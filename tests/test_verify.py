@@ -16,7 +16,11 @@ from tpg.mdp.rewards import TreeRewards
 from tpg.mdp.tree import TokenTree
 from tpg.policies import TabularSoftmax
 from tpg.rollouts import sample
-from tpg.verify import (ExactContext, ParamMap, VERDICTS, exact_moments, exact_verdict, hotelling_test, verify)
+from tpg.estimators.functional import dense_ids
+from tpg.verify import (EXACT_VERDICTS, MC_VERDICTS, ExactContext, ParamMap, VERDICTS, exact_moments, exact_verdict,
+                        hotelling_test, verify)
+from tpg.verify.verdict import (cosine_of_rel_bias, holm_adjust, holm_levels, mc_verdict, rel_bias_of_cosine,
+                                scale_interval, scale_test)
 from tpg.verify.context import node_paths
 from tpg.verify.exact_moments import leaf_rollouts, make_batch, sample_space_size
 from tpg.verify.score import logit_gradient, token_nt
@@ -58,6 +62,19 @@ class OwnRewardBaseline(Estimator):
     def compute(self, batch, ctx, penalty_bt):
         R = batch.rm
         return (R - 0.5 * R ** 2).unsqueeze(1).expand_as(batch.logp).clone(), 0, {}
+
+
+class GroupMaxBaseline(Estimator):
+    """A baseline that includes the response itself: ``A_i = R_i - max_g R`` (must be flagged)."""
+
+    name = "group_max_baseline"
+    needs_groups = True
+
+    def compute(self, batch, ctx, penalty_bt):
+        ids, n = dense_ids(batch.batch, batch.group)
+        R = batch.rm
+        best = torch.full((n,), -math.inf, dtype=R.dtype).scatter_reduce(0, ids, R, "amax")
+        return (R - best[ids]).unsqueeze(1).expand_as(batch.logp).clone(), 0, {}
 
 
 class CoinFlip(Estimator):
@@ -201,9 +218,10 @@ def test_length_normalisation_without_eos_only_rescales():
     assert rec["verdict"] == "scaled" and abs(rec["scale"] - 1 / 3) < 1e-12
 
 
-@pytest.mark.parametrize("est", [SampledTokenBaseline(), OwnRewardBaseline(), get_estimator("grpo"),
+@pytest.mark.parametrize("est", [SampledTokenBaseline(), OwnRewardBaseline(), GroupMaxBaseline(), get_estimator("grpo"),
                                  get_estimator("reinforce:agg=seq-mean-token-mean")],
-                         ids=["sampled-token-baseline", "own-reward-baseline", "std-norm", "length-norm"])
+                         ids=["sampled-token-baseline", "own-reward-baseline", "group-max-baseline", "std-norm",
+                              "length-norm"])
 def test_negative_controls_flagged(eos_problem, est):
     rec = one(*eos_problem, est, G=3)
     assert rec["verdict"] == "biased", rec
@@ -212,13 +230,28 @@ def test_negative_controls_flagged(eos_problem, est):
 def test_records_have_the_documented_fields(eos_problem):
     rec = one(*eos_problem, "remax")
     for key in ("estimator", "options", "mode", "group_size", "verdict", "scale", "cosine", "rel_bias", "p_value",
-                "n_samples", "variance_trace", "tokens_per_batch"):
+                "n_samples", "variance_trace", "tokens_per_batch") + MC_FIELDS:
         assert key in rec
-    assert rec["verdict"] in VERDICTS and rec["p_value"] is None and rec["mode"] == "exact"
+    assert rec["verdict"] in VERDICTS and rec["mode"] == "exact"
+    assert all(rec[k] is None for k in MC_FIELDS)  # a proof by enumeration has no p-value and no power
     mdp = eos_problem[0]
     assert rec["n_samples"] == mdp.tree.num_leaves
     assert rec["tokens_per_batch"] > 1  # the response plus its greedy baseline, measured
     assert rec["tokens_exact"] is False
+
+
+#: The Monte Carlo fields of a record (``None`` in exact mode).
+MC_FIELDS = ("p_value", "p_value_direction", "p_value_adjusted", "p_value_direction_adjusted", "holm_family",
+             "scale_se", "scale_ci", "scale_ci_level", "mde_rel_bias", "mde_cosine", "mde_scale", "power",
+             "target_cosine", "n_for_cosine")
+
+
+def test_verdict_vocabularies():
+    """One documented vocabulary per mode; only 'biased' is shared (it means a rejection in both)."""
+    assert tuple(EXACT_VERDICTS) == VERDICTS == ("unbiased", "scaled", "biased")
+    assert tuple(MC_VERDICTS) == ("consistent", "consistent-scaled", "biased")
+    assert not {"unbiased", "scaled"} & set(MC_VERDICTS)
+    assert all(isinstance(m, str) and m for m in (*EXACT_VERDICTS.values(), *MC_VERDICTS.values()))
 
 
 def test_shared_policy_verdicts(shared_problem):
@@ -264,6 +297,73 @@ def test_exact_verdict_rules():
     assert v.verdict == "biased" and 0 < v.rel_residual < 1e-3
     assert exact_verdict(d * (1 + 1e-6), d, dtype=torch.float32).verdict == "unbiased"
     assert exact_verdict(torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)).verdict == "unbiased"
+
+
+def test_holm_adjustment_by_hand():
+    """m = 4: sorted 0.01, 0.02, 0.03, 0.5 -> 4 x 0.01, max(0.04, 3 x 0.02), max(0.06, 2 x 0.03), 0.5 (input order)."""
+    p = [0.03, 0.01, 0.5, 0.02]
+    assert holm_adjust(p) == pytest.approx([0.06, 0.04, 0.5, 0.06])
+    assert holm_adjust([0.4, 0.9]) == pytest.approx([0.8, 0.9])
+    assert holm_adjust([]) == []
+    # step 1 rejects at 0.05/4, step 2 (0.02 vs 0.05/3) stops: the rest are decided at that level
+    assert holm_levels(p, 0.05) == pytest.approx([0.05 / 3, 0.05 / 4, 0.05 / 3, 0.05 / 3])
+    with pytest.raises(ValueError, match="p-values"):
+        holm_adjust([0.1, float("nan")])
+    with pytest.raises(ValueError, match="alpha"):
+        holm_levels([0.1], 1.5)
+
+
+def test_holm_levels_are_dual_to_adjusted_p_values():
+    """On random families: p < level exactly when p_adj < alpha, p_adj >= p, and Holm rejects at least
+    what Bonferroni rejects (p < alpha/m) and at most what unadjusted tests reject (p < alpha)."""
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        m = 1 + trial % 12
+        p = (torch.rand(m, generator=gen, dtype=torch.float64) ** 3 * 0.2).tolist()
+        adj, lev = holm_adjust(p), holm_levels(p, 0.05)
+        for pi, ai, li in zip(p, adj, lev):
+            assert (pi < li) == (ai < 0.05) and ai >= pi and 0.05 / m <= li <= 0.05
+            assert (pi < 0.05 / m) <= (ai < 0.05) <= (pi < 0.05)
+
+
+def test_scale_test_and_interval_agree():
+    """The t interval at level a excludes 1 exactly when the t test's p-value is below a."""
+    gen = torch.Generator().manual_seed(1)
+    for shift in (0.0, 0.05, 0.1, 0.2, 0.4):
+        c = 1 + shift + torch.randn(300, generator=gen, dtype=torch.float64)
+        mean, se, p = scale_test(c)
+        assert abs(mean - float(c.mean())) < 1e-15 and abs(se - float(c.std()) / math.sqrt(300)) < 1e-15
+        for a in (0.001, 0.01, 0.05, 0.2):
+            lo, hi = scale_interval(mean, se, 300, a)
+            assert (lo <= 1 <= hi) == (p >= a)
+    assert scale_test(torch.full((5,), 0.5, dtype=torch.float64)) == (0.5, 0.0, 0.0)  # noiseless and off
+    assert scale_test(torch.ones(5, dtype=torch.float64)) == (1.0, 0.0, 1.0)
+
+
+def test_mc_verdict_rules():
+    """biased only on a rejection of the direction (or a scale interval at or below 0); consistent-scaled
+    only when c = 1 is rejected, so its interval excludes 1; a mere non-rejection is 'consistent'."""
+    d = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    m = torch.tensor([0.9, 0.01], dtype=torch.float64)
+    v = mc_verdict(0.5, 0.5, 0.01, 0.01, 0.98, 0.05, 1000, m, d)
+    assert v.verdict == "consistent" and v.scale_ci[0] <= 1 <= v.scale_ci[1] and v.scale_ci_level == 0.99
+    v = mc_verdict(1e-6, 0.5, 0.01, 0.01, 0.6, 0.05, 1000, m, d)
+    assert v.verdict == "consistent-scaled" and not v.scale_ci[0] <= 1 <= v.scale_ci[1]
+    assert mc_verdict(0.5, 1e-6, 0.01, 0.01, 0.98, 0.05, 1000, m, d).verdict == "biased"
+    assert mc_verdict(1e-9, 0.5, 0.01, 0.01, -0.5, 0.05, 1000, m, d).verdict == "biased"  # points downhill
+    # the level decides: p = 0.004 is a rejection at 0.005 and not at 0.001 (Holm in a larger family)
+    assert mc_verdict(0.5, 0.004, 0.01, 0.005, 1.0, 0.05, 1000, m, d).verdict == "biased"
+    assert mc_verdict(0.5, 0.004, 0.01, 0.001, 1.0, 0.05, 1000, m, d).verdict == "consistent"
+    for verdict in ("consistent", "consistent-scaled", "biased"):
+        assert verdict in MC_VERDICTS
+
+
+def test_cosine_of_rel_bias():
+    assert cosine_of_rel_bias(0.0) == 1.0 and abs(cosine_of_rel_bias(1.0) - 2 ** -0.5) < 1e-15
+    assert abs(rel_bias_of_cosine(cosine_of_rel_bias(0.1425)) - 0.1425) < 1e-12
+    assert abs(rel_bias_of_cosine(0.99) - math.sqrt(1 / 0.99 ** 2 - 1)) < 1e-15
+    with pytest.raises(ValueError, match="cosine"):
+        rel_bias_of_cosine(0.0)
 
 
 def test_hotelling_null_and_offset():

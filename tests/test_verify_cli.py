@@ -47,6 +47,22 @@ def test_verify_monte_carlo(capsys):
                        "--seed", "3", "--json")
     rec = json.loads(out)[0]
     assert code == 0 and rec["mode"] == "mc" and rec["n_samples"] == 800 and rec["p_value"] is not None
+    for key in ("p_value_adjusted", "p_value_direction_adjusted", "holm_family", "scale_ci_level", "mde_rel_bias",
+                "mde_cosine", "mde_scale", "power", "target_cosine", "n_for_cosine"):
+        assert rec[key] is not None, key
+
+
+def test_verify_monte_carlo_text_and_exit_codes(capsys):
+    """Monte Carlo text output: no 'unbiased' (a non-rejection is 'consistent'), the Holm family named,
+    the power stated; --fail-on-bias exits 1 on 'biased' only (not on consistent or consistent-scaled)."""
+    mc = ["--mode", "mc", "--samples", "2000", "--group-size", "3", "--fail-on-bias"]
+    code, out, _ = run(capsys, "verify", "--mdp", MDP, "--estimator", "rloo", "--estimator", "grpo:std_norm=false", *mc)
+    assert code == 0
+    assert "unbiased" not in out and "consistent-scaled" in out and " consistent " in out
+    assert "Holm: the 4 tests of this run (c = 1 and direction, for each of 2 estimators) form one family" in out
+    assert "could have missed" in out and "verdicts (Monte Carlo mode" in out
+    code, out, _ = run(capsys, "verify", "--mdp", MDP, "--estimator", "rloo", "--estimator", "grpo", *mc)
+    assert code == 1 and "biased" in out
 
 
 @pytest.mark.parametrize("argv", [

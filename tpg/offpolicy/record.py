@@ -63,8 +63,11 @@ def offpolicy_fields(setup: OffPolicySetup) -> dict:
 
 
 def offpolicy_result(prob, est, setup: OffPolicySetup, mode: str, group_size: int, samples: int, seed: int, dtype,
-                     alpha: float, max_rows: int, ref_policy, target: torch.Tensor) -> dict:
+                     alpha: float, max_rows: int, ref_policy, target: torch.Tensor,
+                     target_cosine: float | None = None) -> dict:
     """The verdict part of an off-policy record (exact or Monte Carlo), for the harness's ``_verify_one``.
+    In Monte Carlo mode the test's result rides along under ``"_mc"``, so that the harness decides the
+    verdicts of the whole run as one Holm family.
 
     ``prob`` is the harness's problem (``mdp``, ``policy``, ``sol``, ``pmap``, ``pi``, ``mc_context``)."""
     from ..verify.montecarlo import mc_test
@@ -94,8 +97,10 @@ def offpolicy_result(prob, est, setup: OffPolicySetup, mode: str, group_size: in
     gen = torch.Generator().manual_seed(int(seed))
     gs = sample_offpolicy_terms(mdp, policy, est, beh, loss, samples, group_size, generator=gen, seed=seed,
                                 ref_policy=ref_policy, hooks=hooks, sol=prob.sol)
-    res = mc_test(gs, target, prob.pi, prob.pmap, alpha=alpha, seed=seed)
+    kw = {} if target_cosine is None else {"target_cosine": target_cosine}
+    res = mc_test(gs, target, prob.pi, prob.pmap, alpha=alpha, seed=seed, **kw)
     out.update(res.verdict.as_dict())
+    out["_mc"] = res
     out.update({"alpha": alpha, "n_samples": samples, "variance_trace": res.variance_trace,
                 "tokens_per_batch": gs.tokens_per_batch, "hook_tokens_per_batch": gs.hook_tokens_per_batch,
                 "tokens_exact": False, "kept_prob": _kept_prob(setup, mdp, est, group_size)})

@@ -58,7 +58,8 @@ def _add_verify(sub) -> None:
     from .harness import DEFAULT_ALPHA, DEFAULT_SAMPLES, MODES
     from .suite import SUITES
 
-    p = sub.add_parser("verify", help="verdicts of estimators against the exact gradient: unbiased, scaled or biased",
+    p = sub.add_parser("verify", help="verdicts of estimators against the exact gradient: unbiased, scaled or biased "
+                                      "(exact mode); consistent, consistent-scaled or biased (Monte Carlo)",
                        description="Verify policy-gradient estimators against the exact gradient of the token-level "
                                    "objective, exactly (enumerating the sample space) or by a calibrated Monte Carlo "
                                    "test.",
@@ -82,7 +83,8 @@ def _add_verify(sub) -> None:
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the Monte Carlo batches, fixed critics "
                                                                    "and the KL reference policy (default 0)")
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, metavar="A",
-                   help=f"false-alarm rate of the Monte Carlo test (default {DEFAULT_ALPHA})")
+                   help="family-wise false-alarm rate of a Monte Carlo run: every estimator's two tests, "
+                        f"Holm-adjusted together (default {DEFAULT_ALPHA})")
     p.add_argument("--dtype", choices=tuple(_DTYPES), default="float64",
                    help="dtype fed to plug-ins (float32 as in training: verdicts for both dtypes when they differ)")
     p.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS, metavar="N",

@@ -5,9 +5,21 @@ the whole sample space, :mod:`tpg.verify.exact_moments`) or in Monte Carlo mode 
 a calibrated test, :mod:`tpg.verify.montecarlo`), and returns one record (a JSON-ready dict) per
 estimator:
 
-    estimator, spec, options, mode, group_size, layout, dtype, target, verdict, scale, scale_ci,
-    cosine, rel_bias, rel_residual, p_value, p_value_direction, alpha, n_samples, variance_trace,
-    tokens_per_batch, hook_tokens_per_batch, tokens_exact, mdp, error
+    estimator, spec, options, mode, group_size, layout, dtype, target, verdict, scale, cosine,
+    rel_bias, rel_residual, p_value, p_value_direction, p_value_adjusted, p_value_direction_adjusted,
+    holm_family, scale_se, scale_ci, scale_ci_level, mde_rel_bias, mde_cosine, mde_scale, power,
+    target_cosine, n_for_cosine, alpha, n_samples, variance_trace, tokens_per_batch,
+    hook_tokens_per_batch, tokens_exact, mdp, error
+
+``verdict`` comes from the mode's own vocabulary (:data:`~tpg.verify.verdict.EXACT_VERDICTS`:
+``unbiased``, ``scaled``, ``biased``, proofs by enumeration; :data:`~tpg.verify.verdict.MC_VERDICTS`:
+``consistent``, ``consistent-scaled``, ``biased``, outcomes of tests), or ``error``. The Monte Carlo
+fields (``None`` in exact mode) are described in :class:`~tpg.verify.verdict.Verdict`: raw and
+Holm-adjusted p-values, the family size, the scale interval at its Holm level, and the power (the
+minimal detectable effects at this ``N``, the ``N`` that detects a bias of cosine ``target_cosine``).
+The Holm family of a Monte Carlo run is the scale and direction tests of every estimator it verifies
+(``holm_family = 2 x`` the estimators run, a float32 plug-in counting twice), so that
+P(any false alarm in the run) ``<= alpha``.
 
 ``target`` is ``grad J``, or ``grad J - beta grad KL_seq`` for an estimator with a KL option
 (``KL_seq = E[sum_t log pi(w_t|s_t) - log pi_ref(w_t|s_t)]``, the exact sequence KL, against a
@@ -40,9 +52,10 @@ from ..estimators.registry import is_plugin_spec
 from ..exact.engine import exact_kl, solve
 from .context import ExactContext, MonteCarloContext
 from .exact_moments import DEFAULT_MAX_ROWS, batch_layout, exact_moments
-from .montecarlo import mc_test, sample_gradient_terms
+from .montecarlo import (CALIBRATED_FROM_N, DEFAULT_POWER, TARGET_COSINE, family_verdicts, mc_test,
+                         sample_gradient_terms)
 from .score import ParamMap
-from .verdict import exact_verdict
+from .verdict import EXACT_VERDICTS, MC_VERDICTS, Verdict, exact_verdict
 
 MODES = ("exact", "mc")
 DEFAULT_SAMPLES = 4000
@@ -158,7 +171,9 @@ class _Problem:
 
 
 def _verify_one(prob: _Problem, est, spec_text: str, mode: str, group_size: int, samples: int, seed: int,
-                dtype, alpha: float, max_rows: int, off=None) -> dict:
+                dtype, alpha: float, max_rows: int, off=None, target_cosine: float = TARGET_COSINE) -> dict:
+    """One estimator's record; in Monte Carlo mode the test's :class:`~tpg.verify.montecarlo.MCResult`
+    rides along under ``"_mc"`` until :func:`_family` decides the run's verdicts together."""
     if hasattr(est, "reset"):
         est.reset()
     kind, _ = _kl_of(est)
@@ -171,7 +186,7 @@ def _verify_one(prob: _Problem, est, spec_text: str, mode: str, group_size: int,
     if off is not None:  # a behaviour policy and/or a policy loss: tpg.offpolicy
         from ..offpolicy.record import offpolicy_result
         rec.update(offpolicy_result(prob, est, off, mode, group_size, samples, seed, dtype, alpha, max_rows, ref,
-                                    target))
+                                    target, target_cosine))
     elif mode == "exact":
         ctx = prob.exact_context(ref)
         mom = exact_moments(prob.mdp, prob.policy, est, group_size, dtype=torch.float64, with_cov=False,
@@ -194,40 +209,72 @@ def _verify_one(prob: _Problem, est, spec_text: str, mode: str, group_size: int,
         ctx = prob.mc_context(gen, ref)
         gs = sample_gradient_terms(prob.mdp, prob.policy, est, samples, group_size, generator=gen, ref_policy=ref,
                                    context=ctx)
-        res = mc_test(gs, target, prob.pi, prob.pmap, alpha=alpha, seed=seed)
+        res = mc_test(gs, target, prob.pi, prob.pmap, alpha=alpha, seed=seed, target_cosine=target_cosine)
         rec.update(res.verdict.as_dict())
+        rec["_mc"] = res
         rec.update({"alpha": alpha, "n_samples": samples, "variance_trace": res.variance_trace,
                     "tokens_per_batch": gs.tokens_per_batch, "hook_tokens_per_batch": gs.hook_tokens_per_batch,
                     "tokens_exact": False})
     rec["error"] = None
-    for k in ("scale", "cosine", "rel_bias", "rel_residual", "p_value", "p_value_direction", "variance_trace"):
+    return _clean(rec)
+
+
+#: The record fields that hold floats (``None`` for missing and non-finite values in JSON).
+_FLOAT_FIELDS = ("scale", "cosine", "rel_bias", "rel_residual", "p_value", "p_value_direction", "p_value_adjusted",
+                 "p_value_direction_adjusted", "scale_se", "scale_ci_level", "mde_rel_bias", "mde_cosine",
+                 "mde_scale", "variance_trace")
+
+
+def _clean(rec: dict) -> dict:
+    for k in _FLOAT_FIELDS:
         rec[k] = _num(rec.get(k))
     if rec.get("scale_ci") is not None:
         rec["scale_ci"] = [_num(x) for x in rec["scale_ci"]]
     return rec
 
 
+def _family(records: list[dict], alpha: float, target_cosine: float) -> list[dict]:
+    """The run's Monte Carlo verdicts as one Holm family (:func:`~tpg.verify.montecarlo.family_verdicts`);
+    then a float64 record kept only beside its float32 twin is dropped when their verdicts agree."""
+    mc = [r for r in records if "_mc" in r]
+    for rec, v in zip(mc, family_verdicts([r.pop("_mc") for r in mc], alpha, target_cosine=target_cosine,
+                                          power=DEFAULT_POWER)):
+        rec.update(v.as_dict())
+        _clean(rec)
+    out: list[dict] = []
+    for rec in records:
+        if rec.get("float64_verdict") is not None and out and out[-1].get("_twin_of") is rec:
+            twin = out.pop()
+            twin.pop("_twin_of")
+            rec["float64_verdict"] = twin["verdict"]
+            out += [twin, rec] if twin["verdict"] != rec["verdict"] else [rec]
+        else:
+            out.append(rec)
+    return out
+
+
 def _error_record(spec_text: str, mode: str, group_size: int, dtype, mdp, exc: Exception) -> dict:
-    return {"estimator": spec_text, "spec": spec_text, "options": {}, "mode": mode, "group_size": group_size,
-            "layout": None, "dtype": str(dtype).replace("torch.", ""), "target": None, "mdp": mdp.describe(),
-            "verdict": "error", "scale": None, "scale_ci": None, "cosine": None, "rel_bias": None,
-            "rel_residual": None, "p_value": None, "p_value_direction": None, "alpha": None, "n_samples": None,
-            "variance_trace": None, "tokens_per_batch": None, "hook_tokens_per_batch": None, "tokens_exact": None,
-            "error": str(exc)}
+    rec = {"estimator": spec_text, "spec": spec_text, "options": {}, "mode": mode, "group_size": group_size,
+           "layout": None, "dtype": str(dtype).replace("torch.", ""), "target": None, "mdp": mdp.describe()}
+    rec.update({k: None for k in Verdict.__dataclass_fields__})
+    rec.update({"verdict": "error", "alpha": None, "n_samples": None, "variance_trace": None,
+                "tokens_per_batch": None, "hook_tokens_per_batch": None, "tokens_exact": None, "error": str(exc)})
+    return rec
 
 
 def verify(mdp, policy, estimators, group_size: int = 2, mode: str = "exact", samples: int = DEFAULT_SAMPLES,
            seed: int = 0, dtype=torch.float64, alpha: float = DEFAULT_ALPHA, max_rows: int = DEFAULT_MAX_ROWS,
            ref_policy=None, progress: bool = False, on_error: str = "raise",
            plugin_timeout: float | None = DEFAULT_TIMEOUT, behaviour=None, loss=None,
-           hooks: str = "behaviour") -> list[dict]:
+           hooks: str = "behaviour", target_cosine: float = TARGET_COSINE) -> list[dict]:
     """Verdicts of ``estimators`` on ``(mdp, policy)``; one record per estimator (see the module docstring).
 
     Args:
         estimators: a spec (``NAME[:key=value,...]``, ``all``, ``FILE.py:FUNCTION``), a list of specs,
             or :class:`~tpg.estimators.Estimator` objects.
         group_size: ``G`` for group estimators (and the batch size of batch-coupled ones).
-        mode: ``exact`` (enumerate the sample space) or ``mc`` (``samples`` batches, level ``alpha``).
+        mode: ``exact`` (enumerate the sample space) or ``mc`` (``samples`` batches; every estimator's two
+            tests form one Holm family at family-wise level ``alpha``).
         seed: seeds the Monte Carlo batches, fixed critics and the default reference policy.
         dtype: the dtype fed to plug-ins (built-ins always run in float64).
         max_rows: the exact mode's size guard (responses in the stacked sample space).
@@ -247,6 +294,7 @@ def verify(mdp, policy, estimators, group_size: int = 2, mode: str = "exact", sa
             the engine's continuations, a critic of mu's returns) or ``policy`` (pi).
     With ``behaviour`` or ``loss`` the records carry ``behaviour``, ``loss``, ``hooks``, ``mismatch``,
     ``behaviour_info`` and ``kept_prob`` (:mod:`tpg.offpolicy.record`).
+        target_cosine: Monte Carlo mode: the cosine whose detection ``n_for_cosine`` refers to.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
@@ -258,6 +306,10 @@ def verify(mdp, policy, estimators, group_size: int = 2, mode: str = "exact", sa
         raise ValueError(f"dtype must be float64 or float32, got {dtype}")
     if on_error not in ("raise", "record", "record_all"):
         raise ValueError(f"on_error must be raise, record or record_all; got {on_error!r}")
+    if mode == "mc" and not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+    if not 0 < target_cosine < 1:
+        raise ValueError(f"target_cosine must be in (0, 1), got {target_cosine!r}")
     specs = resolve_specs(estimators)
     prob = _Problem(mdp, policy, seed, ref_policy)
     off = None
@@ -279,13 +331,17 @@ def verify(mdp, policy, estimators, group_size: int = 2, mode: str = "exact", sa
             try:
                 est = _load(spec, torch.float64, plugin_timeout)
                 rec = _verify_one(prob, est, text, mode, group_size, samples, seed, torch.float64, alpha, max_rows,
-                                  off)
+                                  off, target_cosine)
                 if _is_plugin(spec) and dtype == torch.float32:
                     est32 = _load(spec, torch.float32, plugin_timeout)
                     rec32 = _verify_one(prob, est32, text, mode, group_size, samples, seed, torch.float32, alpha,
-                                        max_rows, off)
+                                        max_rows, off, target_cosine)
                     rec32["float64_verdict"] = rec["verdict"]
-                    records += [rec, rec32] if rec32["verdict"] != rec["verdict"] else [rec32]
+                    if mode == "mc":  # both stay in the Holm family; the pair is resolved by _family
+                        rec["_twin_of"] = rec32
+                        records += [rec, rec32]
+                    else:
+                        records += [rec, rec32] if rec32["verdict"] != rec["verdict"] else [rec32]
                 else:
                     records.append(rec)
             except ValueError as exc:
@@ -301,6 +357,8 @@ def verify(mdp, policy, estimators, group_size: int = 2, mode: str = "exact", sa
     finally:
         if bar is not None:
             bar.close()
+    if mode == "mc":
+        records = _family(records, alpha, target_cosine)
     return records
 
 
@@ -313,23 +371,110 @@ def _fmt(x, spec: str = ".4g") -> str:
     return format(x, spec)
 
 
-def format_records(records: list[dict]) -> str:
-    """An aligned text table of :func:`verify`'s records."""
-    mc = any(r["mode"] == "mc" for r in records)
-    header = ["estimator", "G", "layout", "dtype", "verdict", "scale", "cosine", "rel_bias", "resid"]
+def _fmt_interval(lo: float, hi: float, point: float = 1.0) -> str:
+    """``[lo, hi]`` with enough digits that the printed bounds keep ``point`` inside or outside as the
+    numbers do (``[0.9999, 1]`` must not read as containing 1 when ``hi < 1``)."""
+    inside = lo <= point <= hi
+    for digits in range(3, 18):
+        a, b = format(lo, f".{digits}g"), format(hi, f".{digits}g")
+        if (float(a) <= point <= float(b)) == inside:
+            return f"[{a}, {b}]"
+    return f"[{lo!r}, {hi!r}]"
+
+
+def _fmt_p(adjusted, raw) -> str:
+    if raw is None:
+        return "-"
+    return f"{_fmt(adjusted, '.3g')} ({_fmt(raw, '.3g')})"
+
+
+def _fmt_n(n: int) -> str:
+    return f"{n:,}"
+
+
+def _power_line(r: dict) -> str | None:
+    """What a non-rejection could have missed, and the ``N`` that would detect the target cosine."""
+    if r["mode"] != "mc" or r["verdict"] not in ("consistent", "consistent-scaled") or r.get("mde_rel_bias") is None:
+        return None
+    cos = r.get("mde_cosine")
+    missed = f"|b|/|target| < {_fmt(r['mde_rel_bias'], '.3g')}"
+    if cos is not None:
+        missed += f" (cosine > {_fmt(cos, '.4f') if cos < 0.9999 else '1-' + format(1 - cos, '.1e')})"
+    if r["verdict"] == "consistent":
+        missed += f" or |c - 1| < {_fmt(r['mde_scale'], '.3g')}"
+    line = f"  {r['spec']} ({r['verdict']}): could have missed {missed}; "
+    target, n_for, N = r.get("target_cosine"), r.get("n_for_cosine"), r["n_samples"]
+    if target is None or cos is None:
+        return line + "no cosine target (the mean does not point uphill)"
+    if n_for is None:
+        return line + f"N too small to detect cosine {target:g}, and no N up to 1e9 would"
+    if n_for <= N:
+        return line + f"N = {_fmt_n(N)} detects cosine {target:g} (N >= {_fmt_n(n_for)} suffices)"
+    return line + f"N too small to detect cosine {target:g} with {r['power']:.0%} power; try N >= {_fmt_n(n_for)}"
+
+
+def _legend(records: list[dict]) -> list[str]:
+    lines = []
+    modes = {r["mode"] for r in records if r["verdict"] != "error"}
+    if "exact" in modes:
+        lines.append("verdicts (exact mode, proofs by enumeration):")
+        lines += [f"  {w:<18} {m}" for w, m in EXACT_VERDICTS.items()]
+    mc = [r for r in records if r["mode"] == "mc" and r["verdict"] != "error"]
     if mc:
-        header += ["p(c=1)", "p(dir)", "scale CI"]
+        alphas = sorted({r["alpha"] for r in mc})
+        lines.append("verdicts (Monte Carlo mode, tests at family-wise level alpha = "
+                     + ", ".join(f"{a:g}" for a in alphas) + "; not rejecting is not proving):")
+        lines += [f"  {w:<18} {m}" for w, m in MC_VERDICTS.items()]
+        for m in sorted({r["holm_family"] for r in mc}):
+            n_est = m // 2
+            a = alphas[0]
+            lines.append(f"Holm: the {m} tests of this run (c = 1 and direction, for each of {n_est} estimator"
+                         f"{'s' if n_est != 1 else ''}) form one family; p-values are shown Holm-adjusted (raw in "
+                         f"parentheses) and P(any false alarm) <= alpha = {a:g}")
+    lines.append("columns: scale = <E g, target>/|target|^2 (best-fit c); cosine = cos(E g, target); "
+                 "rel_bias = |E g - target|/|target|; resid = |E g - scale target|/|E g|; tr Cov = tr Cov[g] "
+                 "of one batch; tokens/batch = response tokens plus tokens the hooks sample")
+    if mc:
+        power = mc[0]["power"]
+        levels = sorted({r["alpha"] / r["holm_family"] for r in mc})
+        lines.append("  Monte Carlo: E g is the sample mean (cosine, rel_bias, resid are noisy); scale = mean of "
+                     "c_i = <g_i, target>/|target|^2, its interval at the level Holm decided c = 1 at "
+                     "(it excludes 1 exactly when c = 1 is rejected); p(c=1): t test of c = 1; p(dir): Hotelling "
+                     "test of E[g] || target on held-out directions")
+        lines.append(f"  mde: the smallest effects detected with {power:.0%} power at level alpha/family = "
+                     + ", ".join(f"{x:.3g}" for x in levels) + ": mde b = |b|/|target| of a bias b orthogonal "
+                     "to the target, pointing like the gradient noise (variance tr(S^2)/tr(S) along it, "
+                     "S = Cov[g] orthogonal to the target), with the cosine it leaves; mde |c-1| = a scale error "
+                     "(see tpg.verify.montecarlo.PowerModel)")
+    return lines
+
+
+def format_records(records: list[dict]) -> str:
+    """An aligned text table of :func:`verify`'s records, a legend of the columns and the verdict words,
+    the Holm family of a Monte Carlo run, and what each non-rejection could have missed."""
+    mc = any(r["mode"] == "mc" for r in records)
+    header = ["estimator", "G", "layout", "dtype", "verdict", "scale"]
+    if mc:
+        header += ["scale CI"]
+    header += ["cosine", "rel_bias", "resid"]
+    if mc:
+        header += ["p(c=1) adj (raw)", "p(dir) adj (raw)", "mde b (cos)", "mde |c-1|"]
     header += ["tr Cov", "tokens/batch"]
     rows = []
     for r in records:
         row = [r["spec"], str(r["group_size"]), r.get("layout") or "-", r["dtype"], r["verdict"],
-               _fmt(r["scale"], ".6g"),
-               _fmt(r["cosine"], ".10f") if r["cosine"] is not None else "-", _fmt(r["rel_bias"], ".3g"),
-               _fmt(r["rel_residual"], ".3g")]
+               _fmt(r["scale"], ".6g")]
         if mc:
             ci = r.get("scale_ci")
-            row += [_fmt(r["p_value"], ".3g"), _fmt(r["p_value_direction"], ".3g"),
-                    f"[{ci[0]:.3g}, {ci[1]:.3g}]" if ci else "-"]
+            row.append(f"{_fmt_interval(*ci)} {_fmt(100 * r['scale_ci_level'], '.3g')}%" if ci else "-")
+        row += [_fmt(r["cosine"], ".10f") if r["cosine"] is not None else "-", _fmt(r["rel_bias"], ".3g"),
+                _fmt(r["rel_residual"], ".3g")]
+        if mc:
+            mde, cos = r.get("mde_rel_bias"), r.get("mde_cosine")
+            row += [_fmt_p(r.get("p_value_adjusted"), r["p_value"]),
+                    _fmt_p(r.get("p_value_direction_adjusted"), r["p_value_direction"]),
+                    f"{_fmt(mde, '.3g')} ({_fmt(cos, '.4f')})" if mde is not None else "-",
+                    _fmt(r.get("mde_scale"), ".3g")]
         row += [_fmt(r["variance_trace"], ".4g"),
                 (_fmt(r["tokens_per_batch"], ".4g") + ("" if r.get("tokens_exact", True) else "~"))
                 if r["tokens_per_batch"] is not None else "-"]
@@ -338,12 +483,23 @@ def format_records(records: list[dict]) -> str:
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(),
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines += _legend(records)
+    power = [line for line in map(_power_line, records) if line]
+    if power:
+        lines.append("power (what a non-rejection could have missed):")
+        lines += power
+    small = sorted({r["n_samples"] for r in records if r["mode"] == "mc" and r["verdict"] != "error"
+                    and r["n_samples"] < CALIBRATED_FROM_N})
+    if small:
+        lines.append(f"note: N = {', '.join(map(str, small))} < {CALIBRATED_FROM_N}: at such N the false-alarm rate was "
+                     f"measured up to 3x alpha (responses too rare for half the batches to sample); prefer "
+                     f"N >= {CALIBRATED_FROM_N}")
     notes = [f"{r['spec']}: {r['error']}" for r in records if r.get("error")]
     targets = sorted({r["target"] for r in records if r.get("target") and r["target"] != "grad J"})
     if targets:
         lines.append("target: " + "; ".join(targets) + " for estimators with a KL option, grad J otherwise")
-    if any(r.get("tokens_exact") is False and r["mode"] == "exact" for r in records):
-        lines.append("~ tokens spent by the hooks measured on sampled batches")
+    if any(r.get("tokens_exact") is False for r in records):
+        lines.append("~ tokens measured on sampled batches (exact mode: those the hooks spend)")
     if notes:
         lines.append("errors:")
         lines += [f"  {n}" for n in notes]

@@ -18,6 +18,9 @@ the verdicts come from :func:`tpg.verify.harness.verify`, unchanged, in one of t
   ``E[S g] = S grad J  <=>  E[g] = grad J`` with probability 1 over ``R`` (``S`` is injective on
   any fixed vector). The calibrated Monte Carlo test and the exact mode run unchanged on ``z``;
   ``|S x| = |x| (1 + O(1/sqrt(k)))`` keeps the reported scales and cosines close to the full-space ones.
+  A Monte Carlo verdict there (``consistent``, ``consistent-scaled``, ``biased``) and its minimal
+  detectable effects are those of the sketched gradient ``S g``: a ``consistent`` sketch says that a
+  bias ``b`` with ``|S b| / |S grad J|`` above the record's ``mde_rel_bias`` would likely have been seen.
 
 ``param_space="auto"``: ``sketch`` in Monte Carlo mode; in exact mode ``full`` when the dense
 Jacobian fits the harness's guard, else ``sketch``.

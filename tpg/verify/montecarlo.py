@@ -5,28 +5,41 @@ and the estimator runs once per chunk of them with a :class:`~tpg.verify.context
 No backward pass is taken: each batch's gradient projections are gathers of the score coefficients
 (:func:`tpg.verify.score.batch_projections`).
 
-The test of ``E[g] = c grad J`` (:func:`mc_test`) splits the batches in two halves:
+:func:`mc_test` tests ``E[g] = d`` (``d = grad J``, or the KL target) with two tests
+(:mod:`tpg.verify.verdict`):
 
-1. from half A, the apparent bias ``b = m_A - c_A d`` (``d = grad J``, ``m_A`` the half-A mean,
-   ``c_A`` its best scale), whitened by the half-A sample covariance, ``u = (S_A + ridge)^{-1} b``
-   (the direction a test with known covariance would use), and made orthogonal to ``d``; for a
-   policy with many parameters (more than ``N / 20``) ``b`` itself plus seeded random directions;
-2. on half B, Hotelling tests (:func:`tpg.verify.verdict.hotelling_test`) in the directions
-   ``U = [d/|d|, u_perp, ...]``: ``E[U^T g] = U^T d`` (``c = 1``) and, for a free ``c``,
-   ``E[U_perp^T g] = 0`` without ``d/|d|``.
+* the *scale test* ``c = 1``: a t test on the per-batch scales ``c_i = <g_i, d> / |d|^2`` of all ``N``
+  batches (the direction ``d`` is fixed in advance, so every batch may enter);
+* the *direction test* ``E[g] || d``, on a split of the batches in two halves:
 
-The directions are chosen independently of half B, so the false-alarm rate is ``alpha`` whatever
-the estimator (the slow calibration study checks it over 200 seeds). Why not Hotelling in every
-direction at once: a bias often sits in directions of small variance (rarely visited states), where
-the sample covariance is estimated from few visits and its inverse is heavy-tailed; the full test
-then over-rejects (7.5% at ``alpha = 1%`` on a 28-dimensional problem). The ridge (5% of the mean
-eigenvalue) bounds the weight of such directions for the same reason. The price is power: a bias
-is flagged when it is large against ``sqrt(u^T Cov u / N)``, so small biases need a larger ``N``.
+  1. from half A, the apparent bias ``b = m_A - c_A d`` (``m_A`` the half-A mean, ``c_A`` its best
+     scale), whitened by the half-A sample covariance, ``u = (S_A + ridge)^{-1} b`` (the direction a
+     test with known covariance would use), and made orthogonal to ``d``; for a policy with many
+     parameters (more than ``N / 20``) ``b`` itself;
+  2. on half B, the test (:func:`tpg.verify.verdict.hotelling_test`; one direction: a t test) of
+     ``E[u^T g] = 0``.
+
+The direction is chosen independently of half B, so the test's false-alarm rate is its level
+whatever the estimator, up to how far the projections are from Gaussian at this ``N`` (the
+calibration tests check it over hundreds of seeds, from ``N = 200``). Why one direction, and not
+Hotelling in every direction at once: a bias often sits in directions of small variance (rarely
+visited states), where the sample covariance is estimated from few visits and its inverse is
+heavy-tailed; the full test then over-rejects (7.5% at ``alpha = 1%`` on a 28-dimensional problem),
+and so does a test in a few directions at small ``N`` (adding 2 to 4 seeded random directions to
+``b`` gave 3-9% at ``alpha = 1%`` with ``N = 200`` on an 18-parameter problem). The ridge (25% of the
+mean eigenvalue) bounds the weight of such directions for the same reason: at 5% the test gave 4%
+false alarms at ``alpha = 1%`` with ``N = 400``. The price is power, which every verdict reports
+(:class:`PowerModel`): the smallest effects each test detects with probability 80% at this ``N``, and
+the ``N`` at which a bias of cosine 0.99 would be detected.
+
+:func:`family_verdicts` turns the p-values of several estimators into verdicts with Holm's
+family-wise error control (the harness calls it once per :func:`~tpg.verify.harness.verify` run).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -34,7 +47,8 @@ from ..rollouts import sample
 from .context import MonteCarloContext, node_paths
 from .exact_moments import batch_layout, checked_coef, make_batch, ref_log_probs, rows_per_batch
 from .score import ParamMap, batch_logit_gradients, batch_projections, centered_directions, logit_gradient
-from .verdict import Verdict, hotelling_test, mc_verdict
+from .verdict import (Verdict, cosine_of_rel_bias, f_noncentrality_for_power, holm_adjust, holm_levels, hotelling_test,
+                      mc_verdict, rel_bias_of_cosine, scale_test, t_shift_for_power)
 
 #: Rows (responses) handed to the estimator per call.
 CHUNK_ROWS = 65_536
@@ -161,8 +175,31 @@ def sample_variance_trace(samples: GradientSamples, pi_nv: torch.Tensor, pmap: P
 DENSE_RATIO = 20
 #: Batches of half A whose dense gradients estimate the whitening covariance: ``max(4096, 10 P)``.
 WHITEN_BATCHES = 4096
-#: Ridge of the whitening, as a fraction of the mean eigenvalue ``tr(S) / num_params``.
-WHITEN_RIDGE = 0.05
+#: Ridge of the whitening, as a fraction of the mean eigenvalue ``tr(S) / num_params`` (chosen by
+#: the false-alarm rate at small N: at alpha = 1% and N = 400, 4% false alarms with 5%, 1-2% with 25%).
+WHITEN_RIDGE = 0.25
+#: Without whitening, batches of half A (at most, and at most ``SPECTRUM_ENTRIES / P``) whose dense
+#: gradients estimate the noise spectrum of the power model.
+SPECTRUM_BATCHES = 1024
+SPECTRUM_ENTRIES = 20_000_000
+#: Below this many batches the test was measured to over-reject: at N = 200-400, 1.5-3x alpha on an
+#: 18-parameter problem, where responses too rare for half the batches to sample carry much of the
+#: gradient's variance; from N = 1000, alpha within binomial noise (the calibration tests).
+CALIBRATED_FROM_N = 1000
+#: The power every minimal detectable effect refers to.
+DEFAULT_POWER = 0.8
+#: The cosine whose detection the suggested ``N`` refers to.
+TARGET_COSINE = 0.99
+
+
+def batch_range(samples: GradientSamples, lo: int, hi: int) -> GradientSamples:
+    """The batches ``lo .. hi - 1`` of ``samples`` as samples of their own (batch ids from 0): i.i.d.
+    batches, so disjoint ranges of one large sample are independent Monte Carlo runs."""
+    if not 0 <= lo < hi <= samples.num_batches:
+        raise ValueError(f"batch range [{lo}, {hi}) outside [0, {samples.num_batches})")
+    rows = _rows_of(samples, lo, hi)
+    return replace(samples, coef_bt=samples.coef_bt[rows], nt_bt=samples.nt_bt[rows], tok_bt=samples.tok_bt[rows],
+                   batch_b=samples.batch_b[rows] - lo, num_batches=hi - lo)
 
 
 def bias_directions(grad_j: torch.Tensor, m_a: torch.Tensor, g_a: torch.Tensor | None, num_random: int,
@@ -198,30 +235,166 @@ def bias_directions(grad_j: torch.Tensor, m_a: torch.Tensor, g_a: torch.Tensor |
     return torch.cat(U, 1)
 
 
-def default_num_random(num_params: int, num_batches: int) -> int:
-    """Random directions besides the bias direction: none when the whitened direction is available,
-    else up to 8 (well below the test half's size and the dimension)."""
-    if num_params * DENSE_RATIO <= num_batches:
-        return 0
-    return int(max(0, min(8, num_batches // 100, num_params - 3)))
+def noise_spectrum(g_np: torch.Tensor, e: torch.Tensor) -> tuple[float, float]:
+    """``(tr Sigma_perp, tr Sigma_perp^2)``: the covariance of the rows ``g_np`` projected orthogonally to
+    the unit vector ``e``, estimated from their sample covariance ``S`` (``nu = n - 1`` degrees of freedom)
+    as ``tr S`` and ``(tr S^2 - (tr S)^2 / nu) / (1 + 1/nu - 2/nu^2)`` (unbiased for Gaussian rows),
+    the latter clipped to its possible range ``[(tr S)^2 / min(P - 1, nu), (tr S)^2]``."""
+    n, P = g_np.shape
+    if n < 2:
+        raise ValueError(f"a covariance needs at least 2 rows, got {n}")
+    G = g_np.to(torch.float64) - g_np.to(torch.float64).mean(0)
+    G = G - (G @ e).unsqueeze(1) * e.unsqueeze(0)
+    nu = n - 1
+    M = (G.T @ G if P <= n else G @ G.T) / nu  # same non-zero spectrum
+    tr = float(M.trace())
+    if tr <= 0.0:
+        return 0.0, 0.0
+    tr2 = (float((M * M).sum()) - tr * tr / nu) / (1.0 + 1.0 / nu - 2.0 / nu ** 2)
+    rank = max(1, min(P - 1, nu))
+    return tr, min(max(tr2, tr * tr / rank), tr * tr)
+
+
+def _round_down_2sig(x: int) -> int:
+    """``x`` rounded down to two significant digits (the F test's denominator degrees of freedom in the
+    power model: fewer degrees of freedom need a larger shift, so the rounding is conservative)."""
+    if x < 100:
+        return x
+    step = 10 ** (len(str(x)) - 2)
+    return x // step * step
+
+
+def _round_up_2sig(x: int) -> int:
+    if x < 100:
+        return x
+    step = 10 ** (len(str(x)) - 2)
+    return -(-x // step) * step
+
+
+@dataclass
+class PowerModel:
+    """What :func:`mc_test`'s two tests can detect, from the variances measured in the run.
+
+    *Scale test* (t test of ``c = 1`` on the ``N`` per-batch scales, standard deviation ``s_c``): the
+    alternative ``E[g] = c d`` with the measured ``s_c``; detected with probability ``power`` at
+    level ``a`` when ``|c - 1| >= delta_t(N - 1, a, power) s_c / sqrt N`` (:meth:`mde_scale`;
+    ``delta_t`` the noncentral-t shift of :func:`~tpg.verify.verdict.t_shift_for_power`).
+
+    *Direction test* (Hotelling's test on half B, ``n_B = N - n_A`` batches, in the ``k`` directions
+    found on half A, ``n_A = N // 2``; ``k = 1`` by default). The alternative: ``E[g] = d + b`` with ``b`` orthogonal to ``d`` and
+    pointing like a typical fluctuation of ``g``, i.e. with the per-batch variance
+    ``sigma_b^2 = tr(Sigma_perp^2) / tr(Sigma_perp)`` along it (the variance along ``g - E g`` itself,
+    ``Sigma_perp`` the covariance of ``g`` orthogonal to ``d``, :func:`noise_spectrum`), in a noise of
+    ``q = (tr Sigma_perp)^2 / tr(Sigma_perp^2)`` effective directions. Half A sees ``b`` through noise
+    of covariance ``Sigma_perp / n_A``, so the tested direction keeps a fraction ``t / (t + q / n_A)``
+    (``t = |b|^2 / sigma_b^2``) of the squared signal, and half B's noncentrality is
+
+        lambda = n_B t^2 / (t + q / n_A).
+
+    ``lambda = lambda_F(k, n_B - k, a, power)`` (:func:`~tpg.verify.verdict.f_noncentrality_for_power`,
+    with ``n_B - k`` rounded down to two significant digits) gives
+    ``t = (lambda + sqrt(lambda^2 + 4 n_B lambda q / n_A)) / (2 n_B)`` and the minimal detectable relative
+    bias ``|b| / |d| = sqrt(t sigma_b^2) / |d|`` (:meth:`mde_rel_bias`), i.e. a cosine
+    ``1 / sqrt(1 + (|b|/|d|)^2)`` (the cosine of ``d + b`` with ``d``; :func:`family_verdicts` uses that of
+    ``c d + b`` with the measured scale). The model ignores the whitening's gain on biases in directions
+    of small variance (it is conservative there: on the test problem, a baseline of the group's maximum
+    reward, cosine 0.9898, was rejected in 40 runs of 40 at half the ``N`` it suggests) and holds
+    ``sigma_b^2`` and ``q`` fixed when ``N`` changes (:meth:`samples_for_rel_bias` suggests the ``N`` for
+    a given effect).
+    """
+
+    num_batches: int
+    num_params: int
+    grad_norm: float
+    scale_sd: float
+    var_direction: float
+    dim_direction: float
+    num_directions: int | None = None
+
+    def directions_at(self, num_batches: int) -> int:
+        """``k``: the directions orthogonal to ``d`` the direction test uses (the bias direction and
+        ``num_directions`` random ones; at most ``P - 1``)."""
+        return max(0, min(self.num_params - 1, 1 + (self.num_directions or 0)))
+
+    def mde_scale(self, level: float, power: float = DEFAULT_POWER) -> float:
+        """The ``|c - 1|`` the scale test detects with probability ``power`` at level ``level``."""
+        if self.scale_sd == 0.0:
+            return 0.0
+        N = self.num_batches
+        return t_shift_for_power(N - 1, level, power) * self.scale_sd / math.sqrt(N)
+
+    def mde_rel_bias(self, level: float, power: float = DEFAULT_POWER, num_batches: int | None = None) -> float:
+        """The ``|b| / |d|`` of a bias orthogonal to ``d`` that the direction test detects with probability
+        ``power`` at level ``level`` with ``num_batches`` batches (default: this run's); see the class."""
+        N = self.num_batches if num_batches is None else int(num_batches)
+        k = self.directions_at(N)
+        if k == 0 or self.var_direction == 0.0:
+            return 0.0  # no direction orthogonal to d, or a noiseless gradient: nothing goes unseen
+        n_a = N // 2
+        n_b = N - n_a
+        df2 = n_b - k
+        lam = f_noncentrality_for_power(k, _round_down_2sig(df2) if df2 >= 1 else None, level, power)
+        if not math.isfinite(lam):
+            return math.inf
+        t = (lam + math.sqrt(lam * lam + 4.0 * n_b * lam * self.dim_direction / n_a)) / (2.0 * n_b)
+        return math.sqrt(t * self.var_direction) / self.grad_norm
+
+    def samples_for_rel_bias(self, rel_bias: float, level: float, power: float = DEFAULT_POWER,
+                             limit: int = 10 ** 9) -> int | None:
+        """The smallest ``N`` (rounded up to two significant digits) at which :meth:`mde_rel_bias` is at most
+        ``rel_bias``, or ``None`` past ``limit``."""
+        if not rel_bias > 0:
+            raise ValueError(f"rel_bias must be > 0, got {rel_bias!r}")
+
+        def ok(n: int) -> bool:
+            return self.mde_rel_bias(level, power, n) <= rel_bias
+
+        hi = 8
+        while not ok(hi):
+            if hi > limit:
+                return None
+            hi *= 2
+        lo = max(hi // 2, 7)
+        while hi - lo > max(1, hi // 200):  # ok(hi) holds, ok(lo) does not (or lo = 7)
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if ok(mid) else (mid, hi)
+        n = _round_up_2sig(hi)
+        while not ok(n):  # the directions' count changes with N: make sure the rounded N still detects
+            n = _round_up_2sig(n + max(1, n // 100))
+        return n
 
 
 @dataclass
 class MCResult:
-    """The Monte Carlo verdict with the sample mean gradient and the estimated ``tr Cov[g]``."""
+    """One estimator's Monte Carlo test: the raw p-values and what the verdict needs.
 
-    verdict: Verdict
+    ``verdict`` is taken with this result as its own family (the two tests, Holm-adjusted); the
+    harness replaces it by :func:`family_verdicts` over every estimator of a run."""
+
+    verdict: Verdict | None
     mean: torch.Tensor
+    target: torch.Tensor
     variance_trace: float
+    p_scale: float
+    p_direction: float
+    scale_mean: float
+    scale_se: float
+    num_batches: int
+    power: PowerModel
 
 
 def mc_test(samples: GradientSamples, grad_j: torch.Tensor, pi_nv: torch.Tensor, pmap: ParamMap,
-            alpha: float = 0.01, num_directions: int | None = None, seed: int = 0) -> MCResult:
-    """The Monte Carlo verdict (see the module docstring), the sample mean and ``tr Cov`` estimate.
+            alpha: float = 0.01, num_directions: int | None = None, seed: int = 0,
+            target_cosine: float = TARGET_COSINE, power: float = DEFAULT_POWER) -> MCResult:
+    """The two tests of ``E[g] = grad_j`` (see the module docstring), the sample mean, the ``tr Cov``
+    estimate and the power model; the verdict at family-wise level ``alpha`` for this estimator alone.
+    ``num_directions`` seeded random directions join the bias direction (none by default: several
+    directions over-reject at small ``N``; the option is there to study the test itself).
 
-    Every batch enters the test through its projections on the test directions (one gather per
+    Every batch enters the tests through its projections on the test directions (one gather per
     token); dense per-batch gradients are formed only for the whitening covariance (up to
-    ``max(4096, 10 P)`` batches of half A) and the reported ``tr Cov`` (up to 8192 batches)."""
+    ``max(4096, 10 P)`` batches of half A) or the noise spectrum (up to 1024), and the reported
+    ``tr Cov`` (up to 8192 batches)."""
     N = samples.num_batches
     if N < 8:
         raise ValueError(f"Monte Carlo mode needs at least 8 samples for its split test, got {N}")
@@ -231,18 +404,69 @@ def mc_test(samples: GradientSamples, grad_j: torch.Tensor, pi_nv: torch.Tensor,
         raise ValueError("grad J is 0 for this MDP and policy: there is no direction to test against")
     n_a = N // 2
     P = d.numel()
-    k = default_num_random(P, N) if num_directions is None else int(num_directions)
+    k = 0 if num_directions is None else int(num_directions)
     m_a = sample_mean(samples, pi_nv, pmap, 0, n_a)
-    g_a = batch_gradients(samples, pi_nv, pmap, 0, min(n_a, max(WHITEN_BATCHES, 10 * P))) \
-        if P * DENSE_RATIO <= N else None
-    U = bias_directions(d, m_a, g_a, k, seed)
+    whiten = P * DENSE_RATIO <= N
+    rows = max(WHITEN_BATCHES, 10 * P) if whiten else max(16, min(SPECTRUM_BATCHES, SPECTRUM_ENTRIES // P))
+    g_a = batch_gradients(samples, pi_nv, pmap, 0, max(2, min(n_a, rows)))
+    U = bias_directions(d, m_a, g_a if whiten else None, k, seed)
+    tr_perp, tr2_perp = noise_spectrum(g_a, d / dn)
     a = centered_directions(pmap.to_logits(U), pi_nv)
     Z = batch_projections(samples.coef_bt, samples.nt_bt, samples.tok_bt, a, samples.batch_b, N)
     mean = sample_mean(samples, pi_nv, pmap)
     trace = sample_variance_trace(samples, pi_nv, pmap)
-    target = torch.zeros(U.shape[1], dtype=torch.float64)
-    target[0] = dn
-    zb = Z[n_a:]
-    p_unbiased = hotelling_test(zb - target)
-    p_direction = hotelling_test(zb[:, 1:]) if zb.shape[1] > 1 else 1.0
-    return MCResult(mc_verdict(p_unbiased, p_direction, alpha, mean, d, Z[:, 0] / dn), mean, trace)
+    c_n = Z[:, 0] / dn
+    scale_mean, scale_se, p_scale = scale_test(c_n)
+    zb = Z[n_a:, 1:]
+    p_direction = hotelling_test(zb) if zb.shape[1] > 0 else 1.0
+    model = PowerModel(num_batches=N, num_params=P, grad_norm=dn, scale_sd=scale_se * math.sqrt(N),
+                       var_direction=tr2_perp / tr_perp if tr_perp > 0 else 0.0,
+                       dim_direction=tr_perp * tr_perp / tr2_perp if tr2_perp > 0 else 0.0,
+                       num_directions=num_directions)
+    res = MCResult(None, mean, d, trace, p_scale, p_direction, scale_mean, scale_se, N, model)
+    res.verdict = family_verdicts([res], alpha, target_cosine=target_cosine, power=power)[0]
+    return res
+
+
+def family_verdicts(results: list[MCResult], alpha: float, target_cosine: float = TARGET_COSINE,
+                    power: float = DEFAULT_POWER) -> list[Verdict]:
+    """The verdicts of several estimators' tests as one family of ``m = 2 len(results)`` hypotheses
+    (the scale and the direction test of each), Holm-adjusted at family-wise level ``alpha``
+    (:func:`~tpg.verify.verdict.holm_adjust`, :func:`~tpg.verify.verdict.holm_levels`).
+
+    Each verdict carries both raw and adjusted p-values, the family size, the scale interval at the
+    level Holm decided the scale test at, and the power: the minimal detectable effects at level
+    ``alpha / m`` (Holm's first, strictest step: the power of the family's least favoured test) and
+    the ``N`` at which a bias of cosine ``target_cosine`` would be detected with probability ``power``
+    at that level."""
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+    if not 0 < power < 1:
+        raise ValueError(f"power must be in (0, 1), got {power!r}")
+    target_rel_bias = rel_bias_of_cosine(target_cosine) if target_cosine < 1 else None
+    if target_rel_bias is None:
+        raise ValueError(f"target_cosine must be in (0, 1), got {target_cosine!r}")
+    ps = [p for r in results for p in (r.p_scale, r.p_direction)]
+    m = len(ps)
+    if m == 0:
+        return []
+    adjusted = holm_adjust(ps)
+    levels = holm_levels(ps, alpha)
+    strictest = alpha / m
+    out = []
+    for i, r in enumerate(results):
+        v = mc_verdict(r.p_scale, r.p_direction, levels[2 * i], levels[2 * i + 1], r.scale_mean, r.scale_se,
+                       r.num_batches, r.mean, r.target)
+        mde = r.power.mde_rel_bias(strictest, power)
+        # cosines of c d + b with d: c = min(1, scale), the conservative conversion (a smaller c makes a
+        # given bias cost more cosine); none when the mean does not point uphill
+        c = min(1.0, r.scale_mean)
+        mde_cos = n_for = None
+        if c > 0:
+            mde_cos = cosine_of_rel_bias(mde / c) if math.isfinite(mde) else 0.0
+            n_for = r.power.samples_for_rel_bias(c * target_rel_bias, strictest, power)
+        out.append(replace(v, p_value_adjusted=adjusted[2 * i], p_value_direction_adjusted=adjusted[2 * i + 1],
+                           holm_family=m, mde_rel_bias=mde, mde_cosine=mde_cos,
+                           mde_scale=r.power.mde_scale(strictest, power), power=power, target_cosine=target_cosine,
+                           n_for_cosine=n_for))
+    return out
