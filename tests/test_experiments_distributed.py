@@ -7,6 +7,7 @@ cluster address too (the ones that start their own cluster in a subprocess are s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -45,7 +46,11 @@ def assert_same_cells(a: dict, b: dict) -> None:
 def cli_env(**extra) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    env.update(extra)
+    for name, value in extra.items():  # None: unset
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
     return env
 
 
@@ -284,39 +289,55 @@ class TestRay:
         check_kill_outcome(cache, markers, killed, result, grid)
 
 
+@contextlib.contextmanager
+def ray_head(num_cpus: int = 2):
+    """A ray cluster from `ray start --head --block` in its own process group: yields its address;
+    stopped through that process (SIGTERM, then SIGKILL to the group it leads)."""
+    ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+    env = cli_env(RAY_ADDRESS=None)
+    head = subprocess.Popen([ray_bin, "start", "--head", "--port=0", f"--num-cpus={num_cpus}",
+                             "--include-dashboard=false", "--disable-usage-stats", "--block"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    try:
+        address = None
+        for line in head.stdout:  # it prints the address other nodes join with
+            m = re.search(r"--address='([^']+)'", line)
+            if m:
+                address = m.group(1)
+                break
+        assert address, "ray start --head printed no address"
+        yield address
+    finally:
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        head.stdout.close()
+
+
 @pytest.mark.slow
 def test_readme_ray_commands_local_and_at_a_cluster_address(reference, tmp_path):
     """The README's `--backend ray` lines as written: a local instance the command starts, and
-    `--address auto`, the cluster that `ray start --head` started on this machine."""
+    `--address auto`, the cluster that `ray start --head` started on this machine; then the same
+    cluster by its HOST:PORT in RAY_ADDRESS (with RAY_AUTH_MODE=token, as ray requires for a given
+    address). At an address the workers get tpg as the job's py_modules and pass the digest check."""
     pytest.importorskip("ray")
     (local,) = [c for c in readme_commands("ray") if "--address" not in c]
-    proc = run_cli(as_argv(local, tmp_path / "local"))
+    proc = run_cli(as_argv(local, tmp_path / "local"), RAY_ADDRESS=None)
     assert proc.returncode == 0, proc.stderr
     assert "cells ran on: local ray instance with 2 CPUs" in proc.stdout
     assert_same_cells(cached_cells(tmp_path / "local"), reference)
 
     (at_cluster,) = [c for c in readme_commands("ray") if "--address auto" in c]
-    ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
-    head = subprocess.Popen([ray_bin, "start", "--head", "--port=0", "--num-cpus=2", "--include-dashboard=false",
-                             "--block"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cli_env())
-    try:
-        address = None
-        deadline = time.time() + 120
-        for line in head.stdout:  # "ray start" prints the address its drivers use
-            m = re.search(r"--address='([^']+)'", line)
-            if m:
-                address = m.group(1)
-                break
-            assert time.time() < deadline
-        assert address, "ray start --head printed no address"
-        proc = run_cli(as_argv(at_cluster, tmp_path / "auto"), RAY_ADDRESS=address)
+    with ray_head() as address:
+        proc = run_cli(as_argv(at_cluster, tmp_path / "auto"), RAY_ADDRESS=None)
         assert proc.returncode == 0, proc.stderr
-        assert "cells ran on: ray cluster" in proc.stdout
+        assert "cells ran on: ray cluster auto" in proc.stdout
         assert_same_cells(cached_cells(tmp_path / "auto"), reference)
-    finally:
-        head.send_signal(signal.SIGTERM)  # --block: the head's processes stop with it
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            head.kill()
-            head.wait()
+        proc = run_cli(as_argv(local, tmp_path / "env"), RAY_ADDRESS=address, RAY_AUTH_MODE="token")
+        assert proc.returncode == 0, proc.stderr
+        assert f"cells ran on: ray cluster {address}" in proc.stdout
+        assert_same_cells(cached_cells(tmp_path / "env"), reference)

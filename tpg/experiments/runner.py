@@ -256,10 +256,11 @@ class ClusterSession:
     * dask: ``address`` (``tcp://HOST:PORT`` of a running ``dask scheduler``), else
       ``$DASK_SCHEDULER_ADDRESS``, else the ``dask.distributed.Client`` this process already made,
       else a new ``LocalCluster`` of ``n_jobs`` worker processes with one thread each;
-    * ray: ``address`` (``auto``: the cluster ``ray start --head`` started on this machine;
+    * ray: ``address`` (``auto``: the cluster ``ray start --head`` last started on this machine;
       ``HOST:PORT`` of a head node; ``ray://HOST:10001``, the Ray Client, needs ``ray[client]``),
       else ``$RAY_ADDRESS``, else the ray instance this process is connected to, else a new local
-      ray instance with ``n_jobs`` CPUs.
+      ray instance with ``n_jobs`` CPUs. Ray sends its authentication token to an address it is
+      given only with ``RAY_AUTH_MODE=token`` (``auto`` needs nothing).
 
     With a cluster at an address, its workers set the parallelism (``n_jobs`` is not used).
     Workers must import the driver's tpg: a local cluster's workers inherit this process's
@@ -359,8 +360,12 @@ class ClusterSession:
                 ray.init(address=address, runtime_env=env, **kw)
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 where = "address" if self.address else "RAY_ADDRESS"
+                # ray sends its token (~/.ray/auth_token) to a cluster it finds itself (auto), never
+                # to an address it is given unless told to
+                hint = ("; if the cluster uses token authentication (the default of `ray start`), set "
+                        "RAY_AUTH_MODE=token" if address != "auto" and "RAY_AUTH_MODE" not in os.environ else "")
                 raise ValueError(f"{where}: cannot connect to a ray cluster at {address!r} "
-                                 f"({type(exc).__name__}: {exc})") from None
+                                 f"({type(exc).__name__}: {exc}){hint}") from None
             self.description = f"ray cluster {address}"
         self._owns_ray = True
 
