@@ -3,7 +3,11 @@ ray instance cache exactly the cells the ``processes`` backend caches; a worker 
 mid-study loses no finished cell and the study completes; a worker that always dies stops the
 study with a clear error and a rerun resumes; workers with other tpg code are refused; the
 README's ``tpg study --backend dask|ray`` commands run as written, at an existing scheduler or
-cluster address too (the ones that start their own cluster in a subprocess are slow tests)."""
+cluster address too.
+
+The default run has the dask tests that share one LocalCluster; the ray tests, the worker that
+always dies and the commands that start their own cluster are ``slow`` (seconds of CPU each on
+2 cores) and run in CI's second step, ``make test-distributed``."""
 
 from __future__ import annotations
 
@@ -41,6 +45,12 @@ def assert_same_cells(a: dict, b: dict) -> None:
     assert a and sorted(a) == sorted(b)
     for key in a:
         pd.testing.assert_frame_equal(a[key], b[key], check_exact=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def cli_env(**extra) -> dict:
@@ -83,7 +93,7 @@ def reference(tmp_path_factory) -> dict:
 def kill_a_running_cell(cache: Path, markers: Path, worker_pids, n_before: int, stop: threading.Event,
                         out: dict) -> None:
     """Once ``n_before`` cells are cached, SIGKILL the worker process (one of ``worker_pids()``)
-    that started a cell not yet cached less than 0.25 s ago (cells take 1 s: it is mid-cell);
+    that started a cell not yet cached less than 0.25 s ago (cells take 0.8 s: it is mid-cell);
     record the cell, the pid and the bytes of every cell file cached at that moment."""
     d = cache / _dist_study.NAME
     while not stop.is_set():
@@ -127,7 +137,7 @@ def check_kill_outcome(cache: Path, markers: Path, killed: dict, result: pd.Data
     assert not [p for p in d.iterdir() if p.name.endswith(".tmp")]
 
 
-def slow_grid(markers: Path, n: int = 6, seconds: float = 1.0) -> list:
+def slow_grid(markers: Path, n: int = 6, seconds: float = 0.8) -> list:
     return [_dist_study.Cell(a=i, seconds=seconds, marker_dir=str(markers)) for i in range(n)]
 
 
@@ -164,14 +174,30 @@ class TestDask:
         assert {pid for _, pid, _ in _dist_study.markers(markers)} <= pids  # the cells ran on that cluster
         monkeypatch.delenv("DASK_SCHEDULER_ADDRESS")
         monkeypatch.setattr(runner, "CONNECT_TIMEOUT", 1.0)
-        with socket.socket() as s:  # a port nobody listens on
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()  # nobody listens there
         with pytest.raises(ValueError, match="address: cannot connect to a dask scheduler"):
             run_study(_dist_study.study(grid[:2]), backend="dask", address=f"tcp://127.0.0.1:{port}",
                       cache_dir=tmp_path / "x", progress=False)
         with pytest.raises(ValueError, match="address is for the dask and ray backends"):
             run_study(_dist_study.study(grid), backend="processes", address="tcp://127.0.0.1:1", cache_dir=tmp_path)
+
+    def test_worker_with_other_tpg_code_is_refused(self, cluster, tmp_path, monkeypatch):
+        """A worker whose tpg source differs from the driver's computes nothing (here the driver's
+        digest is made to differ)."""
+        monkeypatch.setattr(runner, "source_digest", lambda: "0" * 64)
+        with pytest.raises(ClusterError, match="whose source differs from the driver's"):
+            run_study(_dist_study.study([_dist_study.Cell(a=1), _dist_study.Cell(a=2)]), backend="dask",
+                      address=cluster[0].scheduler_address, cache_dir=tmp_path, progress=False)
+        assert not cached_cells(tmp_path, _dist_study.NAME)
+
+    def test_readme_command_at_a_scheduler_address(self, cluster, reference, tmp_path):
+        """The README's `tpg study ... --backend dask --address tcp://...` line, pointed at this cluster."""
+        (command,) = [c for c in readme_commands("dask") if "--address" in c]
+        readme_addr = re.search(r"tcp://\S+", command).group(0)
+        proc = run_cli(as_argv(command, tmp_path, **{readme_addr: cluster[0].scheduler_address}))
+        assert proc.returncode == 0, proc.stderr
+        assert f"cells ran on: dask scheduler {cluster[0].scheduler_address}" in proc.stdout
+        assert_same_cells(cached_cells(tmp_path), reference)
 
     def test_killed_worker_loses_no_cell_and_the_study_completes(self, cluster, tmp_path):
         """SIGKILL a worker process mid-cell: the nanny restarts it, the scheduler reruns the cell on
@@ -193,17 +219,17 @@ class TestDask:
             stop.set()
             killer.join()
         check_kill_outcome(cache, markers, killed, result, grid)
-        client.wait_for_workers(2, timeout=60)
 
-    def test_worker_that_always_dies_stops_with_a_clear_error(self, cluster, tmp_path, capsys):
-        """With no failures allowed, the cell that kills its worker ends the study with a ClusterError
-        (exit 1 from the CLI path); the cells finished before stay cached and a rerun completes."""
+    @pytest.mark.slow  # a worker restart: seconds of CPU on 2 cores
+    def test_worker_that_always_dies_stops_with_a_clear_error(self, cluster, tmp_path):
+        """With no failures allowed, the cell that kills its worker ends the study with a ClusterError;
+        the cells finished before stay cached and a rerun completes."""
         scheduler, client = cluster
 
         def set_allowed(dask_scheduler, n):
             dask_scheduler.allowed_failures = n
 
-        client.wait_for_workers(2, timeout=60)
+        client.wait_for_workers(1, timeout=60)
         client.run_on_scheduler(set_allowed, n=0)
         grid = [_dist_study.Cell(a=i) for i in range(3)]
         bad = grid + [_dist_study.Cell(a=9, seconds=0.5, kill_worker=True)]
@@ -215,28 +241,26 @@ class TestDask:
             client.run_on_scheduler(set_allowed, n=3)
         done = cached_cells(tmp_path, _dist_study.NAME)
         assert len(done) <= 3 and all(len(df) == 3 for df in done.values())
-        client.wait_for_workers(2, timeout=60)
+        client.wait_for_workers(1, timeout=60)  # the survivor (the nanny restarts the other meanwhile)
         df = run_study(_dist_study.study(grid), backend="dask", address=scheduler.scheduler_address,
                        cache_dir=tmp_path, progress=False)
         assert df["a"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
 
-    def test_worker_with_other_tpg_code_is_refused(self, cluster, tmp_path, monkeypatch):
-        """A worker whose tpg source differs from the driver's computes nothing (here the driver's
-        digest is made to differ)."""
-        monkeypatch.setattr(runner, "source_digest", lambda: "0" * 64)
-        with pytest.raises(ClusterError, match="whose source differs from the driver's"):
-            run_study(_dist_study.study([_dist_study.Cell(a=1), _dist_study.Cell(a=2)]), backend="dask",
-                      address=cluster[0].scheduler_address, cache_dir=tmp_path, progress=False)
-        assert not cached_cells(tmp_path, _dist_study.NAME)
 
-    def test_readme_command_at_a_scheduler_address(self, cluster, reference, tmp_path):
-        """The README's `tpg study ... --backend dask --address tcp://...` line, pointed at this cluster."""
-        (command,) = [c for c in readme_commands("dask") if "--address" in c]
-        readme_addr = re.search(r"tcp://\S+", command).group(0)
-        proc = run_cli(as_argv(command, tmp_path, **{readme_addr: cluster[0].scheduler_address}))
-        assert proc.returncode == 0, proc.stderr
-        assert f"cells ran on: dask scheduler {cluster[0].scheduler_address}" in proc.stdout
-        assert_same_cells(cached_cells(tmp_path), reference)
+def test_cli_reports_a_cluster_failure_in_one_line(tmp_path, monkeypatch, capsys):
+    """`tpg study` turns a ClusterError into one `tpg: error:` line and exit 1 (a failure, not bad
+    input: that is exit 2, e.g. --address with a local backend)."""
+    from tpg.cli import main
+
+    def fail(*args, **kwargs):
+        raise ClusterError("the workers that ran cell X all died")
+
+    monkeypatch.setattr(runner, "run_study", fail)
+    code = main(["study", STUDY, "--quick", "--backend", "dask", "--cache-dir", str(tmp_path), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err == "tpg: error: the workers that ran cell X all died"
+    code = main(["study", STUDY, "--quick", "--address", "tcp://127.0.0.1:1", "--cache-dir", str(tmp_path)])
+    assert code == 2 and "--address is for --backend dask or ray" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -251,6 +275,7 @@ def test_readme_command_local_dask_cluster(reference, tmp_path):
 
 
 # ------------------------------------------------------------------------------ ray
+@pytest.mark.slow  # a ray instance costs ~10 s of CPU: run by `make test-distributed` (.ci/run's second step)
 class TestRay:
     @pytest.fixture(scope="class")
     @classmethod
@@ -290,13 +315,15 @@ class TestRay:
 
 
 @contextlib.contextmanager
-def ray_head(num_cpus: int = 2):
-    """A ray cluster from `ray start --head --block` in its own process group: yields its address;
-    stopped through that process (SIGTERM, then SIGKILL to the group it leads)."""
+def ray_head(client_port: int, num_cpus: int = 2):
+    """A ray cluster from `ray start --head --block` in its own process group (its Ray Client server
+    on ``client_port``): yields its address; stopped through that process (SIGTERM, then SIGKILL to
+    the group it leads)."""
     ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
     env = cli_env(RAY_ADDRESS=None)
     head = subprocess.Popen([ray_bin, "start", "--head", "--port=0", f"--num-cpus={num_cpus}",
-                             "--include-dashboard=false", "--disable-usage-stats", "--block"],
+                             f"--ray-client-server-port={client_port}", "--include-dashboard=false",
+                             "--disable-usage-stats", "--block"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
     try:
@@ -323,7 +350,8 @@ def test_readme_ray_commands_local_and_at_a_cluster_address(reference, tmp_path)
     """The README's `--backend ray` lines as written: a local instance the command starts, and
     `--address auto`, the cluster that `ray start --head` started on this machine; then the same
     cluster by its HOST:PORT in RAY_ADDRESS (with RAY_AUTH_MODE=token, as ray requires for a given
-    address). At an address the workers get tpg as the job's py_modules and pass the digest check."""
+    address), and by the Ray Client's ray://HOST:PORT where grpcio (ray[client]) is installed. At an
+    address the workers get tpg as the job's py_modules and pass the digest check."""
     pytest.importorskip("ray")
     (local,) = [c for c in readme_commands("ray") if "--address" not in c]
     proc = run_cli(as_argv(local, tmp_path / "local"), RAY_ADDRESS=None)
@@ -332,7 +360,8 @@ def test_readme_ray_commands_local_and_at_a_cluster_address(reference, tmp_path)
     assert_same_cells(cached_cells(tmp_path / "local"), reference)
 
     (at_cluster,) = [c for c in readme_commands("ray") if "--address auto" in c]
-    with ray_head() as address:
+    client_port = free_port()
+    with ray_head(client_port) as address:
         proc = run_cli(as_argv(at_cluster, tmp_path / "auto"), RAY_ADDRESS=None)
         assert proc.returncode == 0, proc.stderr
         assert "cells ran on: ray cluster auto" in proc.stdout
@@ -341,3 +370,12 @@ def test_readme_ray_commands_local_and_at_a_cluster_address(reference, tmp_path)
         assert proc.returncode == 0, proc.stderr
         assert f"cells ran on: ray cluster {address}" in proc.stdout
         assert_same_cells(cached_cells(tmp_path / "env"), reference)
+        try:
+            import grpc  # noqa: F401  (the Ray Client needs it: ray[client])
+        except ImportError:
+            return
+        client = f"ray://127.0.0.1:{client_port}"
+        proc = run_cli(as_argv(local, tmp_path / "client") + ["--address", client], RAY_AUTH_MODE="token")
+        assert proc.returncode == 0, proc.stderr
+        assert f"cells ran on: ray cluster {client}" in proc.stdout
+        assert_same_cells(cached_cells(tmp_path / "client"), reference)
