@@ -263,6 +263,25 @@ def test_cli_reports_a_cluster_failure_in_one_line(tmp_path, monkeypatch, capsys
     assert code == 2 and "--address is for --backend dask or ray" in capsys.readouterr().err
 
 
+def test_make_test_installs_the_optional_backends():
+    """`make test` installs `.[dev]`, and `dev` holds dask[distributed], ray and peft, so the suite
+    runs the dask and ray backends and the LoRA mode instead of skipping them; the backends' own
+    extras name them too."""
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+
+    def names(reqs):
+        return {re.split(r"[<>=!~;]", r)[0].strip() for r in reqs}
+
+    assert {"dask[distributed]", "ray[client]", "peft", "transformers"} <= names(extras["dev"])
+    assert names(extras["dask"]) == {"dask[distributed]"} and names(extras["ray"]) == {"ray[client]"}
+    assert "peft" in names(extras["peft"])
+    assert '-e ".[dev]"' in (ROOT / "Makefile").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make test\n" in ci and "make test-distributed" in ci
+
+
 @pytest.mark.slow
 def test_readme_command_local_dask_cluster(reference, tmp_path):
     """`tpg study ... --backend dask` as written: the command starts (and stops) its own LocalCluster."""

@@ -231,3 +231,21 @@ def test_deepcopy_and_reference_policy():
         ref = default_reference(pol, seed=0)
         assert not torch.equal(ref.node_logits(mdp.tree), pol.node_logits(mdp.tree))
     assert all(p.data_ptr() != q.data_ptr() for p, q in zip(ref.parameters(), pol.parameters()))
+
+
+def test_readme_lora_verify_command(capsys):
+    """The README's `tpg verify --lm ... --trainable lora:4` line runs as written: REINFORCE is
+    unbiased over the adapters' parameters, and GRPO (the negative control) is flagged."""
+    pytest.importorskip("peft")
+    import json
+    from pathlib import Path
+
+    import tpg
+    from tpg import cli
+
+    readme = Path(tpg.__file__).resolve().parents[1] / "README.md"
+    (line,) = [t for t in readme.read_text().splitlines() if t.startswith("tpg verify --lm") and "lora:" in t]
+    rc = cli.main(line.split("#")[0].split()[1:] + ["--estimator", "grpo", "--json"])
+    records = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert {r["spec"]: r["verdict"] for r in records} == {"reinforce": "unbiased", "grpo": "biased"}
