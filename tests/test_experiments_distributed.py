@@ -267,7 +267,7 @@ def test_make_test_installs_the_optional_backends():
     """`make test` installs `.[dev]`, and `dev` holds dask[distributed], ray and peft, so the suite
     runs the dask and ray backends and the LoRA mode instead of skipping them; the backends' own
     extras name them too."""
-    import tomllib
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
 
