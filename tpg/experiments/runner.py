@@ -401,7 +401,13 @@ class ClusterSession:
         digest = source_digest()
         by_key = dict(zip(keys, cells))
         run = self._run_dask if self.backend == "dask" else self._run_ray
-        for key in run(run_cell, study_name, cells, keys, cache_dir, digest):
+        # closing: a failure here cancels the cells still queued on the cluster at once
+        with contextlib.closing(run(run_cell, study_name, cells, keys, cache_dir, digest)) as done:
+            self._collect(done, study_name, by_key, cache_dir, on_done)
+
+    @staticmethod
+    def _collect(done, study_name, by_key, cache_dir, on_done) -> None:
+        for key in done:
             if not _cell_path(study_name, key, cache_dir).exists():
                 raise ClusterError(f"cell {by_key[key]!r} of study {study_name!r} finished on a worker, but its file "
                                    f"{_cell_path(study_name, key, cache_dir)} is not visible here: the cache "
@@ -423,10 +429,10 @@ class ClusterSession:
                     key = fut.result()
                 except KilledWorker as exc:
                     raise ClusterError(
-                        f"cell {futures[fut]!r} of study {study_name!r}: the {exc.allowed_failures + 1} dask workers "
-                        f"that ran it all died (distributed.scheduler.allowed-failures = {exc.allowed_failures}; "
-                        f"out of memory? see the worker logs); {n_done} cells finished here are cached, "
-                        f"a rerun computes the rest") from None
+                        f"cell {futures[fut]!r} of study {study_name!r}: every dask worker that ran it died "
+                        f"(attempts: {exc.allowed_failures + 1}, distributed.scheduler.allowed-failures = "
+                        f"{exc.allowed_failures}; out of memory? see the worker logs); the {n_done} cells finished "
+                        f"before it are cached, a rerun computes the rest") from None
                 n_done += 1
                 yield key
             finished = True
@@ -437,6 +443,8 @@ class ClusterSession:
     def _run_ray(self, run_cell, study_name, cells, keys, cache_dir, digest):
         import ray
 
+        died = tuple(getattr(ray.exceptions, name) for name in ("WorkerCrashedError", "NodeDiedError",
+                                                                  "OutOfMemoryError") if hasattr(ray.exceptions, name))
         task = ray.remote(num_cpus=1, max_retries=RAY_MAX_RETRIES)(_cell_on_worker)
         # the run function travels once through the object store, not once per cell
         run_ref = ray.put(run_cell)
@@ -452,11 +460,16 @@ class ClusterSession:
                     key = ray.get(done[0])
                 except ray.exceptions.RayTaskError:
                     raise  # the cell's own exception (an instance of its class, with the worker's traceback)
+                except died as exc:
+                    raise ClusterError(
+                        f"cell {refs[done[0]]!r} of study {study_name!r}: every ray worker that ran it died "
+                        f"(attempts: {RAY_MAX_RETRIES + 1}, {type(exc).__name__}; out of memory? see the worker "
+                        f"logs); the {n_done} cells finished before it are cached, a rerun computes the rest") from None
                 except ray.exceptions.RayError as exc:
                     raise ClusterError(
-                        f"cell {refs[done[0]]!r} of study {study_name!r}: the ray workers that ran it died "
-                        f"{RAY_MAX_RETRIES + 1} times ({type(exc).__name__}; out of memory? see the worker logs); "
-                        f"{n_done} cells finished here are cached, a rerun computes the rest") from None
+                        f"cell {refs[done[0]]!r} of study {study_name!r}: ray could not run it "
+                        f"({type(exc).__name__}: {exc}); the {n_done} cells finished before it are cached, a "
+                        f"rerun computes the rest") from None
                 n_done += 1
                 yield key
         finally:
