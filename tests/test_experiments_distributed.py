@@ -339,25 +339,26 @@ class TestRay:
 
 
 @contextlib.contextmanager
-def ray_head(client_port: int, num_cpus: int = 2):
+def ray_head(client_port: int | None, num_cpus: int = 2):
     """A ray cluster from `ray start --head --block` in its own process group (its Ray Client server
-    on ``client_port``): yields its address; stopped through that process (SIGTERM, then SIGKILL to
-    the group it leads)."""
+    on ``client_port``, if given): yields its address; stopped through that process (SIGTERM, then
+    SIGKILL to the group it leads)."""
     ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
     env = cli_env(RAY_ADDRESS=None)
-    head = subprocess.Popen([ray_bin, "start", "--head", "--port=0", f"--num-cpus={num_cpus}",
-                             f"--ray-client-server-port={client_port}", "--include-dashboard=false",
-                             "--disable-usage-stats", "--block"],
+    client = [f"--ray-client-server-port={client_port}"] if client_port else []
+    head = subprocess.Popen([ray_bin, "start", "--head", "--port=0", f"--num-cpus={num_cpus}", *client,
+                             "--include-dashboard=false", "--disable-usage-stats", "--block"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
     try:
-        address = None
+        address, lines = None, []
         for line in head.stdout:  # it prints the address other nodes join with
+            lines.append(line)
             m = re.search(r"--address='([^']+)'", line)
             if m:
                 address = m.group(1)
                 break
-        assert address, "ray start --head printed no address"
+        assert address, "ray start --head printed no address:\n" + "".join(lines[-30:])
         yield address
     finally:
         head.send_signal(signal.SIGTERM)
@@ -384,7 +385,11 @@ def test_readme_ray_commands_local_and_at_a_cluster_address(reference, tmp_path)
     assert_same_cells(cached_cells(tmp_path / "local"), reference)
 
     (at_cluster,) = [c for c in readme_commands("ray") if "--address auto" in c]
-    client_port = free_port()
+    try:
+        import grpc  # noqa: F401  (the Ray Client needs it: ray[client], which `make test` installs)
+        client_port = free_port()
+    except ImportError:
+        client_port = None
     with ray_head(client_port) as address:
         proc = run_cli(as_argv(at_cluster, tmp_path / "auto"), RAY_ADDRESS=None)
         assert proc.returncode == 0, proc.stderr
@@ -394,9 +399,7 @@ def test_readme_ray_commands_local_and_at_a_cluster_address(reference, tmp_path)
         assert proc.returncode == 0, proc.stderr
         assert f"cells ran on: ray cluster {address}" in proc.stdout
         assert_same_cells(cached_cells(tmp_path / "env"), reference)
-        try:
-            import grpc  # noqa: F401  (the Ray Client needs it: ray[client])
-        except ImportError:
+        if client_port is None:
             return
         client = f"ray://127.0.0.1:{client_port}"
         proc = run_cli(as_argv(local, tmp_path / "client") + ["--address", client], RAY_AUTH_MODE="token")
