@@ -190,6 +190,16 @@ class TestDask:
                       address=cluster[0].scheduler_address, cache_dir=tmp_path, progress=False)
         assert not cached_cells(tmp_path, _dist_study.NAME)
 
+    def test_cache_dir_the_driver_cannot_see_is_an_error(self, cluster, tmp_path, monkeypatch):
+        """A worker's cell file the driver cannot find (the cache on a disk the workers do not share;
+        here the driver is made to look elsewhere) stops the study with a ClusterError."""
+        elsewhere = tmp_path / "driver-view"
+        monkeypatch.setattr(runner, "_cell_path", lambda study, key, cache: elsewhere / study / f"{key}.parquet")
+        with pytest.raises(ClusterError, match="is not visible here: the cache directory must be on storage"):
+            run_study(_dist_study.study([_dist_study.Cell(a=1)]), backend="dask",
+                      address=cluster[0].scheduler_address, cache_dir=tmp_path / "shared", progress=False)
+        assert len(cached_cells(tmp_path / "shared", _dist_study.NAME)) == 1  # the worker did write it
+
     def test_readme_command_at_a_scheduler_address(self, cluster, reference, tmp_path, capsys):
         """The README's `tpg study ... --backend dask --address tcp://...` line, pointed at this cluster
         (run by tpg's main in this process: a subprocess would import torch once more)."""
