@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_CPU ?= torch==2.13.0
 STAMP := $(VENV)/.tpg-installed
 
-.PHONY: run figures test test-slow bench setup clean
+.PHONY: run figures test test-distributed test-slow bench setup clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ figures: $(STAMP)
 ## the default test run (slow studies excluded)
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+## the distributed runs too costly for the default run: a local ray instance, a `ray start --head`
+## cluster, the README's dask/ray commands that start their own cluster, a worker that always dies
+test-distributed: $(STAMP)
+	$(PY) -m pytest -q -m slow tests/test_experiments_distributed.py
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow

@@ -2,6 +2,7 @@
 trainable-parameter selection, the restricted head, padding, and precision (tiny models, CPU)."""
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -132,14 +133,54 @@ def test_trainable_selection():
             assert float((g - g_full[n]).abs().max()) < 1e-12
     frozen = HFRestrictedPolicy("gpt2-tiny", ALLOWED, PROMPTS, 2, trainable="none")
     assert not any(p.requires_grad for p in frozen.parameters())
-    try:
-        import peft  # noqa: F401
-    except ImportError:
-        with pytest.raises(ValueError, match="peft"):
-            apply_trainable(load_causal_lm("gpt2-tiny"), "lora:4")
-    else:  # pragma: no cover - peft is not in the dev environment
-        pol = HFRestrictedPolicy("gpt2-tiny", ALLOWED, PROMPTS, 2, trainable="lora:4")
-        assert any("lora" in n for n, p in pol.named_parameters() if p.requires_grad)
+
+
+def test_lora_without_peft_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` raises ImportError
+    with pytest.raises(ValueError, match=r"lora:R.*needs the peft package"):
+        apply_trainable(load_causal_lm("gpt2-tiny"), "lora:4")
+
+
+# the linear layers of one block, as LoRA adapts them
+LORA_LAYERS = {"gpt2-tiny": {"attn.c_attn": (32, 96), "attn.c_proj": (32, 32), "mlp.c_fc": (32, 128),
+                             "mlp.c_proj": (128, 32)},
+               "llama-tiny": {"self_attn.q_proj": (32, 32), "self_attn.k_proj": (32, 16), "self_attn.v_proj": (32, 16),
+                              "self_attn.o_proj": (32, 32), "mlp.gate_proj": (32, 64), "mlp.up_proj": (32, 64),
+                              "mlp.down_proj": (64, 32)}}
+
+
+@pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny"])
+def test_lora_adapts_every_block_linear_layer_and_starts_as_the_base_model(name):
+    """lora:R: only the A [R, d_in] and B [d_out, R] of every linear layer of every block are
+    trainable (not the LM head, not the base weights); B = 0 gives exactly the base model's node
+    logits; A comes from the seed; a nonzero B changes the logits."""
+    pytest.importorskip("peft")
+    R = 3
+    mdp, base = make_lm_problem(name, ALLOWED, PROMPTS, 2, eos_token=5, trainable="none", seed=4)
+    pol = HFRestrictedPolicy(name, ALLOWED, PROMPTS, 2, eos_token=5, trainable=f"lora:{R}", seed=4)
+    trainable = {n: p for n, p in pol.named_parameters() if p.requires_grad}
+    prefix = "model.transformer.h" if name == "gpt2-tiny" else "model.model.layers"
+    expected = {}
+    for block in range(2):
+        for layer, (d_in, d_out) in LORA_LAYERS[name].items():
+            expected[f"{prefix}.{block}.{layer}.lora_A.default.weight"] = (R, d_in)
+            expected[f"{prefix}.{block}.{layer}.lora_B.default.weight"] = (d_out, R)
+    assert {n: tuple(p.shape) for n, p in trainable.items()} == expected
+    assert all(p.dtype == torch.float64 for p in pol.parameters())
+    assert all(float(p.detach().abs().max()) == 0.0 for n, p in trainable.items() if "lora_B" in n)
+    assert all(float(p.detach().abs().max()) > 0.0 for n, p in trainable.items() if "lora_A" in n)
+    assert "lora:3" in pol.describe() and f"({sum(p.numel() for p in trainable.values()):,} parameters)" in pol.describe()
+    with torch.no_grad():
+        logits = pol.node_logits(mdp.tree)
+        assert torch.equal(logits, base.node_logits(mdp.tree))  # W x + 0: bit for bit
+        again = HFRestrictedPolicy(name, ALLOWED, PROMPTS, 2, eos_token=5, trainable=f"lora:{R}", seed=4)
+        assert all(torch.equal(p, q) for p, q in zip(pol.parameters(), again.parameters()))
+        other = HFRestrictedPolicy(name, ALLOWED, PROMPTS, 2, eos_token=5, trainable=f"lora:{R}", seed=5)
+        assert not torch.equal(dict(other.named_parameters())[next(iter(expected))], trainable[next(iter(expected))])
+        for n, p in trainable.items():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(1))
+        assert float((pol.node_logits(mdp.tree) - logits).abs().max()) > 1e-3
 
 
 def test_bad_arguments():
@@ -190,3 +231,21 @@ def test_deepcopy_and_reference_policy():
         ref = default_reference(pol, seed=0)
         assert not torch.equal(ref.node_logits(mdp.tree), pol.node_logits(mdp.tree))
     assert all(p.data_ptr() != q.data_ptr() for p, q in zip(ref.parameters(), pol.parameters()))
+
+
+def test_readme_lora_verify_command(capsys):
+    """The README's `tpg verify --lm ... --trainable lora:4` line runs as written: REINFORCE is
+    unbiased over the adapters' parameters, and GRPO (the negative control) is flagged."""
+    pytest.importorskip("peft")
+    import json
+    from pathlib import Path
+
+    import tpg
+    from tpg import cli
+
+    readme = Path(tpg.__file__).resolve().parents[1] / "README.md"
+    (line,) = [t for t in readme.read_text().splitlines() if t.startswith("tpg verify --lm") and "lora:" in t]
+    rc = cli.main(line.split("#")[0].split()[1:] + ["--estimator", "grpo", "--json"])
+    records = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert {r["spec"]: r["verdict"] for r in records} == {"reinforce": "unbiased", "grpo": "biased"}

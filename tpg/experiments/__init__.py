@@ -8,8 +8,8 @@
 (:mod:`.cli`).
 """
 
-from .runner import BACKENDS, cache_key, latest_run_info, load_results, run_study
+from .runner import BACKENDS, ClusterError, cache_key, cluster_session, latest_run_info, load_results, run_study
 from .studies import STUDIES, available_studies, load_study
 
-__all__ = ["run_study", "load_results", "cache_key", "latest_run_info", "BACKENDS",
+__all__ = ["run_study", "load_results", "cache_key", "latest_run_info", "BACKENDS", "cluster_session", "ClusterError",
            "STUDIES", "load_study", "available_studies"]

@@ -1,6 +1,7 @@
 """``tpg study``, ``tpg figures``, ``tpg report``: run the studies, draw their figures, write the claims report.
 
-    tpg study NAME|all [--quick] [--backend processes|sequential|dask|ray] [--jobs N] [--cache-dir DIR]
+    tpg study NAME|all [--quick] [--backend processes|sequential|dask|ray] [--address ADDR] [--jobs N]
+              [--cache-dir DIR]
     tpg figures [NAME ...] [--cache-dir DIR] [--out-dir DIR] [--scripts-dir DIR] [--allow-partial]
     tpg report [--cache-dir DIR] [--out FILE] [--no-proofs]
 
@@ -59,24 +60,32 @@ def run_figure_script(path: Path, cache_dir: str, out_dir: str) -> list[Path]:
 
 # ------------------------------------------------------------------------------ commands
 def _cmd_study(args) -> int:
+    import contextlib
+
     from .report import format_table
-    from .runner import run_study
+    from .runner import CLUSTER_BACKENDS, ClusterError, cluster_session, run_study
     from .studies import STUDIES, available_studies, load_study
 
     names = available_studies() if args.name == "all" else [args.name]
     if args.name != "all" and args.name not in STUDIES:
         raise ValueError(f"unknown study {args.name!r}; the studies are {', '.join(STUDIES)} (or all)")
+    if args.address is not None and args.backend not in CLUSTER_BACKENDS:
+        raise ValueError(f"--address is for --backend {' or '.join(CLUSTER_BACKENDS)}, not {args.backend!r}")
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     claim_rows = []
-    for name in names:
-        start = time.perf_counter()
-        df = run_study(name, quick=args.quick, backend=args.backend, n_jobs=args.jobs, cache_dir=args.cache_dir,
-                       progress=not args.no_progress)
-        mod = load_study(name)
-        print(f"study {name}: {df['cell_key'].nunique() if len(df) else 0} cells, {len(df)} rows "
-              f"({'quick' if args.quick else 'full'}) in {time.perf_counter() - start:.1f} s; "
-              f"cache {Path(args.cache_dir) / name}", flush=True)
-        if len(df):
-            claim_rows += mod.claim_rows(df)
+    # one cluster for every study of the command (started at the first cell not cached)
+    session = (cluster_session(args.backend, args.jobs, args.address) if args.backend in CLUSTER_BACKENDS
+               else contextlib.nullcontext())
+    with session as cluster:
+        try:
+            for name in names:
+                claim_rows += _run_one_study(name, args, run_study, load_study)
+        except ClusterError as exc:  # a worker failure, not bad input: one line and exit 1
+            print(f"tpg: error: {exc}", file=sys.stderr)
+            return 1
+        if cluster is not None and cluster.description is not None:
+            print(f"cells ran on: {cluster.description}", flush=True)
     if claim_rows:
         print(format_table(claim_rows))
     return 0
@@ -91,6 +100,17 @@ def figure_studies() -> dict[str, list[str]]:
         for fig in getattr(load_study(name), "FIGURES", []):
             out.setdefault(fig, []).append(name)
     return out
+
+
+def _run_one_study(name: str, args, run_study, load_study) -> list:
+    start = time.perf_counter()
+    df = run_study(name, quick=args.quick, backend=args.backend, n_jobs=args.jobs, cache_dir=args.cache_dir,
+                   progress=not args.no_progress)
+    mod = load_study(name)
+    print(f"study {name}: {df['cell_key'].nunique() if len(df) else 0} cells, {len(df)} rows "
+          f"({'quick' if args.quick else 'full'}) in {time.perf_counter() - start:.1f} s; "
+          f"cache {Path(args.cache_dir) / name}", flush=True)
+    return mod.claim_rows(df) if len(df) else []
 
 
 def _cmd_figures(args) -> int:
@@ -159,8 +179,15 @@ def register(subparsers) -> None:
     p.add_argument("name", metavar="NAME", help=f"one of {', '.join(STUDIES)}, or all")
     p.add_argument("--quick", action="store_true", help="the small grid (seconds to a minute)")
     p.add_argument("--backend", choices=BACKENDS, default="processes",
-                   help="joblib backend: local processes (default), sequential, or a dask / ray cluster")
-    p.add_argument("--jobs", type=int, default=2, metavar="N", help="parallel workers (default 2)")
+                   help="where cells run: local processes (default), sequential (this process), or a dask / "
+                        "ray cluster (a local one of --jobs workers, or the one at --address)")
+    p.add_argument("--address", default=None, metavar="ADDR",
+                   help="with --backend dask: a running scheduler, tcp://HOST:PORT (default: "
+                        "$DASK_SCHEDULER_ADDRESS, else a local cluster); with --backend ray: auto (the cluster "
+                        "`ray start --head` started here), HOST:PORT or ray://HOST:10001 (default: $RAY_ADDRESS, "
+                        "else a local instance). Workers must import the same tpg; the cache dir must be shared")
+    p.add_argument("--jobs", type=int, default=2, metavar="N",
+                   help="parallel workers (default 2); with --address the cluster's workers decide")
     p.add_argument("--cache-dir", default=DEFAULT_CACHE, metavar="DIR", help=f"result cache (default {DEFAULT_CACHE})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_study)

@@ -6,9 +6,10 @@ function ``run_cell(cell) -> DataFrame``. The runner
 
 * keys every cell by ``sha256(json(asdict(cell), sort_keys) + class name + tpg.__version__)``
   (:func:`cache_key`), so a changed config or a new package version is a new cell;
-* computes only the cells whose ``<cache_dir>/<study>/<key>.parquet`` is missing, on joblib
-  workers (``processes``: loky; ``dask``/``ray``: the same cells on a cluster through joblib's
-  backends; ``sequential``: in this process), with a progress bar of cells done and time left;
+* computes only the cells whose ``<cache_dir>/<study>/<key>.parquet`` is missing: on joblib's
+  loky processes (``processes``), in this process (``sequential``), or as one task per cell on a
+  dask or ray cluster (``dask``/``ray``: a local one, or one at an address, see
+  :class:`ClusterSession`), with a progress bar of cells done and time left;
 * writes each result to a temporary file and renames it, so an interrupted run leaves only
   whole cells and the next run resumes where it stopped;
 * checks every cell it reads: a cell file carries the sha256 of its own bytes (in its Parquet
@@ -28,10 +29,13 @@ figures and the report describe the last grid that was run, quick or full, not a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from types import ModuleType
@@ -41,7 +45,6 @@ import pandas as pd
 
 BACKENDS = ("processes", "sequential", "dask", "ray")
 _MANIFEST = "latest.json"
-_DASK_CLIENT = None  # the client run_study started, kept alive for later runs in this process
 
 
 # ------------------------------------------------------------------------------ keys and files
@@ -290,53 +293,367 @@ def latest_run_info(study_name: str, cache_dir: str | Path = ".tpg-cache") -> di
     return _read_manifest(study_dir(study_name, cache_dir))
 
 
-# ------------------------------------------------------------------------------ running
-def _parallel(backend: str, n_jobs: int):
-    """A ``joblib.Parallel`` for the backend, plus a context manager to run it under."""
-    import contextlib
+# ------------------------------------------------------------------------------ clusters
+#: the backends that hand cells to a cluster (:class:`ClusterSession`)
+CLUSTER_BACKENDS = ("dask", "ray")
+#: seconds to wait for a dask scheduler at an address and for its first worker
+CONNECT_TIMEOUT = 30.0
 
-    import joblib
 
-    if backend == "processes":
-        return joblib.Parallel(n_jobs=n_jobs, backend="loky", return_as="generator_unordered"), contextlib.nullcontext()
-    if backend == "dask":
+class ClusterError(RuntimeError):
+    """A cluster backend could not finish a study: a cell's workers kept dying, a worker runs other
+    tpg code than the driver, or a finished cell's file is not visible to the driver. The cells
+    finished before it are cached; a rerun computes only the rest."""
+
+
+@functools.lru_cache(maxsize=None)
+def source_digest() -> str:
+    """``sha256`` over ``(path relative to the package, bytes)`` of every ``.py`` file of the
+    ``tpg`` and ``proofs_checks`` packages this process imports.
+
+    Two processes with the same digest run the same tpg code, whatever the install (checkout,
+    editable, wheel); a cluster worker must match the driver's (:func:`_cell_on_worker`)."""
+    h = hashlib.sha256()
+    for root in _code_dirs():
+        for path in sorted(root.rglob("*.py")):
+            rel = path.relative_to(root.parent).as_posix()
+            if "__pycache__" in rel:
+                continue
+            h.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _code_dirs() -> list[Path]:
+    """The package directories of ``tpg`` and (where importable) ``proofs_checks``: the code a
+    worker needs, shipped to ray clusters as ``py_modules``."""
+    import importlib.util
+
+    import tpg
+
+    dirs = [Path(tpg.__file__).resolve().parent]
+    spec = importlib.util.find_spec("proofs_checks")
+    if spec is not None and spec.submodule_search_locations:
+        extra = Path(list(spec.submodule_search_locations)[0]).resolve()
+        if extra.parent != dirs[0]:  # not already inside tpg/
+            dirs.append(extra)
+    return dirs
+
+
+def _driver_paths() -> list[str]:
+    """The directories on this process's ``sys.path`` outside the Python installation (a checkout,
+    ``$PYTHONPATH``, folders added at run time), absolute, in order."""
+    import sysconfig
+
+    installed = {Path(p).resolve() for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
+    installed |= {Path(p).resolve() for p in sysconfig.get_paths().values()}
+    out: list[str] = []
+    for entry in sys.path:
+        path = Path(entry or os.getcwd()).resolve()
+        if not path.is_dir() or any(path == r or r in path.parents for r in installed):
+            continue
+        if str(path) not in out:
+            out.append(str(path))
+    return out
+
+
+def _cell_on_worker(run_cell: Callable, study_name: str, cell: Any, cache_dir: str, key: str, digest: str) -> str:
+    """The unit of work of a cluster backend: :func:`compute_cell` on a worker, once the worker is
+    shown to run the driver's tpg (same :func:`source_digest`), since a worker with other code
+    would cache other numbers under the same key. Returns the cell's key."""
+    here = source_digest()
+    if here != digest:
+        import socket
+
+        import tpg
+
+        raise ClusterError(
+            f"worker {socket.gethostname()} (pid {os.getpid()}) imports tpg from "
+            f"{Path(tpg.__file__).resolve().parent} (version {tpg.__version__}), whose source differs from the "
+            f"driver's (digest {here[:12]} vs {digest[:12]}): start the workers with the driver's tpg on their "
+            f"path (PYTHONPATH=<checkout> dask worker ..., or pip install the same commit)")
+    done = compute_cell(run_cell, study_name, cell, cache_dir)
+    if done != key:
+        raise ClusterError(f"the worker's cache key {done[:12]} differs from the driver's {key[:12]} for cell {cell!r}")
+    return done
+
+
+class ClusterSession:
+    """One connection to a dask or ray cluster, shared by the :func:`run_study` calls made while
+    it is open (:func:`cluster_session`), started on first use and closed by :meth:`close`.
+
+    Where the cells go (first match):
+
+    * dask: ``address`` (``tcp://HOST:PORT`` of a running ``dask scheduler``), else
+      ``$DASK_SCHEDULER_ADDRESS``, else the ``dask.distributed.Client`` this process already made,
+      else a new ``LocalCluster`` of ``n_jobs`` worker processes with one thread each;
+    * ray: ``address`` (``auto``: the cluster ``ray start --head`` last started on this machine;
+      ``HOST:PORT`` of a head node; ``ray://HOST:10001``, the Ray Client, needs ``ray[client]``),
+      else ``$RAY_ADDRESS``, else the ray instance this process is connected to, else a new local
+      ray instance with ``n_jobs`` CPUs. Ray sends its authentication token to an address it is
+      given only with ``RAY_AUTH_MODE=token`` (``auto`` needs nothing).
+
+    With a cluster at an address, its workers set the parallelism (``n_jobs`` is not used).
+    Workers must import the driver's tpg: a local cluster's workers inherit this process's
+    ``sys.path``; on a ray cluster at an address the ``tpg`` and ``proofs_checks`` packages are
+    shipped as the job's ``py_modules``; dask workers at an address must have it on their path.
+    Every cell first checks that its worker's :func:`source_digest` equals the driver's and fails
+    with :class:`ClusterError` if not. The cache directory must be on storage the driver and the
+    workers share (a local cluster always does).
+
+    A worker that dies while computing a cell loses only that cell: dask reruns it on another
+    worker up to ``distributed.scheduler.allowed-failures`` times (3), ray up to ``max_retries``
+    (3); past that the study stops with :class:`ClusterError` and a rerun resumes.
+    """
+
+    def __init__(self, backend: str, n_jobs: int = 2, address: str | None = None):
+        if backend not in CLUSTER_BACKENDS:
+            raise ValueError(f"a cluster backend must be one of {', '.join(CLUSTER_BACKENDS)}, got {backend!r}")
+        if n_jobs < 1:
+            raise ValueError(f"n_jobs must be >= 1, got {n_jobs}")
+        if address is not None and (not isinstance(address, str) or not address.strip()):
+            raise ValueError(f"address must be a non-empty string, got {address!r}")
+        self.backend = backend
+        self.n_jobs = n_jobs
+        self.address = address.strip() if address else None
+        #: where the cells go, in words (set by :meth:`connect`)
+        self.description: str | None = None
+        self.client = None  # dask: the Client
+        self._local_cluster = None  # dask: the LocalCluster this session started
+        self._owns_client = False
+        self._owns_ray = False
+
+    # -------------------------------------------------------------- connecting
+    def connect(self) -> "ClusterSession":
+        """Connect to (or start) the cluster; a no-op once connected."""
+        if self.description is None:
+            (self._connect_dask if self.backend == "dask" else self._connect_ray)()
+        return self
+
+    def _connect_dask(self) -> None:
         try:
-            from dask.distributed import Client, get_client
-        except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise ValueError("backend 'dask' needs dask[distributed]: pip install 'tpg[dask]'") from exc
-        global _DASK_CLIENT
+            from dask.distributed import Client, LocalCluster, get_client
+        except ImportError:  # pragma: no cover - depends on the environment
+            raise ValueError("backend 'dask' needs dask[distributed]: pip install 'tpg[dask]'") from None
+        address = self.address or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
+        if address is not None:
+            try:
+                client = Client(address, timeout=CONNECT_TIMEOUT, set_as_default=False)
+            except (OSError, TimeoutError, ValueError) as exc:
+                where = "address" if self.address else "DASK_SCHEDULER_ADDRESS"
+                raise ValueError(f"{where}: cannot connect to a dask scheduler at {address!r} within "
+                                 f"{CONNECT_TIMEOUT:g} s ({type(exc).__name__}: {exc})") from None
+            self.client, self._owns_client = client, True
+            try:
+                client.wait_for_workers(1, timeout=CONNECT_TIMEOUT)
+            except Exception:  # dask's own TimeoutError type varies across versions
+                self.close()
+                raise ValueError(f"the dask scheduler at {address!r} has no workers (waited "
+                                 f"{CONNECT_TIMEOUT:g} s); start some with `dask worker {address}`") from None
+            self.description = f"dask scheduler {address} ({len(client.scheduler_info()['workers'])} workers)"
+            return
         try:
-            get_client()
+            self.client = get_client()
+            self.description = f"the dask client of this process ({self.client.scheduler.address})"
+            return
         except ValueError:
-            # connects to DASK_SCHEDULER_ADDRESS when set, else starts a local cluster
-            _DASK_CLIENT = Client() if os.environ.get("DASK_SCHEDULER_ADDRESS") else Client(n_workers=n_jobs)
-        return joblib.Parallel(n_jobs=-1, return_as="generator_unordered"), joblib.parallel_config(backend="dask")
-    if backend == "ray":
+            pass
+        # one thread per worker: cells are single-threaded torch work, parallel over processes
+        self._local_cluster = LocalCluster(n_workers=self.n_jobs, threads_per_worker=1, processes=True,
+                                           dashboard_address=None)
+        self.client = Client(self._local_cluster, set_as_default=False)
+        self._owns_client = True
+        self.description = f"local dask cluster of {self.n_jobs} worker processes ({self._local_cluster.scheduler_address})"
+
+    def _connect_ray(self) -> None:
         try:
             import ray
-            from ray.util.joblib import register_ray
-        except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise ValueError("backend 'ray' needs ray: pip install 'tpg[ray]'") from exc
-        register_ray()
-        if not ray.is_initialized():
-            ray.init()  # honours RAY_ADDRESS
-        return joblib.Parallel(n_jobs=-1, return_as="generator_unordered"), joblib.parallel_config(backend="ray")
-    raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+        except ImportError:  # pragma: no cover - depends on the environment
+            raise ValueError("backend 'ray' needs ray: pip install 'tpg[ray]'") from None
+        address = self.address or os.environ.get("RAY_ADDRESS") or None
+        if address is None and ray.is_initialized():
+            self.description = "the ray instance this process is connected to"
+            return
+        if ray.is_initialized():
+            raise ValueError(f"address: this process is already connected to a ray cluster; cannot also "
+                             f"connect to {address!r} (ray.shutdown() first)")
+        kw = dict(include_dashboard=False, logging_level="WARNING")
+        if address is None:
+            # ray's workers see only the driver's script directory and cwd; give them the driver's
+            # own additions to sys.path too (a checkout, a study module's folder), as dask's do
+            env = {"env_vars": {"PYTHONPATH": os.pathsep.join(_driver_paths())}}
+            ray.init(address="local", num_cpus=self.n_jobs, runtime_env=env, **kw)
+            self.description = f"local ray instance with {self.n_jobs} CPUs"
+        else:
+            # the workers of a cluster elsewhere import tpg from the driver's files, shipped with the job
+            env = {"py_modules": [str(d) for d in _code_dirs()], "excludes": ["__pycache__", "*.pyc"]}
+            try:
+                ray.init(address=address, runtime_env=env, **kw)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                where = "address" if self.address else "RAY_ADDRESS"
+                # ray sends its token (~/.ray/auth_token) to a cluster it finds itself (auto), never
+                # to an address it is given unless told to
+                hint = ("; if the cluster uses token authentication (the default of `ray start`), set "
+                        "RAY_AUTH_MODE=token" if address != "auto" and "RAY_AUTH_MODE" not in os.environ else "")
+                raise ValueError(f"{where}: cannot connect to a ray cluster at {address!r} "
+                                 f"({type(exc).__name__}: {exc}){hint}") from None
+            self.description = f"ray cluster {address}"
+        self._owns_ray = True
+
+    def close(self) -> None:
+        """Disconnect, and stop what this session started (a local cluster, a local ray instance)."""
+        if self.backend == "dask":
+            if self.client is not None and self._owns_client:
+                self.client.close()
+            if self._local_cluster is not None:
+                self._local_cluster.close()
+            self.client, self._local_cluster, self._owns_client = None, None, False
+        elif self._owns_ray:
+            import ray
+
+            ray.shutdown()
+            self._owns_ray = False
+        self.description = None
+
+    def __enter__(self) -> "ClusterSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -------------------------------------------------------------- running
+    def run_cells(self, run_cell: Callable, study_name: str, cells: list, keys: list[str], cache_dir: str | Path,
+                  on_done: Callable[[], None] | None = None) -> None:
+        """Compute ``cells`` (with their cache ``keys``) on the cluster, calling ``on_done()`` as each
+        is stored; on the first failure cancel the rest and raise (the cell's own exception, or
+        :class:`ClusterError`)."""
+        self.connect()
+        cache_dir = str(Path(cache_dir).resolve())  # the workers' working directories differ
+        digest = source_digest()
+        by_key = dict(zip(keys, cells))
+        run = self._run_dask if self.backend == "dask" else self._run_ray
+        # closing: a failure here cancels the cells still queued on the cluster at once
+        with contextlib.closing(run(run_cell, study_name, cells, keys, cache_dir, digest)) as done:
+            self._collect(done, study_name, by_key, cache_dir, on_done)
+
+    @staticmethod
+    def _collect(done, study_name, by_key, cache_dir, on_done) -> None:
+        for key in done:
+            if not _cell_path(study_name, key, cache_dir).exists():
+                raise ClusterError(f"cell {by_key[key]!r} of study {study_name!r} finished on a worker, but its file "
+                                   f"{_cell_path(study_name, key, cache_dir)} is not visible here: the cache "
+                                   f"directory must be on storage the driver and the workers share")
+            if on_done is not None:
+                on_done()
+
+    def _run_dask(self, run_cell, study_name, cells, keys, cache_dir, digest):
+        from dask.distributed import as_completed
+        from distributed.scheduler import KilledWorker
+
+        futures = {self.client.submit(_cell_on_worker, run_cell, study_name, cell, cache_dir, key, digest,
+                                      key=f"tpg-{study_name}-{key}"): cell for cell, key in zip(cells, keys)}
+        finished = False
+        try:
+            n_done = 0
+            for fut in as_completed(list(futures), loop=self.client.loop):
+                try:
+                    key = fut.result()
+                except KilledWorker as exc:
+                    raise ClusterError(
+                        f"cell {futures[fut]!r} of study {study_name!r}: every dask worker that ran it died "
+                        f"(attempts: {exc.allowed_failures + 1}, distributed.scheduler.allowed-failures = "
+                        f"{exc.allowed_failures}; out of memory? see the worker logs); the {n_done} cells finished "
+                        f"before it are cached, a rerun computes the rest") from None
+                n_done += 1
+                yield key
+            finished = True
+        finally:
+            if not finished:
+                self.client.cancel(list(futures))
+
+    def _run_ray(self, run_cell, study_name, cells, keys, cache_dir, digest):
+        import ray
+
+        died = tuple(getattr(ray.exceptions, name) for name in ("WorkerCrashedError", "NodeDiedError",
+                                                                  "OutOfMemoryError") if hasattr(ray.exceptions, name))
+        task = ray.remote(num_cpus=1, max_retries=RAY_MAX_RETRIES)(_cell_on_worker)
+        # the run function travels once through the object store, not once per cell
+        run_ref = ray.put(run_cell)
+        refs = {task.options(name=f"tpg-{study_name}-{key[:12]}").remote(run_ref, study_name, cell, cache_dir, key,
+                                                                          digest): cell
+                for cell, key in zip(cells, keys)}
+        pending = list(refs)
+        n_done = 0
+        try:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                try:
+                    key = ray.get(done[0])
+                except ray.exceptions.RayTaskError:
+                    raise  # the cell's own exception (an instance of its class, with the worker's traceback)
+                except died as exc:
+                    raise ClusterError(
+                        f"cell {refs[done[0]]!r} of study {study_name!r}: every ray worker that ran it died "
+                        f"(attempts: {RAY_MAX_RETRIES + 1}, {type(exc).__name__}; out of memory? see the worker "
+                        f"logs); the {n_done} cells finished before it are cached, a rerun computes the rest") from None
+                except ray.exceptions.RayError as exc:
+                    raise ClusterError(
+                        f"cell {refs[done[0]]!r} of study {study_name!r}: ray could not run it "
+                        f"({type(exc).__name__}: {exc}); the {n_done} cells finished before it are cached, a "
+                        f"rerun computes the rest") from None
+                n_done += 1
+                yield key
+        finally:
+            for ref in pending:
+                ray.cancel(ref)
 
 
+#: how often ray reruns a cell whose worker died (ray's own default)
+RAY_MAX_RETRIES = 3
+_OPEN_SESSIONS: list[ClusterSession] = []  # the cluster_session blocks now open, innermost last
+
+
+@contextlib.contextmanager
+def cluster_session(backend: str, n_jobs: int = 2, address: str | None = None):
+    """``with cluster_session("dask", 2) as s:`` every :func:`run_study` of this backend inside the
+    block (with no ``address`` of its own, or the same) uses one cluster, started at the first
+    cell and stopped at the end of the block (see :class:`ClusterSession` for where cells go)."""
+    session = ClusterSession(backend, n_jobs, address)
+    _OPEN_SESSIONS.append(session)
+    try:
+        yield session
+    finally:
+        _OPEN_SESSIONS.remove(session)
+        session.close()
+
+
+@contextlib.contextmanager
+def _session_for(backend: str, n_jobs: int, address: str | None):
+    for session in reversed(_OPEN_SESSIONS):
+        if session.backend == backend and address in (None, session.address):
+            yield session
+            return
+    with cluster_session(backend, n_jobs, address) as session:
+        yield session
+
+
+# ------------------------------------------------------------------------------ running
 def run_study(study: str | ModuleType, quick: bool = False, backend: str = "processes", n_jobs: int = 2,
-              cache_dir: str | Path = ".tpg-cache", progress: bool = True) -> pd.DataFrame:
+              cache_dir: str | Path = ".tpg-cache", progress: bool = True, address: str | None = None) -> pd.DataFrame:
     """Run every cell of ``study.cells(quick)`` not yet cached and return all its rows.
 
-    Cells run on ``n_jobs`` joblib workers (``backend``: ``processes`` | ``sequential`` |
-    ``dask`` | ``ray``); each finished cell is stored at once, so a killed run resumes. The
-    result has one row per row of ``run_cell`` with the cell's fields, ``study`` and
+    Cells run on ``n_jobs`` workers: ``processes`` (joblib's loky processes), ``sequential`` (in
+    this process), ``dask`` or ``ray`` (a cluster: ``address``, the ``DASK_SCHEDULER_ADDRESS`` /
+    ``RAY_ADDRESS`` variables, an open :func:`cluster_session`, or a local cluster of ``n_jobs``
+    workers; see :class:`ClusterSession`). Each finished cell is stored at once, so a killed run
+    resumes. The result has one row per row of ``run_cell`` with the cell's fields, ``study`` and
     ``cell_key`` as columns, in the order of the grid.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     if n_jobs < 1:
         raise ValueError(f"n_jobs must be >= 1, got {n_jobs}")
+    if address is not None and backend not in CLUSTER_BACKENDS:
+        raise ValueError(f"address is for the {' and '.join(CLUSTER_BACKENDS)} backends, not {backend!r}")
     mod = get_study(study)
     name = mod.NAME
     grid = list(mod.cells(quick))
@@ -349,27 +666,30 @@ def run_study(study: str | ModuleType, quick: bool = False, backend: str = "proc
     _write_text_atomic(d / _MANIFEST, json.dumps(manifest, indent=1))
 
     cached = _cached_frames(name, keys, cache_dir, "it will be recomputed")  # damaged cells: quarantined
-    todo = [c for c, k in zip(grid, keys) if k not in cached]
+    todo = [(c, k) for c, k in zip(grid, keys) if k not in cached]
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(grid), initial=len(grid) - len(todo), desc=f"study {name}", unit="cell",
                    dynamic_ncols=True)
+    step = bar.update if bar is not None else (lambda n=1: None)
     try:
-        if backend == "sequential" or len(todo) <= 1 or (backend == "processes" and n_jobs == 1):
-            for cell in todo:
+        if not todo:
+            pass
+        elif backend in CLUSTER_BACKENDS:
+            with _session_for(backend, n_jobs, address) as session:
+                session.run_cells(mod.run_cell, name, [c for c, _ in todo], [k for _, k in todo], cache_dir, step)
+        elif backend == "sequential" or len(todo) == 1 or n_jobs == 1:
+            for cell, _ in todo:
                 compute_cell(mod.run_cell, name, cell, cache_dir)
-                if bar is not None:
-                    bar.update(1)
-        elif todo:
+                step()
+        else:
             import joblib
 
-            par, ctx = _parallel(backend, n_jobs)
-            with ctx:
-                for _ in par(joblib.delayed(compute_cell)(mod.run_cell, name, cell, str(cache_dir)) for cell in todo):
-                    if bar is not None:
-                        bar.update(1)
+            par = joblib.Parallel(n_jobs=n_jobs, backend="loky", return_as="generator_unordered")
+            for _ in par(joblib.delayed(compute_cell)(mod.run_cell, name, cell, str(cache_dir)) for cell, _ in todo):
+                step()
     finally:
         if bar is not None:
             bar.close()
@@ -382,5 +702,6 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["BACKENDS", "run_study", "load_results", "latest_run_info", "cache_key", "compute_cell",
+__all__ = ["BACKENDS", "CLUSTER_BACKENDS", "ClusterError", "ClusterSession", "cluster_session", "source_digest",
+           "run_study", "load_results", "latest_run_info", "cache_key", "compute_cell",
            "flatten_fields", "get_study", "read_cell", "cell_bytes", "quarantine_cell", "CorruptCell", "QUARANTINE"]

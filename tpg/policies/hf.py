@@ -43,6 +43,7 @@ import copy
 import inspect
 import os
 import types
+import warnings
 from pathlib import Path
 
 import torch
@@ -60,7 +61,8 @@ SHORTHANDS = {
     "gpt2-124m": ("gpt2", dict()),
     "gpt2-1.5b": ("gpt2", dict(n_embd=1600, n_layer=48, n_head=25)),
 }
-TRAINABLE_HELP = "all | last:N (the last N blocks) | head (the LM head) | lora:R (LoRA adapters of rank R, needs peft)"
+TRAINABLE_HELP = ("all | last:N (the last N blocks) | head (the LM head) | lora:R (LoRA adapters of rank R on "
+                  "every linear layer of the blocks, B = 0 at start; needs peft)")
 TREE_MODES = ("auto", "packed", "levels")
 MATH_ATTENTION = "tpg_math"
 _DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -411,22 +413,32 @@ def decoder_blocks(model) -> nn.ModuleList:
     return best
 
 
-def apply_trainable(model, spec: str):
+def apply_trainable(model, spec: str, seed: int = 0):
     """Set ``requires_grad`` per ``spec`` (see :data:`TRAINABLE_HELP`); returns the model to use
-    (LoRA injects adapter layers into it). ``ValueError`` when nothing would be trainable."""
+    (LoRA injects adapter layers into it). ``ValueError`` when nothing would be trainable.
+
+    ``lora:R`` (peft's LoRA): every linear layer ``W`` of the blocks (not the LM head) computes
+    ``W x + (alpha / R) B A x`` with ``A [R, d_in]`` Kaiming-uniform from ``seed``, ``B [d_out, R] = 0``
+    and ``alpha = 2R``, no dropout; only the ``A`` and ``B`` of every adapter are trainable. With
+    ``B = 0`` the model computes exactly the base model's logits, and ``dJ/dA = 0`` until ``B`` moves."""
     kind, n = parse_trainable(spec)
     if kind == "lora":
         try:
             import peft
         except ImportError:
             raise ValueError("trainable='lora:R' needs the peft package, which is not installed "
-                             "(pip install peft), or choose all | last:N | head") from None
+                             "(pip install 'tpg[peft]'), or choose all | last:N | head") from None
         targets = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
                           if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"}
                          - {"lm_head", "score"})
         cfg = peft.LoraConfig(r=n, lora_alpha=2 * n, lora_dropout=0.0, target_modules=targets, bias="none",
                               fan_in_fan_out=any(type(m).__name__ == "Conv1D" for m in model.modules()))
-        return peft.get_peft_model(model, cfg).get_base_model()
+        devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+        with torch.random.fork_rng(devices=devices), warnings.catch_warnings():
+            torch.manual_seed(int(seed))  # the adapters' A: the same seed gives the same policy
+            # peft asks transformers a deprecated question; nothing the user can act on
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return peft.get_peft_model(model, cfg).get_base_model()
     for p in model.parameters():
         p.requires_grad_(kind == "all")
     if kind == "head":
@@ -559,7 +571,7 @@ class HFRestrictedPolicy(Policy):
         lm.eval()  # no dropout: the policy is a fixed function of its parameters
         self_tok = load_tokenizer(tokenizer, source)
         super().__init__(0)  # the vocabulary size is set below, once the allowed tokens are known
-        lm = apply_trainable(lm, trainable).to(device=device, dtype=dtype)  # LoRA adapters too
+        lm = apply_trainable(lm, trainable, seed=seed).to(device=device, dtype=dtype)  # LoRA adapters too
         self.model = lm
         self.tokenizer = self_tok
         self.trainable = str(trainable)
