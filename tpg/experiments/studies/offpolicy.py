@@ -89,7 +89,7 @@ COLUMNS: dict[str, str] = {
     "responses_per_batch": "n: responses in one batch as the verifier lays it out",
     "kind": "sweep/length: the mismatch kind (temperature | top_p | logit_noise | stale); curve: empty",
     "size": "sweep/length: the mismatch size: T (temperature), 1 - p (top_p), sigma (logit_noise), k (stale)",
-    "on_policy": "sweep/length: mu = pi (T = 1, p = 1, sigma = 0, k = 0)",
+    "on_policy": "sweep/length: mu = pi on every state mu visits (always at T = 1, p = 1, sigma = 0, k = 0)",
     "behaviour": "the behaviour spec mu",
     "loss": "the policy loss's canonical spec",
     "loss_name": "the loss's catalog name, with the level for tis (tis, tis_seq)",
@@ -170,9 +170,8 @@ def _lengths(quick: bool) -> list[Cell]:
         for seed in seeds:
             template = LENGTH_TEMPLATE.replace("{seed}", str(seed))
             series = f"{template.replace('{H}', 'H')} under {_behaviour_spec(kind, size, 0.5, 0)}"
-            out += [Cell("length", template.replace("{H}", str(H)), "reinforce", 1, kind, (0.0, size)
-                         if kind != "temperature" else (1.0, size), LENGTH_LOSSES, series=series)
-                    for H in horizons]
+            out += [Cell("length", template.replace("{H}", str(H)), "reinforce", 1, kind,
+                         (identity_size(kind), size), LENGTH_LOSSES, series=series) for H in horizons]
     return out
 
 
@@ -210,8 +209,9 @@ def _behaviour_spec(kind: str, size: float, stale_lr: float, noise_seed: int) ->
     raise ValueError(f"offpolicy: kind must be one of {', '.join(KINDS)}, got {kind!r}")
 
 
-def _on_policy(kind: str, size: float) -> bool:
-    return size == (1.0 if kind == "temperature" else 0.0)
+def identity_size(kind: str) -> float:
+    """The size at which a kind's spec is the identity (``mu = pi``): ``T = 1``, else 0."""
+    return 1.0 if kind == "temperature" else 0.0
 
 
 def _loss_name(spec: str) -> str:
@@ -285,7 +285,9 @@ def _moments_rows(cell: Cell) -> pd.DataFrame:
         base = {"part": cell.part, "problem_kind": pkind, "problem": cell.problem, "horizon": mdp.horizon,
                 "series": cell.series, "estimator": est.spec, "group_size": cell.group_size,
                 "responses_per_batch": n, "kind": cell.kind, "size": float(size),
-                "on_policy": _on_policy(cell.kind, float(size)), "behaviour": beh.spec, "grad_norm": math.sqrt(gn2),
+                # mu = pi wherever mu goes (top_p:0.95 may keep every token of every state it visits)
+                "on_policy": float(m["max_abs_log_ratio"]) == 0.0 and float(m["pi_mass_outside_token"]) == 0.0,
+                "behaviour": beh.spec, "grad_norm": math.sqrt(gn2),
                 **{k: float(m[k]) for k in ("kl_token", "kl_seq", "max_token_ratio", "max_seq_ratio",
                                             "pi_mass_outside_seq", "seq_ratio_second_moment")}}
         for loss in cell.losses:
@@ -557,7 +559,10 @@ def final_j(df: pd.DataFrame) -> pd.DataFrame:
     """Per curve run (problem, behaviour, loss, seed): its final J, the mean ``j_norm`` over the last
     :data:`FINAL_FRACTION` of its iterations (``iter > (1 - FINAL_FRACTION) * last iteration``)."""
     c = df[df["part"] == "curve"] if "part" in df.columns else df
-    c = c[c["iter"].notna()]
+    if "iter" not in c.columns or "j_norm" not in c.columns:
+        c = c.iloc[0:0]
+    else:
+        c = c[c["iter"].notna()]
     if not len(c):
         return pd.DataFrame(columns=["problem", "behaviour", "loss", "seed", "final"])
     last = c.groupby(["problem", "behaviour", "loss", "seed"])["iter"].transform("max")
@@ -597,8 +602,8 @@ def curves_row(df: pd.DataFrame) -> dict | None:
     if not effects:
         return None
     status = "confirmed" if all(effects) else ("refuted" if not any(effects) else "qualified")
-    return claim_row("offpolicy_curves", _claim("offpolicy_curves"), status, best[1], best[2],
-                     "seed-paired gap in final normalised J between two corrections (the setting's largest in SE)",
+    return claim_row("offpolicy_curves", _claim("offpolicy_curves"), status, abs(best[1]), best[2],
+                     "|seed-paired gap| in final normalised J between two corrections (the setting's largest in SE)",
                      FIG_CURVES, RULE_CURVES, "; ".join(notes))
 
 
