@@ -2,10 +2,14 @@
 
 One iteration (:meth:`Trainer.step`):
 
-1. sample ``prompts`` prompts from ``rho`` and ``group_size`` responses each (:func:`tpg.rollouts.sample`);
+1. sample ``prompts`` prompts from ``rho`` and ``group_size`` responses each (:func:`tpg.rollouts.sample`),
+   with the current policy, or with a behaviour policy ``mu`` of it (``TrainConfig.behaviour``:
+   :mod:`tpg.train.offpolicy`; the trainer then recomputes ``log pi_old`` of the sampled tokens, which
+   the estimator sees as ``logp``, and keeps the sampler's ``log mu``);
 2. the estimator maps the batch to advantages ``A [B, H]`` and aggregation weights ``w [B, H]``
    once, from the sampling policy (its context, :class:`TrainContext`, samples TRePO's
-   continuations and ReMax's greedy response with the current policy and serves PPO's learned critic);
+   continuations and ReMax's greedy response with the current policy, or with ``mu`` when there is a
+   behaviour, as the verifier's off-policy mode does, and serves PPO's learned critic);
 3. ``epochs`` passes over the batch in ``minibatches`` random minibatches, each one Adam step on
    PPO's clipped surrogate (:func:`~tpg.estimators.ppo.ppo_clip_loss`),
 
@@ -14,14 +18,21 @@ One iteration (:meth:`Trainer.step`):
    ``rho = pi_theta / pi_old`` against the sampling log-probabilities, the KL term only for the loss
    kinds ``k1 | k2 | k3`` (``k1_reward`` is inside ``A``), ``M`` the number of minibatches (so each
    minibatch's loss is on the scale of the whole batch's), the gradient's global norm clipped to
-   ``max_grad_norm``. At the first step ``rho = 1`` and the gradient is the estimator's ``g``;
+   ``max_grad_norm``. At the first step ``rho = 1`` and the gradient is the estimator's ``g``. With a
+   behaviour ``mu`` the sampling log-probabilities are ``log mu`` (the catalog's ``ppo_clip:eps``, whose
+   ``pi_old`` is the sampler). With ``TrainConfig.loss`` the minibatch's policy loss is instead that loss
+   of the catalog (:mod:`tpg.offpolicy.losses`: ``pg``, ``is_token``, ``is_seq``, ``tis``, ``mis``,
+   ``ppo_clip``, ``gspo``, ``cispo``, plug-ins) on the live ``log pi``, the sampler's ``log mu`` and the
+   recomputed ``log pi_old`` (its ``old=pi``), aggregated with the same ``M w``; its importance ratios
+   ``pi/mu`` use the live ``log pi`` (``pi_old/mu``, verl's rollout-correction weight, at an iteration's
+   first step). ``behaviour=pi`` with ``loss=ppo_clip:<clip_eps>`` is the default run, bit for bit;
 4. PPO's critic (when learned) regresses on the lambda-returns in the same minibatches;
 5. the exact engine evaluates the new policy: ``J``, ``KL(pi || pi_ref)``, entropy.
 
 All randomness (sampling, continuations, random anchors, minibatch order, critic noise) comes
 from one ``torch.Generator`` seeded by ``TrainConfig.seed``, so a run is bitwise reproducible on
 CPU, and a checkpoint (policy, optimiser, critic, estimator state such as a running baseline,
-the generator's state and the log) resumes it exactly.
+the generator's state, ``stale:k``'s queue of policy snapshots and the log) resumes it exactly.
 
 Nothing is lost (:meth:`Trainer.run`, :func:`train`): with a checkpoint path the checkpoint and
 the log are written atomically at the start, every ``checkpoint_every`` iterations (default 10)
@@ -38,8 +49,11 @@ Log columns (one row per iteration; row 0 is the initial policy, before any upda
   ``E_x H(W | x) = sum_s mu(s) H(pi(.|s))`` in nats; ``entropy_token`` — that divided by the
   expected length ``E[T]`` (``length``);
 * ``grad_norm`` — mean over the iteration's optimiser steps of the policy gradient's global
-  norm before clipping; ``loss``, ``clip_frac`` (fraction of tokens whose ratio left
-  ``[1 - eps, 1 + eps]``), ``rm_mean`` (the batch's mean ``RM``), ``critic_loss`` (PPO);
+  norm before clipping; ``loss``, ``clip_frac`` (built-in loss: fraction of tokens whose ratio left
+  ``[1 - eps, 1 + eps]``; a catalog loss: fraction of tokens whose gradient the loss sets to 0, clipped
+  or masked, while ``w A != 0``), ``rm_mean`` (the batch's mean ``RM``), ``critic_loss`` (PPO);
+* ``kl_mu_pi`` — exact per-token ``KL(mu || pi)`` along ``mu``'s responses of the iteration's behaviour
+  (0 on-policy; NaN on row 0);
 * ``tokens`` — policy forward tokens spent on sampling: the batch's sampled tokens
   (``tokens_sampled``) plus the estimator's extra ones (``tokens_extra``: TRePO's
   continuations, ReMax's greedy responses); ``tokens_total`` cumulative;
@@ -48,7 +62,8 @@ Log columns (one row per iteration; row 0 is the initial policy, before any upda
 * ``peak_mem_bytes`` — ``held_bytes`` (tensor bytes held when the step starts: the policy and
   its Adam state, the critic and its optimiser, the reference when a KL term is on, the reward
   model) plus the measured transient peak of the step (:mod:`tpg.train.memory`);
-* ``algo``, ``spec`` (the estimator's canonical spec), ``critic`` (``none``, ``table`` or
+* ``algo``, ``spec`` (the estimator's canonical spec), ``behaviour`` (the behaviour's spec, ``pi``
+  on-policy), ``policy_loss`` (the loss's spec; the built-in loss is ``ppo_clip:<clip_eps>``), ``critic`` (``none``, ``table`` or
   ``transformer``: PPO's learned critic), ``seed``, ``reward``, ``problem``.
 """
 
