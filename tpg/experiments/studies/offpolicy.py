@@ -545,10 +545,12 @@ def top_p_row(df: pd.DataFrame) -> dict | None:
     else:
         status = "qualified"
     seq = d[(d["loss_name"] == "is_seq") & ~d["on_policy"].astype(bool)]
+    seq_b = _bias(seq)
     detail = (f"p = 1: largest relative bias {on_max:.2g}; p < 1: biased at {int((off_b > BIAS_TOL).sum())} of "
               f"{len(off)} points; bias falls as p -> 1 in {sum(falls)} of {len(falls)} sweeps"
-              + (f"; is_seq under top-p is biased too (support): smallest bias {float(_bias(seq).min()):.3g}"
-                 if len(seq) else ""))
+              + (f"; is_seq cannot reweight the mass top-p never samples: biased at {int((seq_b > BIAS_TOL).sum())} "
+                 f"of {len(seq)} points (unbiased only where the cut responses add nothing to grad J, e.g. "
+                 f"REINFORCE's with RM = 0), median bias {float(seq_b.median()):.3g}" if len(seq) else ""))
     return claim_row("offpolicy_top_p", _claim("offpolicy_top_p"), status,
                      float(np.median(heads)) if heads else math.nan, None,
                      "relative bias of pg under top_p:0.9 (1 - p = 0.1), median over sweeps", FIG_BIAS, RULE_TOP_P,
