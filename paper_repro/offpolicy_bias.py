@@ -39,7 +39,7 @@ def main(cache_dir: str = ".tpg-cache", out_dir: str = "figures") -> list[Path]:
                 style.band(ax, s["size"], s["median"], lo=s["min"], hi=s["max"], label=op.loss_label(loss),
                            color=op.loss_color(loss), marker="o")
             n = d.groupby(["problem", "estimator"]).ngroups
-            ax.set_title(f"{op.KIND_TITLES[kind]}\n{ptitle}, {n} sweeps", fontsize=8)
+            ax.set_title(f"{op.KIND_TITLES[kind]}\n{ptitle}, {n} sweep{'s' if n != 1 else ''}", fontsize=8)
             ax.set_xlabel(op.KIND_X[kind])
             ax.set_ylabel("relative bias |E_μ g − ∇J(π)| / |∇J(π)|" if j == 0 else "")
             ax.set_ylim(bottom=0)

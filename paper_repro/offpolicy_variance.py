@@ -41,7 +41,7 @@ def main(cache_dir: str = ".tpg-cache", out_dir: str = "figures") -> list[Path]:
             ax.axhline(1.0, color="0.4", lw=0.8, ls=":")
             ax.set_yscale("log")
             n = d.groupby(["problem", "estimator"]).ngroups
-            ax.set_title(f"{op.KIND_TITLES[kind]}\n{ptitle}, {n} sweeps", fontsize=8)
+            ax.set_title(f"{op.KIND_TITLES[kind]}\n{ptitle}, {n} sweep{'s' if n != 1 else ''}", fontsize=8)
             ax.set_xlabel(op.KIND_X[kind])
             ax.set_ylabel("variance inflation nsr / nsr(on-policy)" if j == 0 else "")
     handles, labels = axes[0, 0].get_legend_handles_labels()
