@@ -97,6 +97,62 @@ def test_bad_cells_are_refused():
         op.load_problem("dense:vocab=3")
 
 
+# -- a tiny grid through the runner, and the figures ---------------------------------------------------
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+TINY = [op.Cell("sweep", "mdp:dense:vocab=2,horizon=2,prompts=1,seed=0", "reinforce", 1, k,
+                (op.identity_size(k), 2.0 if k == "temperature" else 0.3), ("pg", "is_seq", "tis:2", "gspo"))
+        for k in op.KINDS]
+TINY += [op.Cell("length", f"stationary:vocab=2,horizon={H},seed=0", "reinforce", 1, "temperature", (1.0, 2.0),
+                 ("pg", "is_seq", "is_token"), series="s") for H in (1, 2, 3)]
+TINY += [op.Cell("curve", "mdp:dense:vocab=2,horizon=2,prompts=1", "rloo", 2, behaviour=b, loss=l, seed=s, iters=2,
+                 prompts=2, losses=()) for b, l in (("pi", "pg"), ("stale:1", "pg"), ("stale:1", "is_seq"))
+         for s in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory):
+    import types
+
+    from tpg.experiments import run_study
+
+    d = tmp_path_factory.mktemp("cache")
+    study = types.SimpleNamespace(NAME=op.NAME, cells=lambda quick: list(TINY), run_cell=op.run_cell)
+    return d, run_study(study, backend="sequential", cache_dir=d, progress=False)
+
+
+def _figure(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"fig_{name}", ROOT / "paper_repro" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_tiny_grid_through_the_runner_has_every_part_and_rule(tiny_cache):
+    _, df = tiny_cache
+    assert set(df["part"]) == set(op.PARTS) and df["cell_key"].nunique() == len(TINY)
+    assert set(op.COLUMNS) <= set(df.columns)
+    ids = {r["id"] for r in op.claim_rows(df)}
+    assert ids == {i for i, _, _ in OFFPOLICY_CLAIMS}
+
+
+@pytest.mark.parametrize("figure", op.FIGURES)
+def test_every_figure_script_writes_a_non_empty_image(tiny_cache, tmp_path, figure):
+    d, _ = tiny_cache
+    paths = _figure(figure).main(cache_dir=str(d), out_dir=str(tmp_path))
+    assert {p.suffix for p in paths} == {".png", ".pdf"}
+    for p in paths:
+        assert p.name.startswith(figure) and p.stat().st_size > 1000
+
+
+def test_a_figure_without_results_says_so(tmp_path):
+    from paper_repro.style import MissingResults
+
+    with pytest.raises(MissingResults, match="tpg study offpolicy"):
+        _figure("offpolicy_bias").main(cache_dir=str(tmp_path), out_dir=str(tmp_path))
+
+
 # -- synthetic tables for the rules ----------------------------------------------------------------------
 def sweep(kind, losses: dict, sizes=None, problem="p", estimator="rloo", part="sweep", series="", horizon=3,
           second=None):

@@ -17,18 +17,20 @@ learning curves under a fixed mismatch (docs/THEORY.md section 8).
   ``nsr`` being the variance of one response's share of the gradient measured in units of the target's
   squared norm: comparable across losses (the signal is the same target for all, so a loss that
   shrinks its own mean is not flattered) and across problems.
-* ``length``: REINFORCE on one-prompt MDPs without EOS (every response has ``H`` tokens) for ``H = 1 ..
-  5`` at one fixed per-token mismatch (logit noise or temperature): how each correction's variance
-  grows with the length, against ``E_mu[rho^2]`` (:func:`~tpg.offpolicy.behaviour.mismatch_report`).
-  The variance inflation of a loss is ``nsr(loss, mu) / nsr(pg, pi)``, its ``nsr`` over the on-policy
-  REINFORCE's on the same problem.
+* ``length``: REINFORCE on stationary problems (:func:`stationary_problem`: one prompt, no EOS, the same
+  policy and token reward at every state, so only the length ``H`` changes) for ``H = 1 .. 6`` at one
+  fixed per-token mismatch (temperature 2 or logit noise 0.5): how each correction's variance grows with
+  the length, against ``E_mu[rho^2]`` (:func:`~tpg.offpolicy.behaviour.mismatch_report`). The variance
+  inflation of a loss is ``nsr(loss, mu) / nsr(pg, pi)``, its ``nsr`` over the on-policy REINFORCE's on
+  the same problem.
 * ``curve``: ``tpg train`` (:class:`~tpg.train.TrainConfig` with ``behaviour`` and ``loss``; one Adam step
   per iteration, RLOO, 8 prompts x 4 responses) under a fixed mismatch (``top_p:0.8``, ``stale:4``: the
   policy of 4 iterations earlier) with each correction of :data:`CURVE_LOSSES`, plus the on-policy
   reference (``behaviour = pi``, loss ``pg``), over seeds; the exact ``J`` after every iteration.
 
-Measured on 2 CPU cores shared with other work (``n_jobs = 2``, ``tpg study offpolicy``): quick (51 cells)
-about 12 s; full (327 cells) about 2 min 30 s.
+Measured on 2 CPU cores shared with other work (``n_jobs = 2``, ``tpg study offpolicy``, worker start-up
+included): quick (46 cells) 13 s at load 1.5 and 26 s at load 3.3 (9 s of compute in one process); full
+(182 cells) 90 s at load 3.3, 2 min 20 s beside a test run.
 """
 
 from __future__ import annotations
@@ -190,9 +192,11 @@ def _curves(quick: bool) -> list[Cell]:
 
 def cells(quick: bool = False) -> list[Cell]:
     """quick: the tabular dense MDP (RLOO) and the copy transformer (REINFORCE) swept over four sizes of
-    each mismatch kind, lengths 1..4 under logit noise, tabular learning curves (3 seeds, 15 iterations);
-    full: six tabular MDPs and the transformer with REINFORCE and RLOO over six sizes, lengths 1..5 under
-    logit noise and temperature for three seeds, tabular and transformer learning curves (6 and 4 seeds)."""
+    each mismatch kind (three staleness steps for the transformer), lengths 1..5 under temperature 2 (one
+    seed), tabular learning curves (3 seeds, 15 iterations); full: six tabular MDPs and the transformer with
+    REINFORCE and RLOO over six sizes (four for the transformer's staleness), lengths 1..6 under temperature
+    2 and logit noise 0.5 (three seeds each), tabular learning curves under top_p:0.8 and stale:4 (6 seeds,
+    40 iterations) and transformer ones under stale:4 (4 seeds, 25 iterations)."""
     return _sweeps(quick) + _lengths(quick) + _curves(quick)
 
 
