@@ -47,3 +47,15 @@ def test_suite_settings_cover_the_brief():
         facts.add(("family", s.mdp.split(":")[0]))
     assert {("eos", True), ("eos", False), ("prompts", 1), ("prompts", 3), ("gamma", 1.0), ("gamma", 0.9),
             ("G", 2), ("G", 4), ("family", "dense"), ("family", "terminal")} <= facts
+
+
+def test_suite_has_an_offpolicy_section(result):
+    """Off-policy rows carry their behaviour and loss in the matrix, and their predictions read the mismatch:
+    top-p that cuts no mass on a setting (a vocabulary of 2, where 0.8 keeps both tokens) is mu = pi there."""
+    off = [r for r in result["records"] if r.get("behaviour") not in (None, "pi") or r.get("loss") not in (None, "pg")]
+    assert {r["loss"] for r in off} >= {"is_seq", "pg", "gspo:0.0004,clip_low=0.0003", "tis:1000,level=seq"}
+    top = [r for r in off if r["behaviour"] == "top_p:0.8"]
+    assert {r["expected"] for r in top} == {"biased", "unbiased"}
+    for r in top:
+        assert (r["expected"] == "biased") == ((r["mismatch"]["pi_mass_outside_seq"] or 0) > 0)
+    assert " | top_p:0.8 | is_seq" in format_suite(result)

@@ -15,7 +15,8 @@
   and every theorem row shows its proof-check tally beside the study's number;
 
 and writes one Markdown table per section: theorems (docs/THEORY.md section 2), analysis claims
-(section 6), further checks (sections 3-5), followed by each row's rule and secondary numbers,
+(section 6), further checks (sections 3-5), tpg's off-policy checks (section 8: rows the ``offpolicy``
+study has not reported read ``not run``), followed by each row's rule and secondary numbers,
 the proof-check summary and the studies' provenance (quick or full run, cells).
 
 A theorem whose study has not run falls back on its proof check; a claim nobody reported reads
@@ -57,9 +58,22 @@ CLAIMS: tuple[tuple[str, str, str], ...] = (
     ("claim6", "TRePO is simpler than PPO and matches GRPO's memory", "learning"),
     ("claim7", "response-level and token-level RL produce the same expected update", "learning"),
 )
+#: (id, claim, study expected to report it): tpg's own off-policy checks, docs/THEORY.md section 8
+OFFPOLICY_CLAIMS: tuple[tuple[str, str, str], ...] = (
+    ("offpolicy_is_seq", "sequence-level importance sampling is unbiased for grad J(pi) under every behaviour with "
+                         "full support, and its variance grows exponentially with the response length", "offpolicy"),
+    ("offpolicy_tis", "truncated importance sampling (tis:2) trades a bias that grows with the mismatch for a "
+                      "variance below sequence-level IS's", "offpolicy"),
+    ("offpolicy_gspo", "GSPO's sequence ratio is biased for grad J(pi) unless mu = pi", "offpolicy"),
+    ("offpolicy_top_p", "training on a top-p sampler without correction is biased, and the bias vanishes as p -> 1",
+     "offpolicy"),
+    ("offpolicy_curves", "under a fixed mismatch the correction changes the outcome of training (the final exact J), "
+                         "not only the gradient", "offpolicy"),
+)
 SECTION_NAMES = {"theorem": "Theorems (docs/THEORY.md section 2)",
                  "claim": "Analysis claims (docs/THEORY.md section 6)",
-                 "further": "Further checks (docs/THEORY.md sections 3-5)"}
+                 "further": "Further checks (docs/THEORY.md sections 3-5)",
+                 "offpolicy": "Off-policy checks (docs/THEORY.md section 8)"}
 
 
 # ------------------------------------------------------------------------------ proof checks
@@ -179,7 +193,7 @@ def study_rows(cache_dir: str | Path, studies=None) -> tuple[list[dict], dict[st
 def collect_rows(cache_dir: str | Path = ".tpg-cache", proofs: bool = True, studies=None,
                  proof_rows: list[dict] | None = None) -> tuple[list[dict], dict, dict]:
     """``(rows, study_info, proof_summaries)``: every report row with ``section`` (theorem | claim |
-    further) and ``source``, in report order."""
+    further | offpolicy) and ``source``, in report order."""
     found, info = study_rows(cache_dir, studies)
     summaries: dict[str, dict] = {}
     if proof_rows is None and proofs:
@@ -207,8 +221,13 @@ def collect_rows(cache_dir: str | Path = ".tpg-cache", proofs: bool = True, stud
     for id, claim, study in CLAIMS:
         rows = by_id.pop(id, []) or [_not_run(id, claim, study)]
         out += [{**r, "section": "claim", "proof": "-"} for r in rows]
+    offpolicy = []
+    for id, claim, study in OFFPOLICY_CLAIMS:
+        rows = by_id.pop(id, []) or [_not_run(id, claim, study)]
+        offpolicy += [{**r, "section": "offpolicy", "proof": "-"} for r in rows]
     for id in sorted(by_id):
         out += [{**r, "section": "further", "proof": "-"} for r in by_id[id]]
+    out += offpolicy
     return out, info, summaries
 
 
@@ -251,7 +270,7 @@ def format_markdown(rows: list[dict], info: dict, summaries: dict, cache_dir: st
     if partial:
         lines += [f"**Incomplete:** {', '.join(partial)} — fewer cells cached than in the latest run's grid; their "
                   "rows read `incomplete` until the grid is complete (see *Studies*).", ""]
-    for section in ("theorem", "claim", "further"):
+    for section in ("theorem", "claim", "further", "offpolicy"):
         sec = [r for r in rows if r["section"] == section]
         if not sec:
             continue
@@ -312,4 +331,4 @@ def format_table(rows: list[dict]) -> str:
 
 
 __all__ = ["write_report", "collect_rows", "format_markdown", "format_table", "proof_summary", "proof_status",
-           "study_progress", "partial_note", "INCOMPLETE", "THEOREMS", "CLAIMS"]
+           "study_progress", "partial_note", "INCOMPLETE", "THEOREMS", "CLAIMS", "OFFPOLICY_CLAIMS"]

@@ -143,6 +143,9 @@ class LossInputs:
         mask_bt: bool response mask.
         batch_b: batch id of each row ``[B]``; rows of one batch are contiguous, ``rows_per_batch`` each.
         agg: the estimator's aggregation mode (verl's ``loss_agg_mode``).
+        logp_old_bt: the trainer's recomputed ``log pi_old`` that ``old=pi`` reads (verl's ``old_log_prob``,
+            computed once before an iteration's updates); ``None``: the live ``log pi`` detached, which is
+            ``log pi_old`` at the first step (the verifier's case).
     """
 
     logp_mu_bt: torch.Tensor
@@ -152,6 +155,7 @@ class LossInputs:
     batch_b: torch.Tensor
     rows_per_batch: int
     agg: str
+    logp_old_bt: torch.Tensor | None = None
 
 
 class Loss:
@@ -205,7 +209,9 @@ class Loss:
 
     # ---------------------------------------------------------------- the loss
     def old_logp(self, logp_bt: torch.Tensor, inp: LossInputs) -> torch.Tensor:
-        return inp.logp_mu_bt if self.values.get("old", "mu") == "mu" else logp_bt.detach()
+        if self.values.get("old", "mu") == "mu":
+            return inp.logp_mu_bt
+        return logp_bt.detach() if inp.logp_old_bt is None else inp.logp_old_bt
 
     def token_loss(self, logp_bt: torch.Tensor, inp: LossInputs) -> torch.Tensor:
         raise NotImplementedError

@@ -65,6 +65,15 @@ class TrainConfig:
                            choices=CRITIC_MODELS)
     critic_lr: float | None = _f(None, "critic step size (default: 0.5 for a table, whose update is "
                                  "V += lr * mean error; 3e-3 Adam for a transformer critic)")
+    behaviour: str | None = _f(None, "sample each iteration's responses from this behaviour policy mu of the current "
+                               "policy instead of the policy itself: a spec of tpg offpolicy-help (temperature:T, "
+                               "top_p:p, logit_noise:sigma,seed, precision:bf16, mix:..., file:PATH, chained with +); "
+                               "stale:k is the policy of k iterations earlier (a checkpointed snapshot queue); "
+                               "default: the policy (on-policy)", metavar="SPEC")
+    loss: str | None = _f(None, "form each minibatch's loss with this policy loss of the catalog instead of the "
+                          "built-in PPO clip (which is ppo_clip:CLIP_EPS with pi_old = the sampler): pg, is_token, "
+                          "is_seq, tis:C, mis:lo,hi, ppo_clip:eps[,...], gspo[:eps], cispo:eps, or a plug-in "
+                          "FILE.py:FUNCTION (tpg offpolicy-help); --clip-eps then does not apply", metavar="SPEC")
     threads: int = _f(1, "torch CPU threads during the run (tiny models run fastest, and reproducibly, on one; "
                       "results may differ bitwise between thread counts)")
     seed: int = _f(0, "training seed in [0, 2^32 - 1]: sampling, continuations, minibatch order (the problem's "
@@ -134,6 +143,7 @@ class TrainConfig:
                 bad(name, f"must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         if not isinstance(self.algo, str) or not self.algo.strip():
             bad("algo", f"must be a method name or estimator spec, got {self.algo!r}")
+        self._validate_offpolicy(bad)
         given = [n for n in ("task", "mdp", "case") if getattr(self, n) is not None]
         if len(given) != 1:
             bad("task", "give exactly one of task (--task), mdp (--mdp) and case (--case)"
@@ -144,6 +154,27 @@ class TrainConfig:
             bad("resume", "needs a checkpoint: give --checkpoint FILE or --out FILE (checkpoint OUT.ckpt)")
         if self.kl != "none" and self.kl_beta == 0:
             bad("kl_beta", f"is 0 with kl={self.kl}: use kl=none for no regularisation")
+
+    def _validate_offpolicy(self, bad) -> None:
+        """The behaviour and loss specs parse, and the loss is one the trainer can run."""
+        for name in ("behaviour", "loss"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v.strip()):
+                bad(name, f"must be a spec string, got {v!r}")
+        if self.behaviour is not None:
+            from .offpolicy import parse_train_behaviour
+
+            parse_train_behaviour(self.behaviour)  # ValueError naming TrainConfig.behaviour
+        if self.loss is not None:
+            from ..offpolicy.losses import get_loss
+
+            try:
+                loss = get_loss(self.loss)
+            except ValueError as exc:
+                bad("loss", str(exc))
+            if loss.filter != "false":
+                bad("loss", "filter_degenerate_groups (DAPO's dynamic sampling) is verified exactly by tpg verify "
+                            "--loss but not run by the trainer; drop the option")
 
     # ------------------------------------------------------------------ derived values
     @property

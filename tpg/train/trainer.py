@@ -2,10 +2,14 @@
 
 One iteration (:meth:`Trainer.step`):
 
-1. sample ``prompts`` prompts from ``rho`` and ``group_size`` responses each (:func:`tpg.rollouts.sample`);
+1. sample ``prompts`` prompts from ``rho`` and ``group_size`` responses each (:func:`tpg.rollouts.sample`),
+   with the current policy, or with a behaviour policy ``mu`` of it (``TrainConfig.behaviour``:
+   :mod:`tpg.train.offpolicy`; the trainer then recomputes ``log pi_old`` of the sampled tokens, which
+   the estimator sees as ``logp``, and keeps the sampler's ``log mu``);
 2. the estimator maps the batch to advantages ``A [B, H]`` and aggregation weights ``w [B, H]``
    once, from the sampling policy (its context, :class:`TrainContext`, samples TRePO's
-   continuations and ReMax's greedy response with the current policy and serves PPO's learned critic);
+   continuations and ReMax's greedy response with the current policy, or with ``mu`` when there is a
+   behaviour, as the verifier's off-policy mode does, and serves PPO's learned critic);
 3. ``epochs`` passes over the batch in ``minibatches`` random minibatches, each one Adam step on
    PPO's clipped surrogate (:func:`~tpg.estimators.ppo.ppo_clip_loss`),
 
@@ -14,14 +18,21 @@ One iteration (:meth:`Trainer.step`):
    ``rho = pi_theta / pi_old`` against the sampling log-probabilities, the KL term only for the loss
    kinds ``k1 | k2 | k3`` (``k1_reward`` is inside ``A``), ``M`` the number of minibatches (so each
    minibatch's loss is on the scale of the whole batch's), the gradient's global norm clipped to
-   ``max_grad_norm``. At the first step ``rho = 1`` and the gradient is the estimator's ``g``;
+   ``max_grad_norm``. At the first step ``rho = 1`` and the gradient is the estimator's ``g``. With a
+   behaviour ``mu`` the sampling log-probabilities are ``log mu`` (the catalog's ``ppo_clip:eps``, whose
+   ``pi_old`` is the sampler). With ``TrainConfig.loss`` the minibatch's policy loss is instead that loss
+   of the catalog (:mod:`tpg.offpolicy.losses`: ``pg``, ``is_token``, ``is_seq``, ``tis``, ``mis``,
+   ``ppo_clip``, ``gspo``, ``cispo``, plug-ins) on the live ``log pi``, the sampler's ``log mu`` and the
+   recomputed ``log pi_old`` (its ``old=pi``), aggregated with the same ``M w``; its importance ratios
+   ``pi/mu`` use the live ``log pi`` (``pi_old/mu``, verl's rollout-correction weight, at an iteration's
+   first step). ``behaviour=pi`` with ``loss=ppo_clip:<clip_eps>`` is the default run, bit for bit;
 4. PPO's critic (when learned) regresses on the lambda-returns in the same minibatches;
 5. the exact engine evaluates the new policy: ``J``, ``KL(pi || pi_ref)``, entropy.
 
 All randomness (sampling, continuations, random anchors, minibatch order, critic noise) comes
 from one ``torch.Generator`` seeded by ``TrainConfig.seed``, so a run is bitwise reproducible on
 CPU, and a checkpoint (policy, optimiser, critic, estimator state such as a running baseline,
-the generator's state and the log) resumes it exactly.
+the generator's state, ``stale:k``'s queue of policy snapshots and the log) resumes it exactly.
 
 Nothing is lost (:meth:`Trainer.run`, :func:`train`): with a checkpoint path the checkpoint and
 the log are written atomically at the start, every ``checkpoint_every`` iterations (default 10)
@@ -38,8 +49,11 @@ Log columns (one row per iteration; row 0 is the initial policy, before any upda
   ``E_x H(W | x) = sum_s mu(s) H(pi(.|s))`` in nats; ``entropy_token`` — that divided by the
   expected length ``E[T]`` (``length``);
 * ``grad_norm`` — mean over the iteration's optimiser steps of the policy gradient's global
-  norm before clipping; ``loss``, ``clip_frac`` (fraction of tokens whose ratio left
-  ``[1 - eps, 1 + eps]``), ``rm_mean`` (the batch's mean ``RM``), ``critic_loss`` (PPO);
+  norm before clipping; ``loss``, ``clip_frac`` (built-in loss: fraction of tokens whose ratio left
+  ``[1 - eps, 1 + eps]``; a catalog loss: fraction of tokens whose gradient the loss sets to 0, clipped
+  or masked, while ``w A != 0``), ``rm_mean`` (the batch's mean ``RM``), ``critic_loss`` (PPO);
+* ``kl_mu_pi`` — exact per-token ``KL(mu || pi)`` along ``mu``'s responses of the iteration's behaviour
+  (0 on-policy; NaN on row 0);
 * ``tokens`` — policy forward tokens spent on sampling: the batch's sampled tokens
   (``tokens_sampled``) plus the estimator's extra ones (``tokens_extra``: TRePO's
   continuations, ReMax's greedy responses); ``tokens_total`` cumulative;
@@ -48,7 +62,8 @@ Log columns (one row per iteration; row 0 is the initial policy, before any upda
 * ``peak_mem_bytes`` — ``held_bytes`` (tensor bytes held when the step starts: the policy and
   its Adam state, the critic and its optimiser, the reference when a KL term is on, the reward
   model) plus the measured transient peak of the step (:mod:`tpg.train.memory`);
-* ``algo``, ``spec`` (the estimator's canonical spec), ``critic`` (``none``, ``table`` or
+* ``algo``, ``spec`` (the estimator's canonical spec), ``behaviour`` (the behaviour's spec, ``pi``
+  on-policy), ``policy_loss`` (the loss's spec; the built-in loss is ``ppo_clip:<clip_eps>``), ``critic`` (``none``, ``table`` or
   ``transformer``: PPO's learned critic), ``seed``, ``reward``, ``problem``.
 """
 
@@ -71,12 +86,15 @@ import torch
 from ..estimators import ResponseBatch, ppo_clip_loss
 from ..estimators.kl import KL_LOSS_KINDS, canonical_kl_kind, kl_value
 from ..exact.engine import solve
+from ..offpolicy.behaviour import resolve_behaviour
+from ..offpolicy.losses import LossInputs, get_loss
 from ..rollouts import check_batches_fit, sample
 from ..verify.context import MonteCarloContext, node_paths
 from .config import RESUME_FREE_FIELDS, TrainConfig
 from .critic import make_critic
 from .memory import TensorMemoryMeter, optimizer_tensors, param_count, reward_model_tensors, tensor_bytes
 from .methods import build_estimator, needs_learned_critic
+from .offpolicy import behaviour_table, parse_train_behaviour
 
 CHECKPOINT_FORMAT = "tpg-train-checkpoint/1"
 #: the file layout around a checkpoint's state: its torch bytes and their sha256 (:func:`checkpoint_bytes`)
@@ -84,8 +102,11 @@ CHECKPOINT_ENVELOPE = "tpg-train-checkpoint-sha256/1"
 #: columns that differ between two runs of the same seed (time and memory measurements)
 UNREPRODUCIBLE_COLUMNS = ("wall_s", "eval_s", "peak_mem_bytes")
 LOG_COLUMNS = ("iter", "J", "kl_ref", "entropy", "entropy_token", "length", "grad_norm", "loss", "clip_frac",
-               "rm_mean", "critic_loss", "tokens", "tokens_sampled", "tokens_extra", "tokens_total", "wall_s",
-               "eval_s", "held_bytes", "peak_mem_bytes", "algo", "spec", "critic", "seed", "reward", "problem")
+               "rm_mean", "critic_loss", "kl_mu_pi", "tokens", "tokens_sampled", "tokens_extra", "tokens_total",
+               "wall_s", "eval_s", "held_bytes", "peak_mem_bytes", "algo", "spec", "behaviour", "policy_loss",
+               "critic", "seed", "reward", "problem")
+#: values of the off-policy columns in the rows of a checkpoint written before they existed (on-policy runs)
+_OFFPOLICY_DEFAULTS = {"kl_mu_pi": math.nan, "behaviour": "pi", "policy_loss": None}
 
 
 @contextmanager
@@ -175,6 +196,13 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(cfg.seed)
         with torch.no_grad():
             self.ref_logp_kv = self.ref.node_log_probs(self.tree).to(torch.float64)
+        # off-policy: the behaviour mu (None: the policy itself), the catalog loss (None: the built-in PPO clip)
+        self.behaviour = parse_train_behaviour(cfg.behaviour)
+        self.loss = None if cfg.loss is None else get_loss(cfg.loss)
+        self.loss_spec = self.loss.spec if self.loss is not None else get_loss(f"ppo_clip:{cfg.clip_eps!r}").spec
+        #: stale:k: state dicts of the policy at the start of the last k + 1 iterations, oldest first
+        self.snapshots: list[dict] = []
+        self._stale_policy = None
         self.iteration = 0
         self.rows: list[dict] = []
         self.tokens_total = 0
@@ -204,6 +232,8 @@ class Trainer:
         if self.kl_kind != "none":
             out["reference"] = list(self.ref.parameters())
         out["reward_model"] = reward_model_tensors(self.mdp)[1]
+        if self.snapshots:
+            out["stale_snapshots"] = [t for snap in self.snapshots for t in snap.values()]
         return out
 
     def held_bytes(self) -> int:
@@ -237,16 +267,62 @@ class Trainer:
                 "length": length, "eval_s": time.perf_counter() - t0}
 
     # ------------------------------------------------------------------ one iteration
+    def _behaviour_now(self):
+        """The iteration's behaviour: ``None`` when the policy samples itself, else the resolved
+        :class:`~tpg.offpolicy.behaviour.Behaviour` (``stale:k``: the snapshot queue advances first)."""
+        tb = self.behaviour
+        if tb is None:
+            return None
+        source = self.policy
+        if tb.stale:
+            self.snapshots.append({k: v.detach().clone() for k, v in self.policy.state_dict().items()})
+            del self.snapshots[:max(0, len(self.snapshots) - (tb.stale + 1))]
+            if self._stale_policy is None:
+                self._stale_policy = copy.deepcopy(self.policy)
+                for p in self._stale_policy.parameters():
+                    p.requires_grad_(False)
+            self._stale_policy.load_state_dict(self.snapshots[0])
+            source = self._stale_policy
+        if tb.on_policy:
+            return None
+        return resolve_behaviour(behaviour_table(tb, self.mdp, source), self.mdp, self.policy, sol_pi=self._sol)
+
+    def _catalog_loss(self, logp_new, rows, mask, logp_mu, logp_old, adv, w_mb):
+        """``(L, zeroed tokens)``: the catalog loss of a minibatch (one batch) and the number of its tokens
+        whose gradient coefficient the loss sets to 0 (clipped or masked) while ``w A != 0``."""
+        zero = torch.zeros((), dtype=torch.float64)
+        n = int(rows.numel())
+        inp = LossInputs(logp_mu_bt=torch.where(mask, logp_mu[rows], zero), advantages_bt=adv[rows], weights_bt=w_mb,
+                         mask_bt=mask, batch_b=torch.zeros(n, dtype=torch.long), rows_per_batch=n,
+                         agg=getattr(self.estimator, "agg", "seq-mean-token-sum"), logp_old_bt=logp_old[rows])
+        loss = self.loss.batch_total(logp_new, inp)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise ValueError(f"loss {self.loss.spec}: the minibatch loss is not a scalar")
+        loss = loss.reshape(())
+        if not loss.requires_grad:
+            return loss, float(mask.sum())
+        (grad,) = torch.autograd.grad(loss, logp_new, retain_graph=True, allow_unused=True)
+        if grad is None:
+            return loss, float(mask.sum())
+        live = mask & (w_mb * adv[rows] != 0)
+        return loss, float((live & (grad == 0)).sum())
+
     def _update(self) -> dict:
         cfg, est = self.config, self.estimator
         with torch.no_grad():
-            ro = sample(self.mdp, self.policy, num_prompts=cfg.prompts, group_size=cfg.group_size, generator=self.gen)
+            mu = self._behaviour_now()
+            ro = sample(self.mdp, self.policy if mu is None else mu.policy, num_prompts=cfg.prompts,
+                        group_size=cfg.group_size, generator=self.gen)
             nt = self._state_nt(ro)
+            logp_mu = ro.logp.to(torch.float64)  # what the sampler reported: log mu (log pi on-policy)
+            if mu is not None:  # the trainer recomputes log pi_old of the sampled tokens with its own parameters
+                ro.logp = self._token_log_probs(self.policy, ro.prompt, ro.tokens, ro.mask, nt).to(ro.logp.dtype)
             ref_logp = None
             if self.kl_kind != "none":
                 ref_logp = self._token_log_probs(self.ref, ro.prompt, ro.tokens, ro.mask, nt)
             batch = ResponseBatch.from_rollouts(ro, ref_logp=ref_logp, keep_token_rewards=est.uses_token_rewards)
-            ctx = TrainContext(self.mdp, self.policy, self.gen, cfg.seed, self.ref, self._sol, self.critic)
+            hook_policy, hook_sol = (self.policy, self._sol) if mu is None else (mu.policy, mu.sol)
+            ctx = TrainContext(self.mdp, hook_policy, self.gen, cfg.seed, self.ref, hook_sol, self.critic)
             out = est(batch, ctx)
         adv, w = out.advantages.detach(), out.weights.detach()
         returns = None
@@ -264,7 +340,10 @@ class Trainer:
                 logp_new = self._token_log_probs(self.policy, batch.prompt[rows], batch.tokens[rows], mask,
                                                  None if nt is None else nt[rows])
                 w_mb = w[rows] * M
-                loss = ppo_clip_loss(logp_new, batch.logp[rows], adv[rows], w_mb, cfg.clip_eps)
+                if self.loss is None:  # the built-in PPO clip, pi_old = the sampler's log-probabilities
+                    loss = ppo_clip_loss(logp_new, logp_mu[rows], adv[rows], w_mb, cfg.clip_eps)
+                else:
+                    loss, zeroed = self._catalog_loss(logp_new, rows, mask, logp_mu, batch.logp, adv, w_mb)
                 if self.kl_kind in KL_LOSS_KINDS:
                     delta = torch.where(mask, logp_new - batch.ref_logp[rows], torch.zeros((), dtype=logp_new.dtype))
                     loss = loss + self.config.kl_beta * (w_mb * kl_value(delta, self.kl_kind) * mask).sum()
@@ -273,9 +352,12 @@ class Trainer:
                 norms.append(float(torch.nn.utils.clip_grad_norm_(self.params, max_norm)))
                 self.opt.step()
                 losses.append(float(loss.detach()))
-                with torch.no_grad():
-                    ratio = torch.exp(logp_new.detach() - batch.logp[rows])
-                    clipped.append(float((((ratio - 1).abs() > cfg.clip_eps) & mask).sum()))
+                if self.loss is None:
+                    with torch.no_grad():
+                        ratio = torch.exp(logp_new.detach() - logp_mu[rows])
+                        clipped.append(float((((ratio - 1).abs() > cfg.clip_eps) & mask).sum()))
+                else:
+                    clipped.append(zeroed)
                 if self.critic is not None:
                     critic_losses.append(self.critic.update(batch.prompt[rows], batch.tokens[rows], mask,
                                                             returns[rows], w_mb))
@@ -286,6 +368,7 @@ class Trainer:
                 "clip_frac": sum(clipped) / (cfg.epochs * n_tokens) if n_tokens else 0.0,
                 "rm_mean": float(batch.rm.mean()),
                 "critic_loss": sum(critic_losses) / len(critic_losses) if critic_losses else math.nan,
+                "kl_mu_pi": 0.0 if mu is None else float(mu.mismatch["kl_token"]),
                 "tokens_sampled": ro.num_tokens, "tokens_extra": extra, "tokens": ro.num_tokens + extra}
 
     def step(self) -> dict:
@@ -310,10 +393,11 @@ class Trainer:
         ev = self.evaluate()
         cfg = self.config
         row = {"iter": it, **ev, "grad_norm": math.nan, "loss": math.nan, "clip_frac": math.nan,
-               "rm_mean": math.nan, "critic_loss": math.nan, "tokens": 0, "tokens_sampled": 0, "tokens_extra": 0,
+               "rm_mean": math.nan, "critic_loss": math.nan, "kl_mu_pi": math.nan, "tokens": 0, "tokens_sampled": 0, "tokens_extra": 0,
                "wall_s": 0.0, "held_bytes": self.held_bytes(), "peak_mem_bytes": math.nan}
         row.update(stats)
         row.update(tokens_total=self.tokens_total, algo=self.method, spec=self.estimator.spec,
+                   behaviour="pi" if self.behaviour is None else self.behaviour.spec, policy_loss=self.loss_spec,
                    critic=self.critic.kind if self.critic is not None else "none", seed=cfg.seed,
                    reward=cfg.reward, problem=self.problem_spec)
         return {k: row[k] for k in LOG_COLUMNS}
@@ -387,7 +471,8 @@ class Trainer:
                 "tokens_total": self.tokens_total, "policy": self.policy.state_dict(),
                 "reference": self.ref.state_dict(), "optimizer": self.opt.state_dict(),
                 "critic": None if self.critic is None else self.critic.state_dict(),
-                "estimator": est_state, "generator": self.gen.get_state(), "rows": list(self.rows)}
+                "estimator": est_state, "generator": self.gen.get_state(), "rows": list(self.rows),
+                "snapshots": [{k: v.clone() for k, v in snap.items()} for snap in self.snapshots]}
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the checkpoint atomically (serialised in memory with its checksum,
@@ -435,8 +520,12 @@ class Trainer:
                 setattr(trainer.estimator, k, v.clone())
             part = "generator"
             trainer.gen.set_state(state["generator"])
+            part = "stale snapshots"
+            trainer.snapshots = _restored_snapshots(trainer, state)
             part = "log rows"
-            rows = [{k: r[k] for k in LOG_COLUMNS} for r in state["rows"]]
+            defaults = {**_OFFPOLICY_DEFAULTS, "policy_loss": trainer.loss_spec}
+            rows = [{k: (r[k] if k in r or k not in defaults else defaults[k]) for k in LOG_COLUMNS}
+                    for r in state["rows"]]
         except Exception as exc:  # wrong shapes, missing keys, wrong types: the file is not this run's state
             raise ValueError(f"{where} is damaged: its {part} cannot be restored ({_one_line(exc)})") from None
         trainer.iteration = state["iteration"]
@@ -446,6 +535,25 @@ class Trainer:
             trainer.ref_logp_kv = trainer.ref.node_log_probs(trainer.tree).to(torch.float64)
         trainer._sol = None
         return trainer
+
+
+def _restored_snapshots(trainer: "Trainer", state: dict) -> list[dict]:
+    """The ``stale:k`` snapshot queue of a checkpoint (``[]`` in one written before it existed, which an
+    on-policy run never filled), checked against the run: ``min(iteration, k + 1)`` policy state dicts."""
+    snaps = state.get("snapshots", [])
+    k = trainer.behaviour.stale if trainer.behaviour is not None else 0
+    want = min(state["iteration"], k + 1) if k else 0
+    if not isinstance(snaps, list) or len(snaps) != want:
+        raise ValueError(f"{len(snaps) if isinstance(snaps, list) else type(snaps).__name__} snapshots for "
+                         f"stale:{k} at iteration {state['iteration']}, expected {want}")
+    shapes = {name: tuple(v.shape) for name, v in trainer.policy.state_dict().items()}
+    out = []
+    for snap in snaps:
+        if not isinstance(snap, dict) or set(snap) != set(shapes) or \
+                any(not isinstance(v, torch.Tensor) or tuple(v.shape) != shapes[n] for n, v in snap.items()):
+            raise ValueError("a snapshot is not a state dict of the policy")
+        out.append({name: v.clone() for name, v in snap.items()})
+    return out
 
 
 def _one_line(exc: BaseException, limit: int = 200) -> str:

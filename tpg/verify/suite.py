@@ -16,6 +16,18 @@ verdict docs/THEORY.md (sections 3-5) predicts for each setting:
   ``fill=interpolate`` (when ``H >= 3``, so that some token is interpolated), the length
   normalisations with EOS (variable lengths), ``opo`` with EOS, the KL loss terms ``k1``/``k2``/``k3``.
 
+An off-policy section (docs/THEORY.md section 8) verifies estimators on batches sampled from a behaviour
+``mu`` and formed by a policy loss, against ``grad J(pi)``; what theory predicts depends on the
+behaviour's exact mismatch on the setting (:attr:`Facts.mismatch`):
+
+* unbiased: ``is_seq`` (sequence-level IS) of REINFORCE or RLOO under logit noise, a temperature or
+  staleness (full support); ``tis:C,level=seq`` with ``C`` above every sequence ratio (it is ``is_seq``
+  there); ``is_token`` and ``ppo_clip`` at ``mu = pi``;
+* scaled: ``is_seq`` of Dr. GRPO by ``1 - 1/G`` (its mean contains ``R_i / G``, as on-policy);
+* biased: ``pg`` (no correction) under logit noise; ``pg`` and ``is_seq`` under top-p where top-p cuts
+  ``pi`` mass on the states it visits (else unbiased: ``mu = pi`` there); ``tis:1,level=seq`` where some
+  sequence ratio exceeds 1; GSPO under logit noise.
+
 :func:`run_suite` returns the records (each with its ``setting``, ``expected`` and ``expected_scale``)
 and the disagreements; :func:`format_suite` prints the verdict matrix.
 """
@@ -24,7 +36,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from .harness import verify
@@ -55,12 +67,15 @@ SETTINGS: tuple[Setting, ...] = (
 
 @dataclass(frozen=True)
 class Facts:
-    """What an expectation may depend on: EOS (variable lengths), the horizon, ``G``, ``gamma``."""
+    """What an expectation may depend on: EOS (variable lengths), the horizon, ``G``, ``gamma``, and
+    for an off-policy entry its behaviour's exact mismatch report on the setting
+    (:func:`tpg.offpolicy.mismatch_report`; empty on-policy)."""
 
     eos: bool
     horizon: int
     group_size: int
     gamma: float
+    mismatch: dict = field(default_factory=dict, hash=False, compare=False)
 
 
 Expect = Callable[[Facts], tuple[str, float | None]]
@@ -89,11 +104,31 @@ def _interpolated(f: Facts):
 
 @dataclass(frozen=True)
 class Entry:
-    """One row of the suite: a spec and its expected verdict as a function of the setting."""
+    """One row of the suite: a spec and its expected verdict as a function of the setting; off-policy
+    rows also name the behaviour ``mu`` their batches are sampled from and the policy loss."""
 
     spec: str
     expect: Expect
     why: str
+    behaviour: str | None = None
+    loss: str | None = None
+
+    @property
+    def label(self) -> str:
+        """The row's name in the matrix: the spec, with ``| mu | loss`` for an off-policy row."""
+        if self.behaviour is None and self.loss is None:
+            return self.spec
+        return f"{self.spec} | {self.behaviour or 'pi'} | {self.loss or 'pg'}"
+
+
+def _cuts_pi(f: Facts):
+    """Biased where the behaviour leaves out ``pi`` mass on the states it visits, else ``mu = pi`` there."""
+    return ("biased", None) if f.mismatch.get("pi_mass_outside_seq", 0.0) > 0 else ("unbiased", 1.0)
+
+
+def _cap_above(cap: float) -> Expect:
+    """Sequence-level truncation at ``cap``: ``is_seq`` (unbiased) when no sequence ratio exceeds it."""
+    return lambda f: ("unbiased", 1.0) if f.mismatch.get("max_seq_ratio", 0.0) <= cap else ("biased", None)
 
 
 ENTRIES: tuple[Entry, ...] = (
@@ -139,6 +174,21 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("reinforce:kl=k1", _biased, "k1 loss: zero expected gradient"),
     Entry("reinforce:kl=k2", _biased, "k2 loss: per-state KL only"),
     Entry("reinforce:kl=k3", _biased, "k3 loss: per-state forward KL"),
+    # off-policy (docs/THEORY.md section 8): batches from mu, the gradient through the loss, target grad J(pi)
+    Entry("reinforce", _unbiased, "sequence IS, full support", "logit_noise:0.5,1", "is_seq"),
+    Entry("rloo", _unbiased, "sequence IS, full support", "temperature:1.5", "is_seq"),
+    Entry("reinforce", _unbiased, "sequence IS, full support", "stale:2,lr=0.5", "is_seq"),
+    Entry("dr_grpo", _mean_only, "sequence IS of a mean containing R_i / G", "logit_noise:0.5,1", "is_seq"),
+    Entry("reinforce", _cap_above(1e3), "truncation above every ratio is sequence IS", "logit_noise:0.5,1",
+          "tis:1000,level=seq"),
+    Entry("reinforce", _cap_above(1.0), "truncation at 1 binds where a ratio exceeds 1", "logit_noise:0.5,1",
+          "tis:1,level=seq"),
+    Entry("reinforce", _biased, "no correction off-policy", "logit_noise:0.5,1", "pg"),
+    Entry("reinforce", _cuts_pi, "top-p never samples the cut mass", "top_p:0.8", "pg"),
+    Entry("reinforce", _cuts_pi, "no weight restores the cut mass", "top_p:0.8", "is_seq"),
+    Entry("reinforce", _biased, "geometric-mean ratio, clipped", "logit_noise:0.5,1", "gspo"),
+    Entry("reinforce", _unbiased, "ratio 1 at mu = pi", "pi", "is_token"),
+    Entry("grpo:std_norm=false", _mean_only, "ratio 1 at mu = pi: the on-policy scale", "pi", "ppo_clip:0.2"),
 )
 
 #: Scales must match the expectation to this relative tolerance.
@@ -182,10 +232,18 @@ def run_suite(name: str = "standard", settings: tuple[Setting, ...] | None = Non
             mdp, policy = mdp_from_spec(setting.mdp)
             facts = _facts(mdp, setting.group_size)
             for entry in entries:
+                off = {} if entry.behaviour is None and entry.loss is None else \
+                    {"behaviour": entry.behaviour, "loss": entry.loss}
                 rec = verify(mdp, policy, entry.spec, group_size=setting.group_size, mode="exact",
-                             on_error="record")[0]
-                verdict, scale = entry.expect(facts)
-                rec.update({"setting": setting.name, "expected": verdict, "expected_scale": scale, "why": entry.why})
+                             on_error="record", **off)[0]
+                f = facts
+                if off:  # the prediction reads the behaviour's exact mismatch on this setting
+                    from ..offpolicy import resolve_behaviour
+
+                    f = replace(facts, mismatch=resolve_behaviour(entry.behaviour or "pi", mdp, policy).mismatch)
+                verdict, scale = entry.expect(f)
+                rec.update({"setting": setting.name, "entry": entry.label, "expected": verdict,
+                            "expected_scale": scale, "why": entry.why})
                 rec["agrees"] = rec["verdict"] != "error" and agrees(rec)
                 records.append(rec)
                 if bar is not None:
@@ -220,10 +278,13 @@ def _cell(rec: dict) -> str:
 def format_suite(result: dict) -> str:
     """The verdict matrix (estimators by settings), a legend, the disagreements and the wall time."""
     settings = [s["name"] for s in result["settings"]]
-    by_key = {(r["spec"] if r["verdict"] != "error" else r["estimator"], r["setting"]): r for r in result["records"]}
+    def row_key(r):
+        return r.get("entry") or (r["spec"] if r["verdict"] != "error" else r["estimator"])
+
+    by_key = {(row_key(r), r["setting"]): r for r in result["records"]}
     specs: list[str] = []
     for r in result["records"]:
-        key = r["spec"] if r["verdict"] != "error" else r["estimator"]
+        key = row_key(r)
         if key not in specs:
             specs.append(key)
     header = ["estimator"] + settings
@@ -241,6 +302,6 @@ def format_suite(result: dict) -> str:
     for r in bad:
         got = r["verdict"] if r["verdict"] != "scaled" else f"scaled {r['scale']:.6g}"
         exp = r["expected"] if r["expected"] != "scaled" else f"scaled {r['expected_scale']:.6g}"
-        lines.append(f"  ! {r['spec']} on {r['setting']}: got {got}, expected {exp} ({r['why']})"
+        lines.append(f"  ! {r.get('entry') or r['spec']} on {r['setting']}: got {got}, expected {exp} ({r['why']})"
                      + (f": {r['error']}" if r.get("error") else ""))
     return "\n".join(lines)

@@ -13,7 +13,7 @@ import importlib
 from types import ModuleType
 
 STUDIES: list[str] = ["bias", "variance", "gamma", "critic", "trepo", "aggregation_kl",
-                      "zero_groups", "centering", "learning"]
+                      "zero_groups", "centering", "learning", "offpolicy"]
 
 
 #: an exact-mode relative bias at most this is rounding: the estimator is unbiased (the verifier's float64 tolerance)
