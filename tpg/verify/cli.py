@@ -3,7 +3,7 @@
     tpg verify (--case FILE | --mdp SPEC | --task SPEC | --suite standard) [--estimator SPEC ...] [--group-size G]
                [--mode exact|mc] [--samples N] [--seed S] [--alpha A] [--dtype float64|float32]
                [--max-rows N] [--plugin-timeout SECONDS] [--json] [--fail-on-bias] [--behaviour SPEC] [--loss SPEC]
-               [--hooks-from behaviour|policy]
+               [--hooks-from behaviour|policy] [--target-reward SPEC]
     tpg probe FILE.py:FUNCTION [--dtype float64|float32] [--plugin-timeout SECONDS] [--json]
     tpg offpolicy-help
 
@@ -77,6 +77,12 @@ def _add_verify(sub) -> None:
     p.add_argument("--estimator", action="append", metavar="SPEC",
                    help="NAME[:key=value,...], 'all', or FILE.py:FUNCTION (repeatable), e.g. grpo:std_norm=false, "
                         "ppo_gae:lambda=0.9,critic=noisy,sigma=0.1, trepo:anchors=random:2,fill=interpolate,K=4")
+    p.add_argument("--target-reward", metavar="SPEC", default=None,
+                   help="the objective the estimators target, E[R(x, W)] for a response-level reward R they are fed "
+                        "instead of RM (an intended change of objective, not a bug): rm (default), "
+                        "length_penalty:alpha (RM - alpha T), scaled:c, clip:lo,hi, overlong:L,cache (DAPO), or "
+                        "FILE.py:FUNCTION taking keywords among rm, length, tokens, mask, prompt; the target "
+                        "becomes grad J[SPEC]")
     p.add_argument("--group-size", type=int, default=2, metavar="G",
                    help="responses per prompt for group estimators (batch size of batch-coupled ones); default 2")
     p.add_argument("--mode", choices=MODES, default="exact",
@@ -129,6 +135,9 @@ def _check_specs(args) -> None:
         parse_mdp_spec(args.mdp)
     if getattr(args, "task", None):
         parse_task_spec(args.task)
+    if getattr(args, "target_reward", None):
+        from ..mdp.specs import parse_target_reward
+        parse_target_reward(args.target_reward)
 
 
 def cmd_verify(args) -> int:
@@ -142,6 +151,8 @@ def cmd_verify(args) -> int:
             raise ValueError("--suite runs its own estimators; do not combine it with --estimator")
         if args.behaviour is not None or args.loss is not None:
             raise ValueError("--suite runs on-policy; do not combine it with --behaviour or --loss")
+        if args.target_reward is not None:
+            raise ValueError("--suite verifies against grad J; do not combine it with --target-reward")
         result = run_suite(args.suite, progress=not args.json)
         if args.json:
             print(json.dumps(result))
@@ -171,14 +182,21 @@ def cmd_verify(args) -> int:
         from ..cli import load_problem_from_args
         mdp, policy = load_problem_from_args(args)
     check_batches_fit(mdp.horizon, args.group_size, **mc_groups)
+    goal = None
+    if args.target_reward is not None:
+        from .harness import resolve_target_reward
+        goal = resolve_target_reward(args.target_reward, timeout)  # a FILE.py:FUNCTION is imported once
     records = verify(mdp, policy, args.estimator, group_size=args.group_size, mode=args.mode, samples=args.samples,
                      seed=args.seed, dtype=_torch_dtype(args.dtype), alpha=args.alpha, max_rows=args.max_rows,
                      progress=not args.json, on_error="record_all", plugin_timeout=timeout,
-                     behaviour=args.behaviour, loss=args.loss, hooks=args.hooks_from)
+                     behaviour=args.behaviour, loss=args.loss, hooks=args.hooks_from, target_reward=goal)
     if args.json:
         print(json.dumps(records))
     else:
         print(mdp.describe())
+        if goal is not None:
+            from ..mdp.objectives import describe_target
+            print("target reward " + describe_target(goal))
         if args.behaviour is not None or args.loss is not None:
             from ..offpolicy.record import format_offpolicy_header
             print(format_offpolicy_header(records))

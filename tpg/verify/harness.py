@@ -382,7 +382,9 @@ def verify(mdp, policy, estimators, group_size: int = 2, mode: str = "exact", sa
                 bar.set_postfix_str(text[:40])
             try:
                 est = _load(spec, torch.float64, plugin_timeout)
-                rec = _verify_one(prob, est, text, mode, group_size, samples, seed, torch.float64, alpha, max_rows,
+                # a plug-in object built for float32 is judged with float32's tolerances
+                own = getattr(est, "dtype", torch.float64) if isinstance(spec, Estimator) else torch.float64
+                rec = _verify_one(prob, est, text, mode, group_size, samples, seed, own, alpha, max_rows,
                                   off, target_cosine)
                 if _is_plugin(spec) and dtype == torch.float32:
                     est32 = _load(spec, torch.float32, plugin_timeout)
