@@ -135,13 +135,13 @@ def _cmd_prove(args) -> int:
 
 
 def _cmd_mdp_help(args) -> int:
-    from .mdp.families import FAMILIES, spec_help
+    from .mdp.specs import FAMILIES, spec_help
     print(f"--mdp FAMILY:key=value,...   families: {', '.join(FAMILIES)}\nkeys:\n{spec_help()}")
     return 0
 
 
 def _cmd_task_help(args) -> int:
-    from .mdp.tasks import task_help
+    from .mdp.specs import task_help
     print(task_help())
     return 0
 
