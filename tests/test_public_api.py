@@ -105,3 +105,14 @@ def test_python_m_tpg_help_imports_no_torch():
     assert out.returncode == 0 and "usage: tpg" in out.stdout
     imported = {line.split("|")[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
     assert "tpg.cli" in imported and not {"torch", "numpy", "pandas"} & imported
+
+
+def test_an_export_named_like_its_submodule_stays_the_export():
+    import sys
+    import types
+
+    import tpg.verify.exact_moments as m  # binds the sub-module in tpg.verify, as any import of it does
+    from tpg.verify import exact_moments
+
+    assert isinstance(exact_moments, types.FunctionType) and m is exact_moments  # as with eager imports
+    assert isinstance(sys.modules["tpg.verify.exact_moments"], types.ModuleType)

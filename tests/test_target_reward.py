@@ -91,10 +91,11 @@ def test_batches_carry_the_target_reward():
 def lp_rloo(token_level_rewards, response_mask, index):
     """RLOO on RM - alpha T, computed from what verl passes (the user's trainer shaping its own reward)."""
     r = token_level_rewards.sum(-1) - ALPHA * response_mask.sum(-1)
-    adv = torch.empty_like(r)
-    for g in set(index.tolist()):
-        rows = torch.as_tensor([i for i, x in enumerate(index.tolist()) if x == g])
-        adv[rows] = r[rows] - (r[rows].sum() - r[rows]) / (len(rows) - 1)
+    ids = torch.as_tensor(index)
+    n = int(ids.max()) + 1
+    sums = torch.zeros(n, dtype=r.dtype).index_add_(0, ids, r)
+    size = torch.bincount(ids, minlength=n).to(r.dtype)[ids]
+    adv = r - (sums[ids] - r) / (size - 1)
     return adv.unsqueeze(-1) * response_mask, None
 
 
@@ -125,7 +126,7 @@ def test_estimator_fed_the_penalised_reward_is_unbiased_for_it_and_biased_for_j(
 
 def test_monte_carlo_mode_with_a_target_reward():
     mdp, policy = mdp_from_spec(SPEC)
-    recs = tpg.verify(mdp, policy, ["rloo", lp_rloo], group_size=3, mode="mc", samples=3000, seed=0,
+    recs = tpg.verify(mdp, policy, ["rloo", lp_rloo], group_size=3, mode="mc", samples=2000, seed=0,
                       target_reward=f"length_penalty:{ALPHA}")
     assert recs[0]["verdict"] == "consistent"
     assert recs[1]["verdict"] == "biased"  # shapes the reward a second time

@@ -34,13 +34,14 @@ def mean_with_self(rewards, group_ids):
 
 
 def grpo_std(token_level_rewards, response_mask, index):
-    """GRPO with the std normalisation (verl form): biased."""
+    """GRPO with the std normalisation (verl form, groups of 2 or more): biased."""
     scores = token_level_rewards.sum(-1)
-    adv = torch.empty_like(scores)
-    for g in set(index.tolist()):
-        rows = torch.as_tensor([i for i, x in enumerate(index.tolist()) if x == g])
-        r = scores[rows]
-        adv[rows] = (r - r.mean()) / (r.std() + 1e-6)
+    ids = torch.as_tensor(index)
+    n = int(ids.max()) + 1
+    size = torch.bincount(ids, minlength=n).to(scores.dtype)
+    mean = torch.zeros(n, dtype=scores.dtype).index_add_(0, ids, scores) / size
+    var = torch.zeros(n, dtype=scores.dtype).index_add_(0, ids, (scores - mean[ids]) ** 2) / (size - 1)
+    adv = (scores - mean[ids]) / (var.sqrt()[ids] + 1e-6)
     return adv.unsqueeze(-1) * response_mask, None
 
 

@@ -16,6 +16,12 @@ imports ``tpg.exact.engine`` and caches the name in the package), and so does ``
 tpg.exact.engine``. A sub-module is an attribute too, imported on first access (``import tpg;
 tpg.cases.load_case(...)``), as it was when the package imported it eagerly. Any other name
 raises ``AttributeError`` as usual.
+
+A name exported by a sub-module of the same name (``tpg.verify.exact_moments``, the function of the
+module ``tpg/verify/exact_moments.py``) needs one more step: importing the sub-module binds the
+module to that attribute, which would hide the export. A package with such a name sets its module's
+class to :class:`LazyPackage`, which binds the exported object instead (what the eager
+``from .exact_moments import exact_moments`` did).
 """
 
 from __future__ import annotations
@@ -47,6 +53,19 @@ def lazy_exports(package: str, exports: dict[str, str]):
     return __getattr__, __dir__
 
 
+class LazyPackage(types.ModuleType):
+    """The class of a lazy package with an export named like one of its sub-modules: when the import
+    system binds the sub-module ``pkg.NAME`` as the attribute ``NAME``, the attribute becomes the
+    object ``NAME`` of ``_EXPORTS`` instead (the sub-module stays in ``sys.modules``)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        where = self.__dict__.get("_EXPORTS", {}).get(name)
+        if (isinstance(value, types.ModuleType) and where is not None
+                and value.__name__ == f"{self.__name__}.{name}" and where.lstrip(".") == name):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
 class LazyModule(types.ModuleType):
     """A stand-in for the module ``name`` that imports it on the first attribute access
     (``pd = LazyModule("pandas")``; ``pd.DataFrame`` imports pandas). It does not enter
@@ -56,4 +75,4 @@ class LazyModule(types.ModuleType):
         return getattr(importlib.import_module(self.__name__), attr)
 
 
-__all__ = ["lazy_exports", "LazyModule"]
+__all__ = ["lazy_exports", "LazyPackage", "LazyModule"]

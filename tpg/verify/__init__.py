@@ -12,7 +12,8 @@ as ``from tpg.verify import verify``): this package's module object is an instan
 :class:`CallableModule`, a :class:`types.ModuleType` subclass whose ``__call__`` delegates to it
 (assigning a module's ``__class__`` to a ``ModuleType`` subclass is supported since Python 3.5).
 A package rather than a function keeps ``import tpg.verify.harness``, ``tpg.verify.montecarlo`` and
-the other modules where they are; ``isinstance(tpg.verify, types.ModuleType)`` stays true.
+the other modules where they are; ``isinstance(tpg.verify, types.ModuleType)`` stays true. (Its base,
+:class:`tpg._lazy.LazyPackage`, keeps ``tpg.verify.exact_moments`` the function, as before.)
 
 Modules: :mod:`.context` (the exact and Monte Carlo estimator contexts), :mod:`.score` (per-batch
 gradients from the analytic score, the logit-to-parameter map), :mod:`.exact_moments` (``E[g]`` and
@@ -26,12 +27,11 @@ The names below are imported on first use (:mod:`tpg._lazy`).
 """
 
 import sys
-import types
 
-from .._lazy import lazy_exports
+from .._lazy import LazyPackage, lazy_exports
 
 
-class CallableModule(types.ModuleType):
+class CallableModule(LazyPackage):
     """The class of the ``tpg.verify`` module: calling the module calls :func:`tpg.verify.harness.verify`
     with the same arguments (see its docstring for them and for the records it returns)."""
 
