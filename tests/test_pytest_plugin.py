@@ -114,7 +114,8 @@ def test_plugin_module_imports_nothing_heavy():
 def test_entry_point_table_names_the_plugin():
     tomllib = pytest.importorskip("tomllib")
     data = tomllib.loads((REPO / "pyproject.toml").read_text())
-    assert data["project"]["entry-points"]["pytest11"] == {"tpg": "tpg.pytest_plugin"}
+    # named as the module: `-p tpg.pytest_plugin` (or pytest_plugins = [...]) then finds it registered
+    assert data["project"]["entry-points"]["pytest11"] == {"tpg.pytest_plugin": "tpg.pytest_plugin"}
     import tpg.pytest_plugin as plugin
     assert callable(plugin.tpg_verifier) and callable(plugin.pytest_addoption)
 
@@ -126,3 +127,5 @@ def test_installed_entry_point_loads_the_plugin_without_p(pytester):
         pytest.skip("the installed tpg predates its pytest11 entry point (reinstall to test it)")
     pytester.makepyfile(test_ep="def test_it(tpg_verifier):\n    assert tpg_verifier.defaults['mode'] == 'exact'\n")
     pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=1)
+    pytester.runpytest("-p", "no:cacheprovider", "-p", "tpg.pytest_plugin").assert_outcomes(passed=1)  # no clash
+    pytester.runpytest("-p", "no:cacheprovider", "-p", "no:tpg.pytest_plugin").assert_outcomes(errors=1)

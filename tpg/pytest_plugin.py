@@ -1,7 +1,7 @@
 """The pytest plugin of tpg: a ``tpg_verifier`` fixture, a ``tpg`` marker and ``--tpg-*`` options.
 
-Installed with tpg (entry point ``tpg`` in the ``pytest11`` group), so in any repository where tpg is
-installed::
+Installed with tpg (entry point ``tpg.pytest_plugin`` in the ``pytest11`` group), so in any repository
+where tpg is installed::
 
     def my_rloo(rewards, group_ids):
         ...
@@ -24,8 +24,10 @@ Settings, from strongest to weakest: the method's keyword arguments, the test's 
 (``mode``, ``samples``, ``seed``, ``alpha``, ``group_size``), the command line (``--tpg-mode exact|mc``,
 ``--tpg-samples N``, ``--tpg-seed S``), then exact mode, 4000 samples, seed 0, alpha 0.01, ``G = 3``.
 
-Without installing (or with plugin autoloading off): ``pytest -p tpg.pytest_plugin``. The plugin imports
-nothing heavy until a test uses the fixture; ``-p no:tpg`` turns it off.
+Without installing (or with plugin autoloading off): ``pytest -p tpg.pytest_plugin`` (or
+``pytest_plugins = ["tpg.pytest_plugin"]`` in a conftest), which is also harmless once it is installed:
+the entry point carries the module's name. ``-p no:tpg.pytest_plugin`` turns it off. The plugin imports
+nothing heavy until a test uses the fixture.
 """
 
 from __future__ import annotations
