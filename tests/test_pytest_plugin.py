@@ -98,7 +98,8 @@ def test_marker_with_an_unknown_key_is_a_usage_error(isolated):
     '''))
     result = isolated.runpytest("-p", "tpg.pytest_plugin", "-p", "no:cacheprovider")
     result.assert_outcomes(errors=1)
-    result.stdout.fnmatch_lines(["*@pytest.mark.tpg: unknown keys *modes*; allowed: mode, samples, seed, alpha, group_size*"])
+    result.stdout.fnmatch_lines(["*@pytest.mark.tpg: unknown keys *modes*; allowed: mode, samples, seed, alpha, "
+                                 "group_size*"])
 
 
 def test_plugin_module_imports_nothing_heavy():

@@ -409,7 +409,8 @@ def _report(kind: str, setting: _Setting, problems, failures, scale, rel) -> str
             lines.append(f"    target    {r.get('target')}")
         if mode == "mc" and r["verdict"] != "error":
             ci = r.get("scale_ci")
-            lines.append(f"    test      p(c=1) {_fmt(r.get('p_value_adjusted'), '.3g')} (raw {_fmt(r.get('p_value'), '.3g')})"
+            lines.append(f"    test      p(c=1) {_fmt(r.get('p_value_adjusted'), '.3g')} "
+                         f"(raw {_fmt(r.get('p_value'), '.3g')})"
                          f"   p(dir) {_fmt(r.get('p_value_direction_adjusted'), '.3g')} (raw "
                          f"{_fmt(r.get('p_value_direction'), '.3g')})"
                          + (f"   scale interval [{ci[0]:.6g}, {ci[1]:.6g}] at {100 * r['scale_ci_level']:.3g}%"

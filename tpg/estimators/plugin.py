@@ -857,6 +857,5 @@ def format_probe(rows: list[dict]) -> str:
 
 
 __all__ = ["PluginEstimator", "PluginError", "load_plugin", "load_function", "plugin_from_callable", "callable_label",
-           "callable_source", "call_with_time_limit", "parse_layout", "layout_name",
-           "TimeLimit", "probe", "probe_report", "format_probe", "identical_tolerance", "DEFAULT_TIMEOUT", "CONTEXT_KEYWORDS",
-           "LAYOUTS"]
+           "callable_source", "call_with_time_limit", "parse_layout", "layout_name", "TimeLimit", "probe", "probe_report",
+           "format_probe", "identical_tolerance", "DEFAULT_TIMEOUT", "CONTEXT_KEYWORDS", "LAYOUTS"]

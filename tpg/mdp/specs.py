@@ -267,7 +267,8 @@ _TARGET_FILE = re.compile(r"^(?P<path>.+?\.py):(?P<fn>[A-Za-z_]\w*)$")
 
 def target_reward_help() -> str:
     """One line per form of ``--target-reward``."""
-    lines = [f"  {name + (':' + args if args else ''):<22} {formula}" for name, (args, formula) in TARGET_REWARDS.items()]
+    lines = [f"  {name + (':' + args if args else ''):<22} {formula}"
+             for name, (args, formula) in TARGET_REWARDS.items()]
     lines.append(f"  {'FILE.py:FUNCTION':<22} R = FUNCTION(rm=[B], length=[B], tokens=[B, H], mask=[B, H], "
                  f"prompt=[B]) -> [B], called with the keywords it names")
     return "\n".join(lines)
