@@ -1,9 +1,9 @@
 """``tpg verify`` and ``tpg probe`` (registered into :mod:`tpg.cli` by :func:`register`).
 
     tpg verify (--case FILE | --mdp SPEC | --task SPEC | --suite standard) [--estimator SPEC ...] [--group-size G]
-               [--mode exact|mc] [--samples N] [--seed S] [--alpha A] [--dtype float64|float32]
+               [--mode exact|mc] [--samples N] [--seed S] [--alpha A] [--dtype float64|float32] [--target-reward SPEC]
                [--max-rows N] [--plugin-timeout SECONDS] [--json] [--fail-on-bias] [--behaviour SPEC] [--loss SPEC]
-               [--hooks-from behaviour|policy] [--target-reward SPEC]
+               [--hooks-from behaviour|policy]
     tpg probe FILE.py:FUNCTION [--dtype float64|float32] [--plugin-timeout SECONDS] [--json]
     tpg offpolicy-help
 
@@ -149,10 +149,10 @@ def cmd_verify(args) -> int:
     if args.suite:
         if args.estimator:
             raise ValueError("--suite runs its own estimators; do not combine it with --estimator")
-        if args.behaviour is not None or args.loss is not None:
-            raise ValueError("--suite runs on-policy; do not combine it with --behaviour or --loss")
         if args.target_reward is not None:
             raise ValueError("--suite verifies against grad J; do not combine it with --target-reward")
+        if args.behaviour is not None or args.loss is not None:
+            raise ValueError("--suite runs on-policy; do not combine it with --behaviour or --loss")
         result = run_suite(args.suite, progress=not args.json)
         if args.json:
             print(json.dumps(result))

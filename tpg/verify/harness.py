@@ -166,9 +166,9 @@ class _Problem:
     """Everything shared by the estimators verified on one (MDP, policy): the exact solution, the
     parameter map, the contexts, the KL target."""
 
-    def __init__(self, mdp, policy, seed: int, ref_policy, objective: str = "grad J"):
+    def __init__(self, mdp, policy, seed: int, ref_policy):
         self.mdp, self.policy, self.seed = mdp, policy, int(seed)
-        self.objective = objective  # the gradient's name: grad J, or grad J[TARGET] with a target reward
+        self.objective = "grad J"  # the gradient's name; verify() sets grad J[NAME] for a target reward
         self.sol = solve(mdp, policy)
         self.grad_j = self.sol.flat_grad().to(torch.float64)
         self.pmap = ParamMap(policy, mdp.tree)
@@ -354,16 +354,17 @@ def verify(mdp, policy, estimators, group_size: int = 2, mode: str = "exact", sa
         raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
     if not 0 < target_cosine < 1:
         raise ValueError(f"target_cosine must be in (0, 1), got {target_cosine!r}")
-    specs = resolve_specs(estimators)
     objective = "grad J"
-    if target_reward is not None:
+    if target_reward is not None:  # the objective E[R_target]: the MDP with R_target on the last token
         from ..mdp.objectives import with_target_reward
         goal = resolve_target_reward(target_reward, plugin_timeout)
         if not goal.is_identity:
             mdp = with_target_reward(mdp, goal)
             objective = f"grad J[{goal.name}]"
-    prob = _Problem(mdp, policy, seed, ref_policy, objective)
+    specs = resolve_specs(estimators)
+    prob = _Problem(mdp, policy, seed, ref_policy)
     off = None
+    prob.objective = objective
     if hooks != "behaviour" and behaviour is None and loss is None:
         raise ValueError(f"hooks={hooks!r} applies to off-policy verification only: give a behaviour or a loss")
     if behaviour is not None or loss is not None:
