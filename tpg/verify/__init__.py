@@ -35,10 +35,10 @@ class CallableModule(LazyPackage):
     """The class of the ``tpg.verify`` module: calling the module calls :func:`tpg.verify.harness.verify`
     with the same arguments (see its docstring for them and for the records it returns)."""
 
-    def __call__(self, mdp, policy, estimators, **kwargs) -> list[dict]:
+    def __call__(self, *args, **kwargs) -> list[dict]:
         from .harness import verify
 
-        return verify(mdp, policy, estimators, **kwargs)
+        return verify(*args, **kwargs)
 
 
 sys.modules[__name__].__class__ = CallableModule

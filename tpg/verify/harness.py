@@ -327,11 +327,6 @@ def verify(mdp, policy, estimators, group_size: int = 2, mode: str = "exact", sa
         loss: the policy loss the gradient is taken through (:mod:`tpg.offpolicy.losses`: ``pg``,
             ``is_token``, ``is_seq``, ``tis:C``, ``mis:lo,hi``, ``ppo_clip:eps``, ``gspo``, ``cispo``, a plug-in
             ``FILE.py:FUNCTION`` or a callable). ``None``: ``pg`` when a behaviour is given.
-        hooks: with a behaviour or loss, whose context answers the estimators' hooks: ``behaviour`` (mu:
-            the engine's continuations, a critic of mu's returns) or ``policy`` (pi).
-    With ``behaviour`` or ``loss`` the records carry ``behaviour``, ``loss``, ``hooks``, ``mismatch``,
-    ``behaviour_info`` and ``kept_prob`` (:mod:`tpg.offpolicy.record`).
-        target_cosine: Monte Carlo mode: the cosine whose detection ``n_for_cosine`` refers to.
         target_reward: the objective the estimators target, ``J_target = E[R_target(x, W)]`` for a
             response-level reward (:mod:`tpg.mdp.objectives`): ``None`` or ``rm`` (``J``), a spec
             (``length_penalty:alpha``, ``scaled:c``, ``clip:lo,hi``, ``overlong:L,cache``, ``FILE.py:FUNCTION``)
@@ -339,6 +334,11 @@ def verify(mdp, policy, estimators, group_size: int = 2, mode: str = "exact", sa
             ``R_target`` as their ``RM`` (as a trainer shaping its reward feeds them), the target is
             ``grad J_target`` (exact: the tree DP with ``R_target`` on each response's last token), and the
             records' ``target`` reads ``grad J[NAME]``.
+        hooks: with a behaviour or loss, whose context answers the estimators' hooks: ``behaviour`` (mu:
+            the engine's continuations, a critic of mu's returns) or ``policy`` (pi).
+    With ``behaviour`` or ``loss`` the records carry ``behaviour``, ``loss``, ``hooks``, ``mismatch``,
+    ``behaviour_info`` and ``kept_prob`` (:mod:`tpg.offpolicy.record`).
+        target_cosine: Monte Carlo mode: the cosine whose detection ``n_for_cosine`` refers to.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
