@@ -15,7 +15,8 @@ On the derived MDP the exact engine's ``J`` and ``grad J`` are ``J_target`` and 
 tree DP with a terminal reward), and every batch an estimator sees carries ``R_target`` as its ``RM``
 (and on the last token of its ``token_level_rewards``), as the user's trainer would feed it. The
 token-level oracle and a critic see the terminal reward too: a response-level objective has no
-token decomposition.
+token decomposition. The exact solution of the derived MDP comes from the stored tree (the Markov
+engine takes compact token rewards only, and ``R_target`` depends on the whole response).
 
 ``R_target(x, W) = f(RM(W), T, W, x)``, with ``RM`` the MDP's own (discounted) response reward and
 ``T`` the response's length in tokens (EOS included). The built-in forms (``tpg verify
