@@ -78,8 +78,9 @@ print(codes, sorted(m for m in ("torch", "numpy", "pandas", "scipy") if m in sys
     ([["--help"]], [0]),
     ([["verify", "--help"], ["train", "--help"], ["study", "--help"], ["mdp-help"], ["task-help"]], [0, 0, 0, 0, 0]),
     ([["verify", "--mdp", "dense:foo=1", "--estimator", "rloo"], ["verify", "--task", "copy:vocab=x",
-      "--estimator", "rloo"], ["verify", "--mdp", "dense:vocab=3", "--estimator", "rloo", "--target-reward", "bogus"]],
-     [2, 2, 2]),
+      "--estimator", "rloo"], ["verify", "--mdp", "dense:vocab=3", "--estimator", "rloo", "--target-reward", "bogus"],
+      ["exact", "--mdp", "dense:foo=1"]],
+     [2, 2, 2, 2]),
 ])
 def test_help_and_spec_errors_do_not_import_torch(argvs, codes):
     import subprocess

@@ -127,14 +127,11 @@ def _add_offpolicy_args(p) -> None:
 
 
 def _check_specs(args) -> None:
-    """Parse the problem's spec strings before anything imports torch, so that a mistyped key or
-    value is refused at once (the ranges that need the MDP are checked when it is built)."""
-    from ..mdp.specs import parse_mdp_spec, parse_task_spec
+    """Parse the spec strings before anything imports torch, so that a mistyped key or value is
+    refused at once (the ranges that need the MDP are checked when it is built)."""
+    from ..cli import check_problem_specs
 
-    if getattr(args, "mdp", None):
-        parse_mdp_spec(args.mdp)
-    if getattr(args, "task", None):
-        parse_task_spec(args.task)
+    check_problem_specs(args)
     if getattr(args, "target_reward", None):
         from ..mdp.specs import parse_target_reward
         parse_target_reward(args.target_reward)
