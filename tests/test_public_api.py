@@ -33,3 +33,87 @@ def test_top_level_names_do_not_shadow_subpackages():
     for sub in ("mdp", "policies", "exact", "estimators", "verify", "train", "cases", "rollouts"):
         importlib.import_module(f"tpg.{sub}")
         assert isinstance(getattr(tpg, sub), types.ModuleType), f"tpg.{sub} is shadowed by a re-exported name"
+
+
+def test_verify_is_a_callable_package():
+    import types
+
+    import tpg
+    import tpg.verify.harness
+    from tpg.cases import mdp_from_spec
+    from tpg.verify import verify
+
+    assert isinstance(tpg.verify, types.ModuleType) and callable(tpg.verify)
+    assert verify is tpg.verify.harness.verify is tpg.verify.verify
+    mdp, policy = mdp_from_spec("terminal:vocab=2,horizon=2,seed=0")
+    (rec,) = tpg.verify(mdp, policy, "rloo")
+    assert [rec] == verify(mdp, policy, "rloo") and rec["verdict"] == "unbiased"
+
+
+def test_lazy_names_unknown_attributes_and_dir():
+    import tpg
+    import tpg.estimators
+
+    assert "solve" in dir(tpg) and "verify" in dir(tpg) and "plugin_from_callable" in dir(tpg.estimators)
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        tpg.nope  # noqa: B018
+    assert tpg.cases.load_case is tpg.load_case  # sub-modules are attributes, as with eager imports
+
+
+# ---------------------------------------------------------------- the command line answers without torch
+_NO_HEAVY = """
+import sys
+from tpg.cli import main
+codes = []
+for argv in ARGVS:
+    try:
+        codes.append(main(argv))
+    except SystemExit as exc:
+        codes.append(exc.code)
+print(codes, sorted(m for m in ("torch", "numpy", "pandas", "scipy") if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("argvs, codes", [
+    ([["--help"]], [0]),
+    ([["verify", "--help"], ["train", "--help"], ["study", "--help"], ["mdp-help"], ["task-help"]], [0, 0, 0, 0, 0]),
+    ([["verify", "--mdp", "dense:foo=1", "--estimator", "rloo"], ["verify", "--task", "copy:vocab=x",
+      "--estimator", "rloo"], ["verify", "--mdp", "dense:vocab=3", "--estimator", "rloo", "--target-reward", "bogus"],
+      ["exact", "--mdp", "dense:foo=1"]],
+     [2, 2, 2, 2]),
+])
+def test_help_and_spec_errors_do_not_import_torch(argvs, codes):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    code = f"ARGVS = {argvs!r}\n" + _NO_HEAVY
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo,
+                         env={"PYTHONPATH": str(repo), "PATH": ""})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == f"{codes!r} []", out.stdout[-500:]
+
+
+def test_python_m_tpg_help_imports_no_torch():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "tpg", "--help"], capture_output=True, text=True,
+                         cwd=repo, env={"PYTHONPATH": str(repo), "PATH": ""})
+    assert out.returncode == 0 and "usage: tpg" in out.stdout
+    imported = {line.split("|")[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+    assert "tpg.cli" in imported and not {"torch", "numpy", "pandas"} & imported
+
+
+def test_an_export_named_like_its_submodule_stays_the_export():
+    import sys
+    import types
+
+    import tpg.verify.exact_moments as m  # binds the sub-module in tpg.verify, as any import of it does
+    from tpg.verify import exact_moments
+
+    assert isinstance(exact_moments, types.FunctionType) and m is exact_moments  # as with eager imports
+    assert isinstance(sys.modules["tpg.verify.exact_moments"], types.ModuleType)

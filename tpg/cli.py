@@ -44,6 +44,18 @@ def add_problem_args(p: argparse.ArgumentParser):
     return src  # the required group of problem sources, for commands that add one (--suite, --lm)
 
 
+def check_problem_specs(args) -> None:
+    """Parse ``--mdp`` / ``--task`` before anything imports torch, so that a mistyped key, family or
+    value is refused at once (:mod:`tpg.mdp.specs`); the ranges that need the MDP are checked when it
+    is built."""
+    from .mdp.specs import parse_mdp_spec, parse_task_spec
+
+    if getattr(args, "mdp", None):
+        parse_mdp_spec(args.mdp)
+    if getattr(args, "task", None):
+        parse_task_spec(args.task)
+
+
 def load_problem_from_args(args):
     """``(mdp, policy)`` from the shared arguments; writes ``--save-case`` when given."""
     from .cases import load_problem, save_case
@@ -57,6 +69,7 @@ def load_problem_from_args(args):
 
 # ------------------------------------------------------------------------------ exact
 def _cmd_exact(args) -> int:
+    check_problem_specs(args)
     from .exact import choose_engine, solve
     mdp, policy = load_problem_from_args(args)
     if choose_engine(mdp, policy, args.engine) == "markov":
@@ -135,13 +148,13 @@ def _cmd_prove(args) -> int:
 
 
 def _cmd_mdp_help(args) -> int:
-    from .mdp.families import FAMILIES, spec_help
+    from .mdp.specs import FAMILIES, spec_help
     print(f"--mdp FAMILY:key=value,...   families: {', '.join(FAMILIES)}\nkeys:\n{spec_help()}")
     return 0
 
 
 def _cmd_task_help(args) -> int:
-    from .mdp.tasks import task_help
+    from .mdp.specs import task_help
     print(task_help())
     return 0
 

@@ -9,26 +9,31 @@ Every estimator follows one contract (:mod:`.base`): ``est(batch, ctx) -> Estima
 
 The catalog (:data:`CATALOG`, in order): ``reinforce``, ``reward_to_go`` (token oracle),
 ``reinforce_baseline``, ``rloo``, ``remax``, ``grpo``, ``dr_grpo``, ``opo``, ``reinforce_pp``,
-``reinforce_pp_baseline``, ``ppo_gae``, ``trepo``; plug-ins as ``FILE.py:FUNCTION``.
+``reinforce_pp_baseline``, ``ppo_gae``, ``trepo``; plug-ins as ``FILE.py:FUNCTION``, and Python
+callables through :func:`plugin_from_callable` (or passed to :func:`get_estimator` and ``tpg.verify``
+directly).
+
+The names below are imported on first use (:mod:`tpg._lazy`).
 """
 
-from .base import (
-    AGG_MODES,
-    EstimatorContext,
-    EstimatorOutput,
-    ResponseBatch,
-    aggregation_weights,
-    stack_batches,
-)
-from .estimator import Estimator, Option
-from .group import GRPO, OPO, RLOO, DrGRPO
-from .kl import KL_KINDS, kl_loss_coef, kl_value
-from .plugin import PluginError, PluginEstimator, format_probe, load_plugin, probe, probe_report
-from .ppo import PPOGAE, ppo_clip_loss
-from .registry import CATALOG, ESTIMATORS, describe, expand_spec, get_estimator, parse_spec
-from .reinforce import Reinforce, ReinforceBaseline, ReMax, RewardToGo
-from .reinforce_pp import ReinforcePP, ReinforcePPBaseline
-from .trepo import TRePO
+from .._lazy import lazy_exports
+
+_EXPORTS = {
+    "AGG_MODES": ".base", "EstimatorContext": ".base", "EstimatorOutput": ".base", "ResponseBatch": ".base",
+    "aggregation_weights": ".base", "stack_batches": ".base",
+    "Estimator": ".estimator", "Option": ".estimator",
+    "GRPO": ".group", "OPO": ".group", "RLOO": ".group", "DrGRPO": ".group",
+    "KL_KINDS": ".kl", "kl_loss_coef": ".kl", "kl_value": ".kl",
+    "PluginError": ".plugin", "PluginEstimator": ".plugin", "format_probe": ".plugin", "load_plugin": ".plugin",
+    "plugin_from_callable": ".plugin", "probe": ".plugin", "probe_report": ".plugin",
+    "PPOGAE": ".ppo", "ppo_clip_loss": ".ppo",
+    "CATALOG": ".registry", "ESTIMATORS": ".registry", "describe": ".registry", "expand_spec": ".registry",
+    "get_estimator": ".registry", "parse_spec": ".registry",
+    "Reinforce": ".reinforce", "ReinforceBaseline": ".reinforce", "ReMax": ".reinforce",
+    "RewardToGo": ".reinforce",
+    "ReinforcePP": ".reinforce_pp", "ReinforcePPBaseline": ".reinforce_pp",
+    "TRePO": ".trepo",
+}
 
 __all__ = [
     # the contract
@@ -40,5 +45,6 @@ __all__ = [
     # losses and KL
     "ppo_clip_loss", "KL_KINDS", "kl_value", "kl_loss_coef",
     # plug-ins
-    "PluginEstimator", "PluginError", "load_plugin", "probe", "probe_report", "format_probe",
+    "PluginEstimator", "PluginError", "load_plugin", "plugin_from_callable", "probe", "probe_report", "format_probe",
 ]
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,7 +1,8 @@
 """Users' own advantage functions as estimators, and a probe of any estimator on edge cases.
 
-``load_plugin("path/to/file.py:function")`` wraps a function in one of two forms, told apart by
-its signature:
+``load_plugin("path/to/file.py:function")`` wraps a function of a file, and
+``plugin_from_callable(fn, **options)`` a Python callable (labelled ``module.qualname``), in one of two
+forms, told apart by its signature (the same code decides for both):
 
 * **verl form** — ``fn(token_level_rewards[B, L], response_mask[B, L], index) -> (advantages[B, L],
   returns[B, L])``, the signature of verl's ``compute_*_outcome_advantage``: torch tensors in
@@ -28,7 +29,8 @@ as positional parameters) receives, per call:
   default when it is a number, else 1);
 * ``old_log_prob`` ``[B, L]`` — ``log pi_old`` of each sampled token (0 on padding).
 
-Options on the spec (``FILE.py:FUNCTION:key=value,...``): the common ``agg``, ``kl``, ``beta``;
+Options on the spec (``FILE.py:FUNCTION:key=value,...``, or keyword arguments of
+:func:`plugin_from_callable`): the common ``agg``, ``kl``, ``beta``;
 ``layout`` (below); ``gamma``/``lam`` only for a function that takes them; the critic options
 only for one that takes ``values``.
 
@@ -81,6 +83,7 @@ and :func:`format_probe` prints what it found; :func:`probe_report` is the JSON 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import inspect
@@ -102,7 +105,7 @@ from .functional import dense_ids
 _SPEC = re.compile(r"^(?P<path>.+?\.py):(?P<fn>[A-Za-z_]\w*)(?::(?P<opts>.*))?$")
 FORMS = ("verl", "simple")
 #: Seconds a plug-in's import or one call may take (``tpg verify --plugin-timeout``).
-DEFAULT_TIMEOUT = 60.0
+from .defaults import DEFAULT_TIMEOUT  # noqa: E402  (torch-free home: tpg verify --help)
 #: Parameter names through which a plug-in asks for context (see the module docstring).
 CONTEXT_KEYWORDS = ("reward_baselines", "values", "gamma", "lam", "old_log_prob")
 #: The layouts a plug-in may declare (``batch:PxN`` with integers ``P, N >= 1``).
@@ -275,12 +278,16 @@ class PluginEstimator(Estimator):
     """A user's advantage function (see :mod:`tpg.estimators.plugin`).
 
     Args:
-        fn: the function; label: ``file:function``; form: ``verl`` or ``simple``.
+        fn: the function; label: ``file:function`` (or ``module.qualname`` of a callable); form: ``verl``
+            or ``simple``.
         dtype: the dtype of the tensors it receives.
         keywords: verl form called by keyword; accepts_index: it takes ``index``.
         context: the context keywords it takes (:data:`CONTEXT_KEYWORDS`).
         defaults: option defaults from its signature (``gamma``, ``lam``).
         timeout: seconds per call (``None``: no limit).
+        source: ``FILE.py:FUNCTION`` that :func:`load_plugin` (and ``tpg verify --estimator``) can load
+            the same function from, or ``None`` when there is none (a lambda, a nested function, a
+            callable object, a function defined outside a file).
         options: the spec's options.
     """
 
@@ -289,7 +296,7 @@ class PluginEstimator(Estimator):
 
     def __init__(self, fn, label: str, form: str, dtype: torch.dtype = torch.float64, keywords: bool = False,
                  accepts_index: bool = True, context: tuple = (), defaults: dict | None = None,
-                 timeout: float | None = DEFAULT_TIMEOUT, **options):
+                 timeout: float | None = DEFAULT_TIMEOUT, source: str | None = None, **options):
         if form not in FORMS:
             raise ValueError(f"plug-in form must be one of {', '.join(FORMS)}, got {form!r}")
         if dtype not in (torch.float32, torch.float64):
@@ -305,6 +312,7 @@ class PluginEstimator(Estimator):
         self.dtype = dtype
         self.context = tuple(context)
         self.timeout = timeout
+        self.source = source
         self._keywords = keywords
         self._accepts_index = accepts_index
         self._options_table = _plugin_options(self.context, defaults or {})
@@ -505,6 +513,36 @@ def _signature_form(fn, label: str) -> tuple[str, bool, bool, tuple, dict]:
                      f"it has {len(required)} ({', '.join(required) or 'none'})")
 
 
+def load_function(path: str, fn_name: str, timeout: float | None = DEFAULT_TIMEOUT, what: str = "plug-in"):
+    """The callable ``fn_name`` of the Python file ``path``, imported as a module of its own under a
+    wall-clock limit of ``timeout`` seconds (``None``: none). ``ValueError`` naming ``what path:fn_name``
+    for a missing file or function; :class:`PluginError` when the import fails (raises anything but
+    ``KeyboardInterrupt``, ``SystemExit`` included, or runs past the limit)."""
+    label = f"{path}:{fn_name}"
+    if not os.path.isfile(path):
+        raise ValueError(f"{what} {label}: file not found: {path!r} (relative to {os.getcwd()})")
+    _check_timeout(timeout, f"{what} {label}")
+    module_name = "tpg_plugin_" + hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:12]
+    mod_spec = importlib.util.spec_from_file_location(module_name, path)
+    if mod_spec is None or mod_spec.loader is None:
+        raise ValueError(f"{what} {label}: cannot load {path!r} as a Python module")
+    module = importlib.util.module_from_spec(mod_spec)
+    sys.modules[module_name] = module
+    try:
+        call_with_time_limit(lambda: mod_spec.loader.exec_module(module), timeout, label, f"importing {path!r}")
+    except PluginError:
+        sys.modules.pop(module_name, None)
+        raise
+    fn = getattr(module, fn_name, None)
+    if fn is None or not callable(fn):
+        found = sorted(k for k, v in vars(module).items()
+                       if callable(v) and not k.startswith("_") and getattr(v, "__module__", None) == module_name)
+        status = "not found" if fn is None else "not callable"
+        raise ValueError(f"{what} {label}: function {fn_name!r} {status} in {path!r}; it defines "
+                         f"{', '.join(found) or 'no public functions'}")
+    return fn
+
+
 def load_plugin(spec: str, dtype: torch.dtype = torch.float64,
                 timeout: float | None = DEFAULT_TIMEOUT) -> PluginEstimator:
     """The estimator of a plug-in ``FILE.py:FUNCTION`` (optionally ``:key=value,...``: ``agg``, ``kl``,
@@ -521,30 +559,66 @@ def load_plugin(spec: str, dtype: torch.dtype = torch.float64,
     path, fn_name = match["path"], match["fn"]
     label = f"{path}:{fn_name}"
     options = parse_options(match["opts"] or "", label)
-    if not os.path.isfile(path):
-        raise ValueError(f"plug-in {label}: file not found: {path!r} (relative to {os.getcwd()})")
-    _check_timeout(timeout, f"plug-in {label}")
-    module_name = "tpg_plugin_" + hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:12]
-    mod_spec = importlib.util.spec_from_file_location(module_name, path)
-    if mod_spec is None or mod_spec.loader is None:
-        raise ValueError(f"plug-in {label}: cannot load {path!r} as a Python module")
-    module = importlib.util.module_from_spec(mod_spec)
-    sys.modules[module_name] = module
-    try:
-        call_with_time_limit(lambda: mod_spec.loader.exec_module(module), timeout, label, f"importing {path!r}")
-    except PluginError:
-        sys.modules.pop(module_name, None)
-        raise
-    fn = getattr(module, fn_name, None)
-    if fn is None or not callable(fn):
-        found = sorted(k for k, v in vars(module).items()
-                       if callable(v) and not k.startswith("_") and getattr(v, "__module__", None) == module_name)
-        what = "not found" if fn is None else "not callable"
-        raise ValueError(f"plug-in {label}: function {fn_name!r} {what} in {path!r}; it defines "
-                         f"{', '.join(found) or 'no public functions'}")
+    fn = load_function(path, fn_name, timeout)
+    return _wrap(fn, label, dtype, timeout, label, options)
+
+
+def _wrap(fn, label: str, dtype, timeout, source: str | None, options: dict) -> PluginEstimator:
+    """The estimator of ``fn``: its form read from its signature (:func:`_signature_form`)."""
     form, keywords, accepts_index, context, defaults = _signature_form(fn, label)
     return PluginEstimator(fn, label, form, dtype=dtype, keywords=keywords, accepts_index=accepts_index,
-                           context=context, defaults=defaults, timeout=timeout, **options)
+                           context=context, defaults=defaults, timeout=timeout, source=source, **options)
+
+
+def callable_label(fn) -> str:
+    """The name a callable's records carry: ``module.qualname`` (``functools.partial(...)`` around a
+    function's label; the class's ``module.qualname`` for a callable object)."""
+    if isinstance(fn, functools.partial):
+        return f"functools.partial({callable_label(fn.func)})"
+    target = fn if hasattr(fn, "__qualname__") else type(fn)
+    module = getattr(target, "__module__", None) or "?"
+    return f"{module}.{getattr(target, '__qualname__', type(fn).__name__)}"
+
+
+def callable_source(fn) -> str | None:
+    """``FILE.py:FUNCTION`` from which :func:`load_plugin` loads the same function: a function defined
+    at the top level of a ``.py`` file (not a lambda, a nested function or a callable object); ``None``
+    otherwise. The path is absolute."""
+    if not inspect.isfunction(fn) or fn.__qualname__ != fn.__name__ or not fn.__name__.isidentifier():
+        return None
+    try:
+        path = inspect.getsourcefile(fn)
+    except TypeError:
+        return None
+    if not path or not path.endswith(".py") or not os.path.isfile(path):
+        return None
+    return f"{os.path.abspath(path)}:{fn.__name__}"
+
+
+def plugin_from_callable(fn, dtype: torch.dtype = torch.float64, timeout: float | None = DEFAULT_TIMEOUT,
+                         label: str | None = None, **options) -> PluginEstimator:
+    """The estimator of a Python callable, wrapped exactly as a plug-in file's function (see the module
+    docstring: verl form or simple form from its signature, context keywords, the same options).
+
+        est = plugin_from_callable(my_grpo, layout="batch:2x3", agg="token-mean")
+        tpg.verify(mdp, policy, [est, "grpo"])
+
+    Args:
+        fn: a function (or any callable with a readable signature).
+        dtype: the dtype of the tensors it receives (float64 or float32).
+        timeout: seconds per call (``None``: no limit), as for plug-in files.
+        label: the name in records and tables (default :func:`callable_label`: ``module.qualname``).
+        options: ``layout``, ``agg``, ``kl``, ``beta`` and the options of the context keywords it takes,
+            as keyword arguments (strings or values: ``layout="batch:2x3"``, ``gamma=0.9``).
+
+    Raises ``ValueError`` naming the callable for something that is not callable, a signature that
+    fits neither form, or an unknown option."""
+    if not callable(fn) or isinstance(fn, type):
+        raise ValueError(f"plugin_from_callable needs a function (or a callable object), got {fn!r}")
+    if label is not None and (not isinstance(label, str) or not label.strip()):
+        raise ValueError(f"label must be a non-empty string, got {label!r}")
+    _check_timeout(timeout, f"plug-in {label or callable_label(fn)}")
+    return _wrap(fn, label or callable_label(fn), dtype, timeout, callable_source(fn), options)
 
 
 # -- the probe ----------------------------------------------------------------------------------
@@ -782,6 +856,6 @@ def format_probe(rows: list[dict]) -> str:
     return text + "\n" + summary
 
 
-__all__ = ["PluginEstimator", "PluginError", "load_plugin", "call_with_time_limit", "parse_layout", "layout_name",
-           "TimeLimit", "probe", "probe_report", "format_probe", "identical_tolerance", "DEFAULT_TIMEOUT", "CONTEXT_KEYWORDS",
-           "LAYOUTS"]
+__all__ = ["PluginEstimator", "PluginError", "load_plugin", "load_function", "plugin_from_callable", "callable_label",
+           "callable_source", "call_with_time_limit", "parse_layout", "layout_name", "TimeLimit", "probe", "probe_report",
+           "format_probe", "identical_tolerance", "DEFAULT_TIMEOUT", "CONTEXT_KEYWORDS", "LAYOUTS"]

@@ -60,11 +60,19 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
     return name.strip(), parse_options(rest, spec)
 
 
-def get_estimator(spec: str, dtype: torch.dtype = torch.float64) -> Estimator:
+def get_estimator(spec, dtype: torch.dtype = torch.float64) -> Estimator:
     """The estimator a spec names: a catalog name with options, or a plug-in ``FILE.py:FUNCTION``
-    (``dtype`` is the plug-in's input dtype)."""
+    (``dtype`` is the plug-in's input dtype). Also accepted: an :class:`Estimator` (returned as it is),
+    an Estimator class (built with its defaults) and a Python callable (wrapped by
+    :func:`~tpg.estimators.plugin.plugin_from_callable` with default options)."""
     if isinstance(spec, Estimator):
         return spec
+    if isinstance(spec, type) and issubclass(spec, Estimator):
+        return spec()
+    if callable(spec) and not isinstance(spec, (str, type)):
+        from .plugin import plugin_from_callable
+
+        return plugin_from_callable(spec, dtype=dtype)
     if is_plugin_spec(spec):
         from .plugin import load_plugin
 

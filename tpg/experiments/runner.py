@@ -41,7 +41,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
 
-import pandas as pd
+from .._lazy import LazyModule
+
+pd = LazyModule("pandas")  # imported on first use: `tpg --help` registers `tpg study` without pandas
 
 BACKENDS = ("processes", "sequential", "dask", "ray")
 _MANIFEST = "latest.json"

@@ -20,14 +20,9 @@ import torch
 from .._guards import check_fits, check_seed
 from .mdp import TokenMDP, validate_shape
 from .rewards import CompactRewards, Rewards, TreeRewards
-from .tree import DEFAULT_MAX_NODES, TokenTree
-
-FAMILIES = ("dense", "terminal", "sparse", "first_token", "length")
-
-
-def _check_family(family: str) -> None:
-    if family not in FAMILIES:
-        raise ValueError(f"reward family must be one of {', '.join(FAMILIES)}; got {family!r}")
+# the spec grammar lives in the torch-free .specs (a mistyped --mdp is refused before torch loads)
+from .specs import DEFAULT_MAX_NODES, FAMILIES, _check_family, parse_mdp_spec, spec_help, spec_items  # noqa: F401
+from .tree import TokenTree
 
 
 def tree_rewards(family: str, tree, seed: int, p: float = 0.2, cost: float = 0.1) -> TreeRewards:
@@ -84,99 +79,6 @@ def compact_rewards(family: str, num_prompts: int, vocab_size: int, horizon: int
     else:  # length
         table = torch.randn(shape, generator=gen, dtype=torch.float64) * last - cost
     return CompactRewards(table)
-
-
-# ------------------------------------------------------------------------- MDP specs
-_SPEC_KEYS = {
-    "vocab": "vocabulary size V >= 2 (default 3)",
-    "horizon": "max response length H >= 1 (default 3)",
-    "eos": "EOS token id in [0, V-1], or 'none' (default none)",
-    "prompts": "number of prompts >= 1 (default 1)",
-    "weights": "'uniform' or 'random' prompt weights (default uniform)",
-    "gamma": "discount in (0, 1] (default 1)",
-    "seed": "seed of the rewards, in [0, 2^32 - 1] (default 0); the policy uses seed + 1000 unless policy_seed "
-            "is set",
-    "policy": "'tabular' or 'shared' (default tabular)",
-    "policy_seed": "seed of the random policy logits, in [0, 2^32 - 1]",
-    "scale": "standard deviation of the random logits (default 1)",
-    "compact": "true to store rewards as a (position, previous token, token) table (default false)",
-    "p": "probability of a rewarded token for the sparse family (default 0.2)",
-    "cost": "per-token cost of the length family (default 0.1)",
-    "twin": "true for the zero-reward twin (same RM, all on the last token) (default false)",
-    "max_nodes": f"size guard of the stored tree (default {DEFAULT_MAX_NODES})",
-}
-
-
-def spec_help() -> str:
-    """One line per key accepted by :func:`parse_mdp_spec`."""
-    return "\n".join(f"  {k}: {v}" for k, v in _SPEC_KEYS.items())
-
-
-def _parse_bool(key: str, text: str) -> bool:
-    low = text.strip().lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"--mdp key {key!r} must be true or false, got {text!r}")
-
-
-def _parse_int(key: str, text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"--mdp key {key!r} must be an integer, got {text!r}") from None
-
-
-def _parse_float(key: str, text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(f"--mdp key {key!r} must be a number, got {text!r}") from None
-
-
-def spec_items(rest: str, flag: str):
-    """The ``key=value`` entries of a spec's option part (after ``NAME:``) as ``(key, value)`` pairs,
-    the key stripped, one at a time; ``ValueError`` naming ``flag`` for an entry without ``=``."""
-    if not rest.strip():
-        return
-    for item in rest.split(","):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ValueError(f"{flag} entries must look like key=value, got {item!r}")
-        yield key.strip(), value
-
-
-def parse_mdp_spec(spec: str) -> dict:
-    """Parse ``FAMILY:key=value,...`` into the keyword arguments of :func:`make_mdp`."""
-    family, _, rest = spec.partition(":")
-    family = family.strip()
-    _check_family(family)
-    out: dict = {"family": family}
-    for key, value in spec_items(rest, "--mdp"):
-        if key not in _SPEC_KEYS:
-            raise ValueError(f"unknown --mdp key {key!r}; allowed keys: {', '.join(_SPEC_KEYS)}")
-        if key in out:
-            raise ValueError(f"--mdp key {key!r} given twice")
-        if key in ("vocab", "horizon", "prompts", "seed", "policy_seed", "max_nodes"):
-            out[key] = _parse_int(key, value)
-            if key in ("seed", "policy_seed"):
-                check_seed(out[key], f"--mdp key {key!r}")
-        elif key == "eos":
-            out[key] = None if value.strip().lower() in ("none", "null", "") else _parse_int(key, value)
-        elif key in ("gamma", "scale", "p", "cost"):
-            out[key] = _parse_float(key, value)
-        elif key in ("compact", "twin"):
-            out[key] = _parse_bool(key, value)
-        elif key == "policy":
-            if value not in ("tabular", "shared"):
-                raise ValueError(f"--mdp key 'policy' must be 'tabular' or 'shared', got {value!r}")
-            out[key] = value
-        elif key == "weights":
-            if value not in ("uniform", "random"):
-                raise ValueError(f"--mdp key 'weights' must be 'uniform' or 'random', got {value!r}")
-            out[key] = value
-    return out
 
 
 def make_mdp(family: str = "dense", vocab: int = 3, horizon: int = 3, eos: int | None = None, prompts: int = 1,

@@ -27,7 +27,7 @@ from .rewards import CompactRewards, Rewards, TwinRewards, _check_finite
 from .tasks import TargetRewards
 from .tree import DEFAULT_MAX_NODES, TokenTree
 
-LM_REWARDS = ("table", "rule", "lm")
+from .specs import LM_REWARDS  # noqa: E402  (torch-free home: tpg verify --help)
 
 
 class LMTaskMDP(TokenMDP):

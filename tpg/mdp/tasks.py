@@ -33,15 +33,14 @@ import math
 import torch
 
 from .._guards import check_seed
-from .families import compact_rewards, spec_items
+from .families import compact_rewards
 from .mdp import TokenMDP
 from .rewards import Rewards, TwinRewards, _check_finite
-from .tree import DEFAULT_MAX_NODES, TokenTree
+# the spec grammar lives in the torch-free .specs (a mistyped --task is refused before torch loads)
+from .specs import (_CHOICES, _DEFAULTS, DEFAULT_MAX_NODES, MAX_PROMPT_LEN, MAX_VOCAB, RULE_TASKS,  # noqa: F401
+                    TASKS, _check_task, parse_task_spec, task_help, task_keys)
+from .tree import TokenTree
 
-TASKS = ("table", "rm", "copy", "reverse", "target", "count", "sum")
-RULE_TASKS = ("copy", "reverse", "target", "count", "sum")
-MAX_VOCAB = 16
-MAX_PROMPT_LEN = 4
 
 
 class TaskMDP(TokenMDP):
@@ -228,133 +227,6 @@ class RewardModelRewards(Rewards):
             out[:, t] = self.scores(h)[rows, tokens_bt[:, t]]
             h = torch.tanh(h @ self.W + self.E[tokens_bt[:, t]] + self.b)
         return torch.where(mask_bt, out, torch.zeros((), dtype=torch.float64))
-
-
-# ---------------------------------------------------------------------------- options
-_COMMON = {
-    "vocab": "vocabulary size V in [2, 16], EOS included when eos=true",
-    "length": "prompt length Lp in [1, 4]",
-    "prompts": "number of distinct prompts (drawn from the seed), or 'all'",
-    "eos": "true to end answers with EOS (token V-1) (default false)",
-    "horizon": "max response length H (default: the answer's length)",
-    "gamma": "discount in (0, 1] (default 1)",
-    "reward": "'dense' (rewards where they fall) or 'terminal' (the zero-reward twin) (default dense)",
-    "seed": "seed of the prompts and of random rewards, in [0, 2^32 - 1] (default 0)",
-    "max_nodes": f"size guard of the stored tree (default {DEFAULT_MAX_NODES})",
-}
-_POLICY = {
-    "policy_seed": "seed of the transformer policy's initialisation, in [0, 2^32 - 1] (default seed + 1000)",
-    "n_layer": "transformer layers (default 2)",
-    "d_model": "transformer width (default 32)",
-    "n_head": "attention heads (default 2)",
-    "init_scale": "scale of the policy's initial weights (default 1)",
-}
-_RULE = {"score": "'token' (1 per correct token) or 'whole' (1 for the whole answer) (default token)"}
-_TASK_KEYS = {
-    "table": {**_COMMON, "horizon": "max response length H (default 3)"},
-    "rm": {**_COMMON, "horizon": "max response length H (default 3)", "hidden": "reward model width (default 16)",
-           "scale": "reward model output scale (default 1)"},
-    "copy": {**_COMMON, **_RULE},
-    "reverse": {**_COMMON, **_RULE},
-    "target": {**_COMMON, **_RULE,
-               "target": "the answer as token ids joined by '-', e.g. 1-2-0 (default: random, answer_length tokens)",
-               "answer_length": "length of the random answer when target is not given (default 3)"},
-    "count": {**_COMMON, **_RULE, "token": "the token to count (default 0)"},
-    "sum": {**_COMMON, **_RULE, "base": "digit base b, 2 <= b <= content vocabulary (default: all content tokens)"},
-}
-_DEFAULTS = {
-    "table": dict(vocab=4, length=2, prompts=2, horizon=3),
-    "rm": dict(vocab=4, length=2, prompts=2, horizon=3),
-    "copy": dict(vocab=4, length=2, prompts=4),
-    "reverse": dict(vocab=4, length=2, prompts=4),
-    "target": dict(vocab=4, length=1, prompts=1),
-    "count": dict(vocab=4, length=3, prompts=8),
-    "sum": dict(vocab=4, length=2, prompts="all"),
-}
-_INT_KEYS = {"vocab", "length", "horizon", "seed", "max_nodes", "policy_seed", "n_layer", "d_model", "n_head",
-             "hidden", "answer_length", "token", "base"}
-_FLOAT_KEYS = {"gamma", "init_scale", "scale"}
-_BOOL_KEYS = {"eos"}
-_CHOICES = {"reward": ("dense", "terminal"), "score": ("token", "whole")}
-
-
-def task_keys(name: str) -> dict:
-    """The keys :func:`make_task` accepts for task ``name`` (with one help line each), policy keys included."""
-    _check_task(name)
-    return {**_TASK_KEYS[name], **_POLICY}
-
-
-def task_help() -> str:
-    """One block per task listing its keys."""
-    lines = []
-    for name in TASKS:
-        lines.append(f"{name}:")
-        lines += [f"  {k}: {v}" for k, v in _TASK_KEYS[name].items()]
-    lines.append("policy keys (every task):")
-    lines += [f"  {k}: {v}" for k, v in _POLICY.items()]
-    return "\n".join(lines)
-
-
-def _check_task(name) -> None:
-    if name not in TASKS:
-        raise ValueError(f"task must be one of {', '.join(TASKS)}; got {name!r}")
-
-
-def _parse_value(key: str, text: str):
-    text = text.strip()
-    if key in _INT_KEYS:
-        try:
-            return int(text)
-        except ValueError:
-            raise ValueError(f"--task key {key!r} must be an integer, got {text!r}") from None
-    if key in _FLOAT_KEYS:
-        try:
-            return float(text)
-        except ValueError:
-            raise ValueError(f"--task key {key!r} must be a number, got {text!r}") from None
-    if key in _BOOL_KEYS:
-        low = text.lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"--task key {key!r} must be true or false, got {text!r}")
-    if key == "prompts":
-        if text.lower() == "all":
-            return "all"
-        try:
-            return int(text)
-        except ValueError:
-            raise ValueError(f"--task key 'prompts' must be an integer or 'all', got {text!r}") from None
-    if key == "target":
-        try:
-            return [int(t) for t in text.split("-")]
-        except ValueError:
-            raise ValueError(f"--task key 'target' must be token ids joined by '-', e.g. 1-2-0; got {text!r}") from None
-    if key in _CHOICES and text not in _CHOICES[key]:
-        raise ValueError(f"--task key {key!r} must be one of {', '.join(_CHOICES[key])}, got {text!r}")
-    return text
-
-
-def parse_task_spec(spec: str) -> dict:
-    """Parse ``NAME:key=value,...`` into the keyword arguments of :func:`make_task` (``name`` included).
-
-    Raises ``ValueError`` naming an unknown task, an unknown key (with the task's allowed keys)
-    or a malformed value."""
-    name, _, rest = spec.partition(":")
-    name = name.strip()
-    _check_task(name)
-    allowed = task_keys(name)
-    out: dict = {"name": name}
-    for key, value in spec_items(rest, "--task"):
-        if key not in allowed:
-            raise ValueError(f"unknown key {key!r} for task {name!r}; allowed keys: {', '.join(allowed)}")
-        if key in out:
-            raise ValueError(f"--task key {key!r} given twice")
-        out[key] = _parse_value(key, value)
-        if key in ("seed", "policy_seed"):
-            check_seed(out[key], f"--task key {key!r}")
-    return out
 
 
 def _int_option(key, value, low, high=None) -> int:

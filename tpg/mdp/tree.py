@@ -22,8 +22,9 @@ import torch
 
 from .._guards import check_fits
 
-#: Default upper bound on the number of stored nodes (about 40 MB per float64 array).
-DEFAULT_MAX_NODES = 5_000_000
+# the default upper bound on the number of stored nodes (about 40 MB per float64 array); its torch-free
+# home is .specs, whose help text shows it
+from .specs import DEFAULT_MAX_NODES  # noqa: E402
 
 
 def count_nodes(num_prompts: int, vocab_size: int, horizon: int, eos_token: int | None) -> list[int]:

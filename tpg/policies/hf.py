@@ -61,9 +61,7 @@ SHORTHANDS = {
     "gpt2-124m": ("gpt2", dict()),
     "gpt2-1.5b": ("gpt2", dict(n_embd=1600, n_layer=48, n_head=25)),
 }
-TRAINABLE_HELP = ("all | last:N (the last N blocks) | head (the LM head) | lora:R (LoRA adapters of rank R on "
-                  "every linear layer of the blocks, B = 0 at start; needs peft)")
-TREE_MODES = ("auto", "packed", "levels")
+from .defaults import TRAINABLE_HELP, TREE_MODES  # noqa: E402  (torch-free home: tpg verify --help)
 MATH_ATTENTION = "tpg_math"
 _DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # config attributes under which some models transform the head's logits (soft-capping, scaling):

@@ -8,11 +8,19 @@ the initial policy), :mod:`.methods` (``algo`` to an estimator), :mod:`.critic` 
 critic), :mod:`.memory` (measured peak tensor memory), :mod:`.trainer` (the loop, the log,
 checkpoints), :mod:`.report` (the memory table), :mod:`.plots` (``compare-runs``), :mod:`.logio`
 (Parquet/CSV logs), :mod:`.cli` (``tpg train``, ``tpg compare-runs``).
+
+The names below are imported on first use (:mod:`tpg._lazy`).
 """
 
-from .config import TRAIN_ALGOS, TrainConfig
-from .logio import read_log, write_log
-from .trainer import LOG_COLUMNS, UNREPRODUCIBLE_COLUMNS, Trainer, TrainingInterrupted, train
+from .._lazy import lazy_exports
+
+_EXPORTS = {
+    "TRAIN_ALGOS": ".config", "TrainConfig": ".config",
+    "read_log": ".logio", "write_log": ".logio",
+    "LOG_COLUMNS": ".trainer", "UNREPRODUCIBLE_COLUMNS": ".trainer", "Trainer": ".trainer",
+    "TrainingInterrupted": ".trainer", "train": ".trainer",
+}
 
 __all__ = ["TrainConfig", "TRAIN_ALGOS", "train", "Trainer", "TrainingInterrupted", "LOG_COLUMNS",
            "UNREPRODUCIBLE_COLUMNS", "read_log", "write_log"]
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -14,7 +14,6 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from .._guards import check_seed
-from ..rollouts import check_batches_fit
 
 #: the training methods of the catalog, in the order tables and plots list them
 TRAIN_ALGOS = ("reinforce", "rloo", "remax", "grpo", "dr_grpo", "reinforce_pp", "ppo", "trepo")
@@ -113,6 +112,8 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 bad(name, f"must be >= 0, got {getattr(self, name)}")
         check_seed(self.seed, "TrainConfig.seed")
+        from ..rollouts import check_batches_fit  # here, not at the top: `tpg train --help` needs no torch
+
         # O(1) before anything is built: even one position per response must fit (the run checks the
         # problem's horizon once it is loaded)
         check_batches_fit(None, self.group_size, self.prompts, group_flag="TrainConfig.group_size",

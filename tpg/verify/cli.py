@@ -1,7 +1,7 @@
 """``tpg verify`` and ``tpg probe`` (registered into :mod:`tpg.cli` by :func:`register`).
 
     tpg verify (--case FILE | --mdp SPEC | --task SPEC | --suite standard) [--estimator SPEC ...] [--group-size G]
-               [--mode exact|mc] [--samples N] [--seed S] [--alpha A] [--dtype float64|float32]
+               [--mode exact|mc] [--samples N] [--seed S] [--alpha A] [--dtype float64|float32] [--target-reward SPEC]
                [--max-rows N] [--plugin-timeout SECONDS] [--json] [--fail-on-bias] [--behaviour SPEC] [--loss SPEC]
                [--hooks-from behaviour|policy]
     tpg probe FILE.py:FUNCTION [--dtype float64|float32] [--plugin-timeout SECONDS] [--json]
@@ -26,15 +26,21 @@ import json
 import math
 import sys
 
-import torch
-
-_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+# no torch at the top: `tpg --help`, `tpg verify --help` and a mistyped spec answer before torch loads
+_DTYPES = ("float64", "float32")
 #: ``tpg verify``'s exit statuses.
 VERIFY_EXIT = {"ok": 0, "biased": 1, "bad_input": 2, "errored": 3}
 _VERIFY_EPILOG = ("Exit status: 0 every estimator got a verdict (with --fail-on-bias: and none is biased); 1 with "
                   "--fail-on-bias, an estimator is biased; 2 bad input; 3 an estimator errored (a row with verdict "
                   "'error': an estimator expanded from 'all' that could not run, or a plug-in that raised, called "
                   "sys.exit, ran past --plugin-timeout or returned NaN or a wrong shape); 3 takes precedence over 1.")
+
+
+def _torch_dtype(name: str):
+    """``--dtype`` as a torch dtype (torch is imported here, once a command runs)."""
+    import torch
+
+    return {"float64": torch.float64, "float32": torch.float32}[name]
 
 
 def _plugin_timeout(seconds: float) -> float | None:
@@ -45,7 +51,7 @@ def _plugin_timeout(seconds: float) -> float | None:
 
 
 def _add_timeout(p) -> None:
-    from ..estimators.plugin import DEFAULT_TIMEOUT
+    from ..estimators.defaults import DEFAULT_TIMEOUT
 
     p.add_argument("--plugin-timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                    help=f"time limit of a plug-in's import and of each call (default {DEFAULT_TIMEOUT:g}; 0: none); "
@@ -54,9 +60,7 @@ def _add_timeout(p) -> None:
 
 def _add_verify(sub) -> None:
     from ..cli import add_problem_args
-    from .exact_moments import DEFAULT_MAX_ROWS
-    from .harness import DEFAULT_ALPHA, DEFAULT_SAMPLES, MODES
-    from .suite import SUITES
+    from .defaults import DEFAULT_ALPHA, DEFAULT_MAX_ROWS, DEFAULT_SAMPLES, MODES, SUITES
 
     p = sub.add_parser("verify", help="verdicts of estimators against the exact gradient: unbiased, scaled or biased "
                                       "(exact mode); consistent, consistent-scaled or biased (Monte Carlo)",
@@ -68,11 +72,17 @@ def _add_verify(sub) -> None:
     src = add_problem_args(p)
     src.add_argument("--suite", choices=SUITES,
                      help="the whole catalog in exact mode on a fixed set of MDPs: prints the verdict matrix")
-    from .lm import add_lm_args
+    from .lm_args import add_lm_args
     add_lm_args(p, src)
     p.add_argument("--estimator", action="append", metavar="SPEC",
                    help="NAME[:key=value,...], 'all', or FILE.py:FUNCTION (repeatable), e.g. grpo:std_norm=false, "
                         "ppo_gae:lambda=0.9,critic=noisy,sigma=0.1, trepo:anchors=random:2,fill=interpolate,K=4")
+    p.add_argument("--target-reward", metavar="SPEC", default=None,
+                   help="the objective the estimators target, E[R(x, W)] for a response-level reward R they are fed "
+                        "instead of RM (an intended change of objective, not a bug): rm (default), "
+                        "length_penalty:alpha (RM - alpha T), scaled:c, clip:lo,hi, overlong:L,cache (DAPO), or "
+                        "FILE.py:FUNCTION taking keywords among rm, length, tokens, mask, prompt; the target "
+                        "becomes grad J[SPEC]")
     p.add_argument("--group-size", type=int, default=2, metavar="G",
                    help="responses per prompt for group estimators (batch size of batch-coupled ones); default 2")
     p.add_argument("--mode", choices=MODES, default="exact",
@@ -85,7 +95,7 @@ def _add_verify(sub) -> None:
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, metavar="A",
                    help="family-wise false-alarm rate of a Monte Carlo run: every estimator's two tests, "
                         f"Holm-adjusted together (default {DEFAULT_ALPHA})")
-    p.add_argument("--dtype", choices=tuple(_DTYPES), default="float64",
+    p.add_argument("--dtype", choices=_DTYPES, default="float64",
                    help="dtype fed to plug-ins (float32 as in training: verdicts for both dtypes when they differ)")
     p.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS, metavar="N",
                    help=f"exact mode's size guard: responses in the sample space (default {DEFAULT_MAX_ROWS:,})")
@@ -116,14 +126,28 @@ def _add_offpolicy_args(p) -> None:
                         "behaviour mu (default: what the engine samples) or the training policy pi")
 
 
+def _check_specs(args) -> None:
+    """Parse the spec strings before anything imports torch, so that a mistyped key or value is
+    refused at once (the ranges that need the MDP are checked when it is built)."""
+    from ..cli import check_problem_specs
+
+    check_problem_specs(args)
+    if getattr(args, "target_reward", None):
+        from ..mdp.specs import parse_target_reward
+        parse_target_reward(args.target_reward)
+
+
 def cmd_verify(args) -> int:
     """The handler of ``tpg verify``; returns the exit status."""
+    _check_specs(args)
     from .harness import format_records, verify
     from .suite import format_suite, run_suite
 
     if args.suite:
         if args.estimator:
             raise ValueError("--suite runs its own estimators; do not combine it with --estimator")
+        if args.target_reward is not None:
+            raise ValueError("--suite verifies against grad J; do not combine it with --target-reward")
         if args.behaviour is not None or args.loss is not None:
             raise ValueError("--suite runs on-policy; do not combine it with --behaviour or --loss")
         result = run_suite(args.suite, progress=not args.json)
@@ -155,14 +179,21 @@ def cmd_verify(args) -> int:
         from ..cli import load_problem_from_args
         mdp, policy = load_problem_from_args(args)
     check_batches_fit(mdp.horizon, args.group_size, **mc_groups)
+    goal = None
+    if args.target_reward is not None:
+        from .harness import resolve_target_reward
+        goal = resolve_target_reward(args.target_reward, timeout)  # a FILE.py:FUNCTION is imported once
     records = verify(mdp, policy, args.estimator, group_size=args.group_size, mode=args.mode, samples=args.samples,
-                     seed=args.seed, dtype=_DTYPES[args.dtype], alpha=args.alpha, max_rows=args.max_rows,
+                     seed=args.seed, dtype=_torch_dtype(args.dtype), alpha=args.alpha, max_rows=args.max_rows,
                      progress=not args.json, on_error="record_all", plugin_timeout=timeout,
-                     behaviour=args.behaviour, loss=args.loss, hooks=args.hooks_from)
+                     behaviour=args.behaviour, loss=args.loss, hooks=args.hooks_from, target_reward=goal)
     if args.json:
         print(json.dumps(records))
     else:
         print(mdp.describe())
+        if goal is not None:
+            from ..mdp.objectives import describe_target
+            print("target reward " + describe_target(goal))
         if args.behaviour is not None or args.loss is not None:
             from ..offpolicy.record import format_offpolicy_header
             print(format_offpolicy_header(records))
@@ -186,7 +217,7 @@ def _add_probe(sub) -> None:
                        epilog="Exit status: 0 every case ok; 1 a case is flagged or raised; 2 bad input (a bad spec, "
                               "a plug-in that fails to import).")
     p.add_argument("spec", metavar="FILE.py:FUNCTION")
-    p.add_argument("--dtype", choices=tuple(_DTYPES), default="float64", help="dtype fed to the plug-in")
+    p.add_argument("--dtype", choices=_DTYPES, default="float64", help="dtype fed to the plug-in")
     p.add_argument("--json", action="store_true",
                    help='print one JSON document: {"schema": "tpg-probe/1", "spec", "dtype", "cases": [rows], '
                         '"flagged": [{"case", "status", "flag"}], "ok"}')
@@ -199,7 +230,7 @@ def cmd_probe(args) -> int:
     from ..estimators import format_probe, probe
     from ..estimators.plugin import probe_report
 
-    dtype = _DTYPES[args.dtype]
+    dtype = _torch_dtype(args.dtype)
     rows = probe(args.spec, dtype=dtype, timeout=_plugin_timeout(args.plugin_timeout))
     report = probe_report(args.spec, rows, dtype)
     if args.json:

@@ -51,7 +51,7 @@ from .context import ExactContext
 from .score import ParamMap, batch_logit_gradients, token_nt
 
 #: Default size guard: responses (rows) in the stacked sample space of one estimator.
-DEFAULT_MAX_ROWS = 2_000_000
+from .defaults import DEFAULT_MAX_ROWS  # noqa: E402  (torch-free home: tpg verify --help)
 #: Entries of a dense chunk of per-batch logit gradients.
 _CHUNK_ENTRIES = 4_000_000
 

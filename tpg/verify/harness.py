@@ -23,7 +23,9 @@ P(any false alarm in the run) ``<= alpha``.
 
 ``target`` is ``grad J``, or ``grad J - beta grad KL_seq`` for an estimator with a KL option
 (``KL_seq = E[sum_t log pi(w_t|s_t) - log pi_ref(w_t|s_t)]``, the exact sequence KL, against a
-reference policy: the one given, or a seeded perturbation of the policy). ``variance_trace`` is
+reference policy: the one given, or a seeded perturbation of the policy). With a target reward
+(``verify(..., target_reward=)``, :mod:`tpg.mdp.objectives`) ``grad J`` reads ``grad J[NAME]``: the
+gradient of ``J_target = E[R_target]``, and the ``mdp`` field names the derived MDP. ``variance_trace`` is
 ``tr Cov[g]`` of the single-batch gradient (exact, or its unbiased estimate in Monte Carlo mode).
 ``tokens_per_batch`` counts the batch's response tokens plus those sampled by the hooks
 (continuations, greedy responses); in exact mode the hook part is measured on sampled batches
@@ -47,7 +49,8 @@ import sys
 import torch
 
 from ..estimators import Estimator, expand_spec, get_estimator
-from ..estimators.plugin import DEFAULT_TIMEOUT, PluginError, load_plugin
+from ..estimators.plugin import (DEFAULT_TIMEOUT, PluginError, callable_label, callable_source, load_function,
+                                 load_plugin, plugin_from_callable)
 from ..estimators.registry import is_plugin_spec
 from ..exact.engine import exact_kl, solve
 from .context import ExactContext, MonteCarloContext
@@ -57,9 +60,7 @@ from .montecarlo import (CALIBRATED_FROM_N, DEFAULT_POWER, TARGET_COSINE, family
 from .score import ParamMap
 from .verdict import EXACT_VERDICTS, MC_VERDICTS, Verdict, exact_verdict
 
-MODES = ("exact", "mc")
-DEFAULT_SAMPLES = 4000
-DEFAULT_ALPHA = 0.01
+from .defaults import DEFAULT_ALPHA, DEFAULT_SAMPLES, MODES  # noqa: E402  (torch-free home: tpg verify --help)
 #: Batches sampled to measure the tokens that hooks spend, in exact mode.
 TOKEN_PROBE_BATCHES = 256
 _SAMPLING_HOOKS = ("continuation_values", "greedy_rm")
@@ -76,18 +77,28 @@ def default_reference(policy, seed: int = 0, scale: float = 0.5):
     return ref
 
 
+def _is_function(item) -> bool:
+    """A user's callable (wrapped as a plug-in), not an Estimator, an Estimator class or a spec."""
+    return callable(item) and not isinstance(item, (str, Estimator, type))
+
+
 def resolve_specs(estimators) -> list[tuple[object, bool]]:
-    """``[(spec or Estimator, from_all)]`` from a spec, a ``;``-list, ``all``, or a list of them."""
-    items = [estimators] if isinstance(estimators, (str, Estimator)) else list(estimators)
+    """``[(spec, Estimator or callable, from_all)]`` from a spec, a ``;``-list, ``all``, an
+    :class:`~tpg.estimators.Estimator` (or its class, built with its defaults), a Python callable (a
+    plug-in function), or a list mixing them."""
+    single = isinstance(estimators, (str, Estimator, type)) or _is_function(estimators)
+    items = [estimators] if single else list(estimators)
     if not items:
         raise ValueError("no estimator given")
     out = []
     for item in items:
-        if isinstance(item, Estimator):
+        if isinstance(item, type) and issubclass(item, Estimator):
+            item = get_estimator(item)
+        if isinstance(item, Estimator) or _is_function(item):
             out.append((item, False))
             continue
         if not isinstance(item, str) or not item.strip():
-            raise ValueError(f"an estimator spec must be a non-empty string, got {item!r}")
+            raise ValueError(f"an estimator is a spec string, an Estimator or a Python callable, got {item!r}")
         from_all = item.strip().partition(":")[0].strip() == "all"
         if from_all or ";" in item:
             out += [(s, from_all) for s in expand_spec(item)]
@@ -97,13 +108,34 @@ def resolve_specs(estimators) -> list[tuple[object, bool]]:
 
 
 def _is_plugin(spec) -> bool:
-    return isinstance(spec, str) and is_plugin_spec(spec)
+    """A plug-in file or a callable: user code, also run in float32 when asked."""
+    return (isinstance(spec, str) and is_plugin_spec(spec)) or _is_function(spec)
 
 
 def _load(spec, dtype, plugin_timeout):
+    if _is_function(spec):
+        return plugin_from_callable(spec, dtype=dtype, timeout=plugin_timeout)
     if not isinstance(spec, str):
         return spec
     return load_plugin(spec, dtype=dtype, timeout=plugin_timeout) if _is_plugin(spec) else get_estimator(spec)
+
+
+def resolve_target_reward(target, timeout: float | None = DEFAULT_TIMEOUT):
+    """The :class:`~tpg.mdp.objectives.TargetReward` of ``target``: ``None`` or a spec of
+    :func:`tpg.mdp.objectives.target_reward` (``rm``, ``length_penalty:alpha``, ...), a Python callable, or
+    ``FILE.py:FUNCTION`` (imported like a plug-in file, within ``timeout`` seconds)."""
+    from ..mdp.objectives import target_reward
+    from ..mdp.specs import parse_target_reward
+
+    if isinstance(target, str):
+        kind, args = parse_target_reward(target)
+        if kind == "file":
+            path, name = args
+            fn = load_function(path, name, timeout, what="target reward")
+            return target_reward(fn, name=f"{path}:{name}", spec=f"{path}:{name}")
+    if _is_function(target):
+        return target_reward(target, spec=callable_source(target))
+    return target_reward(target)
 
 
 def _kl_of(est) -> tuple[str, float]:
@@ -136,6 +168,7 @@ class _Problem:
 
     def __init__(self, mdp, policy, seed: int, ref_policy):
         self.mdp, self.policy, self.seed = mdp, policy, int(seed)
+        self.objective = "grad J"  # the gradient's name; verify() sets grad J[NAME] for a target reward
         self.sol = solve(mdp, policy)
         self.grad_j = self.sol.flat_grad().to(torch.float64)
         self.pmap = ParamMap(policy, mdp.tree)
@@ -163,11 +196,11 @@ class _Problem:
     def target(self, est) -> tuple[torch.Tensor, str]:
         kind, beta = _kl_of(est)
         if kind == "none" or beta == 0.0:
-            return self.grad_j, "grad J"
+            return self.grad_j, self.objective
         if self._kl_grad is None:
             _, grads = exact_kl(self.mdp, self.policy, self.ref_policy)
             self._kl_grad = torch.cat([g.reshape(-1) for g in grads]).to(torch.float64)
-        return self.grad_j - beta * self._kl_grad, f"grad J - {beta:g} grad KL"
+        return self.grad_j - beta * self._kl_grad, f"{self.objective} - {beta:g} grad KL"
 
 
 def _verify_one(prob: _Problem, est, spec_text: str, mode: str, group_size: int, samples: int, seed: int,
@@ -266,12 +299,16 @@ def verify(mdp, policy, estimators, group_size: int = 2, mode: str = "exact", sa
            seed: int = 0, dtype=torch.float64, alpha: float = DEFAULT_ALPHA, max_rows: int = DEFAULT_MAX_ROWS,
            ref_policy=None, progress: bool = False, on_error: str = "raise",
            plugin_timeout: float | None = DEFAULT_TIMEOUT, behaviour=None, loss=None,
-           hooks: str = "behaviour", target_cosine: float = TARGET_COSINE) -> list[dict]:
+           hooks: str = "behaviour", target_cosine: float = TARGET_COSINE, target_reward=None) -> list[dict]:
     """Verdicts of ``estimators`` on ``(mdp, policy)``; one record per estimator (see the module docstring).
+    Also callable as ``tpg.verify(mdp, policy, estimators, ...)``.
 
     Args:
-        estimators: a spec (``NAME[:key=value,...]``, ``all``, ``FILE.py:FUNCTION``), a list of specs,
-            or :class:`~tpg.estimators.Estimator` objects.
+        estimators: a spec (``NAME[:key=value,...]``, ``all``, ``FILE.py:FUNCTION``), an
+            :class:`~tpg.estimators.Estimator` object (or class), a Python callable (an advantage function
+            in verl form or simple form, told apart by its signature and wrapped exactly as a plug-in file's:
+            :func:`~tpg.estimators.plugin.plugin_from_callable`, which also takes its options), or a list
+            mixing them. A callable's records are labelled ``module.qualname``.
         group_size: ``G`` for group estimators (and the batch size of batch-coupled ones).
         mode: ``exact`` (enumerate the sample space) or ``mc`` (``samples`` batches; every estimator's two
             tests form one Holm family at family-wise level ``alpha``).
@@ -290,6 +327,13 @@ def verify(mdp, policy, estimators, group_size: int = 2, mode: str = "exact", sa
         loss: the policy loss the gradient is taken through (:mod:`tpg.offpolicy.losses`: ``pg``,
             ``is_token``, ``is_seq``, ``tis:C``, ``mis:lo,hi``, ``ppo_clip:eps``, ``gspo``, ``cispo``, a plug-in
             ``FILE.py:FUNCTION`` or a callable). ``None``: ``pg`` when a behaviour is given.
+        target_reward: the objective the estimators target, ``J_target = E[R_target(x, W)]`` for a
+            response-level reward (:mod:`tpg.mdp.objectives`): ``None`` or ``rm`` (``J``), a spec
+            (``length_penalty:alpha``, ``scaled:c``, ``clip:lo,hi``, ``overlong:L,cache``, ``FILE.py:FUNCTION``)
+            or a callable taking keywords among ``rm, length, tokens, mask, prompt``. The batches then carry
+            ``R_target`` as their ``RM`` (as a trainer shaping its reward feeds them), the target is
+            ``grad J_target`` (exact: the tree DP with ``R_target`` on each response's last token), and the
+            records' ``target`` reads ``grad J[NAME]``.
         hooks: with a behaviour or loss, whose context answers the estimators' hooks: ``behaviour`` (mu:
             the engine's continuations, a critic of mu's returns) or ``policy`` (pi).
     With ``behaviour`` or ``loss`` the records carry ``behaviour``, ``loss``, ``hooks``, ``mismatch``,
@@ -310,9 +354,17 @@ def verify(mdp, policy, estimators, group_size: int = 2, mode: str = "exact", sa
         raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
     if not 0 < target_cosine < 1:
         raise ValueError(f"target_cosine must be in (0, 1), got {target_cosine!r}")
+    objective = "grad J"
+    if target_reward is not None:  # the objective E[R_target]: the MDP with R_target on the last token
+        from ..mdp.objectives import with_target_reward
+        goal = resolve_target_reward(target_reward, plugin_timeout)
+        if not goal.is_identity:
+            mdp = with_target_reward(mdp, goal)
+            objective = f"grad J[{goal.name}]"
     specs = resolve_specs(estimators)
     prob = _Problem(mdp, policy, seed, ref_policy)
     off = None
+    prob.objective = objective
     if hooks != "behaviour" and behaviour is None and loss is None:
         raise ValueError(f"hooks={hooks!r} applies to off-policy verification only: give a behaviour or a loss")
     if behaviour is not None or loss is not None:
@@ -325,12 +377,15 @@ def verify(mdp, policy, estimators, group_size: int = 2, mode: str = "exact", sa
         bar = tqdm(total=len(specs), desc="verify", unit="estimator", file=sys.stderr, leave=False)
     try:
         for spec, from_all in specs:
-            text = spec if isinstance(spec, str) else getattr(spec, "spec", repr(spec))
+            text = spec if isinstance(spec, str) else callable_label(spec) if _is_function(spec) \
+                else getattr(spec, "spec", repr(spec))
             if bar is not None:
                 bar.set_postfix_str(text[:40])
             try:
                 est = _load(spec, torch.float64, plugin_timeout)
-                rec = _verify_one(prob, est, text, mode, group_size, samples, seed, torch.float64, alpha, max_rows,
+                # a plug-in object built for float32 is judged with float32's tolerances
+                own = getattr(est, "dtype", torch.float64) if isinstance(spec, Estimator) else torch.float64
+                rec = _verify_one(prob, est, text, mode, group_size, samples, seed, own, alpha, max_rows,
                                   off, target_cosine)
                 if _is_plugin(spec) and dtype == torch.float32:
                     est32 = _load(spec, torch.float32, plugin_timeout)
@@ -495,9 +550,14 @@ def format_records(records: list[dict]) -> str:
                      f"measured up to 3x alpha (responses too rare for half the batches to sample); prefer "
                      f"N >= {CALIBRATED_FROM_N}")
     notes = [f"{r['spec']}: {r['error']}" for r in records if r.get("error")]
-    targets = sorted({r["target"] for r in records if r.get("target") and r["target"] != "grad J"})
-    if targets:
-        lines.append("target: " + "; ".join(targets) + " for estimators with a KL option, grad J otherwise")
+    by_target: dict[str, list[str]] = {}
+    for r in records:
+        if r.get("target"):
+            by_target.setdefault(r["target"], []).append(r["spec"])
+    if len(by_target) > 1:
+        lines.append("target: " + "; ".join(f"{t} ({', '.join(dict.fromkeys(s))})" for t, s in by_target.items()))
+    elif by_target and next(iter(by_target)) != "grad J":
+        lines.append(f"target: {next(iter(by_target))}")
     if any(r.get("tokens_exact") is False for r in records):
         lines.append("~ tokens measured on sampled batches (exact mode: those the hooks spend)")
     if notes:

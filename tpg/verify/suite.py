@@ -41,7 +41,7 @@ from typing import Callable
 
 from .harness import verify
 
-SUITES = ("standard",)
+from .defaults import SUITES  # noqa: E402  (torch-free home: tpg verify --help)
 
 
 @dataclass(frozen=True)
