@@ -47,7 +47,7 @@ def long_problem(family="terminal", vocab=3, horizon=256, eos=0, eos_prob=1 / 32
 
 SPECS = [("reinforce", 1), ("rloo", 3), ("grpo", 3), ("ppo_gae:critic=exact,lambda=0.9,gamma=0.8", 1),
          ("trepo:anchors=random:1,K=2", 1), ("reinforce:kl=k1_reward,beta=0.2", 1), ("reward_to_go", 1),
-         ("ppo_gae:critic=noisy,noise=fresh,sigma=0.3", 1)]
+         ("ppo_gae:critic=noisy,noise=fresh,sigma=0.3", 1), ("remax", 1)]
 CASES = [dict(family="dense", eos=0, gamma=1.0), dict(family="terminal", eos=None, gamma=0.9, horizon=3, prompts=1),
          dict(family="length", eos=2, gamma=1.0, vocab=4, horizon=3)]
 
@@ -56,7 +56,7 @@ CASES = [dict(family="dense", eos=0, gamma=1.0), dict(family="terminal", eos=Non
 def test_row_space_gradients_equal_the_tree_path(case):
     """Same seed, same draws: every batch's parameter-space gradient agrees to 1e-12 between the tree
     path (node rows, the policy's Jacobian) and the row path ((t, prev) rows, RowParamMap), for
-    estimators with and without hooks (critic, continuations, a KL reference)."""
+    estimators with and without hooks (critic, continuations, greedy responses, a KL reference)."""
     mdp, pol = small(**case)
     tree_sol, row_sol = solve(mdp, pol), solve_markov(mdp, pol)
     pi_tree, pi_row = tree_sol.logp.exp(), row_sol.logp.exp().reshape(-1, mdp.vocab_size)
@@ -172,7 +172,7 @@ def test_h256_verdicts_at_the_default_n(family, eos, prompts):
     REINFORCE and RLOO consistent, GRPO mean-only consistent-scaled with 1 - 1/G in its interval, the
     sampled-token baseline biased, GRPO's std division flagged (not consistent: its scale is far from
     1, while its direction bias sits near this N's detection limit, so biased or consistent-scaled
-    depending on the problem: docs/THEORY.md's long-horizon section), and on dense rewards the
+    depending on the problem: docs/THEORY.md section 3.1), and on dense rewards the
     future-reward baseline biased."""
     mdp, pol = long_problem(family, vocab=3, horizon=256, eos=eos, eos_prob=1 / 32, prompts=prompts)
     ests = ["reinforce", "rloo", "grpo:std_norm=false", "grpo", SampledTokenBaseline()]

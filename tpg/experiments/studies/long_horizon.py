@@ -5,7 +5,7 @@ responses, where every estimator's moments can be enumerated. Long chains of tho
 estimators part ways: a response-level baseline (RLOO, GRPO) leaves every token with the noise of the
 whole response's reward, while a per-step advantage (PPO's critic, TRePO's continuations) leaves each
 token with the noise of its own step. This study measures that at lengths no tree can hold, on
-problems the Markov engine solves exactly (docs/THEORY.md, "Long horizons"):
+problems the Markov engine solves exactly (docs/THEORY.md section 3.1):
 
 * a :class:`~tpg.policies.SharedSoftmax` policy (logits ``theta[t, prev]``, ``N(0, 1)``, one prompt,
   ``V = 4``) on compact rewards (a table over (position, previous token, token)) of the ``dense``
@@ -393,7 +393,7 @@ def verdicts_row(df: pd.DataFrame) -> dict | None:
 
 
 def claim_rows(df: pd.DataFrame) -> list[dict]:
-    """long_critic_gain, long_trepo_tokens, long_mc_verdicts (docs/THEORY.md, "Long horizons")."""
+    """long_critic_gain, long_trepo_tokens, long_mc_verdicts (docs/THEORY.md section 3.1)."""
     if df is None or df.empty:
         return []
     rows = [critic_gain_row(df), trepo_tokens_row(df), verdicts_row(df)]
