@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from tpg.cases import make_policy, mdp_from_spec
+from tpg.cases import make_policy
 from tpg.cli import main
 from tpg.estimators import get_estimator
 from tpg.estimators.estimator import Estimator
@@ -20,7 +20,7 @@ from tpg.verify.markov_context import token_rows
 from tpg.verify.montecarlo import batch_gradients, sample_gradient_terms, sample_mean, sample_variance_trace
 from tpg.verify.score import ParamMap, RowParamMap, batch_logit_gradients, batch_sq_norms
 
-from test_verify import OwnRewardBaseline, SampledTokenBaseline
+from test_verify import SampledTokenBaseline
 
 TOL = 1e-12
 

@@ -279,7 +279,8 @@ def _ratio(df: pd.DataFrame, num: str, den: str, column: str) -> pd.DataFrame:
     j = a.join(b, how="inner")
     out = pd.DataFrame(index=j.index)
     out["ratio"] = j[column + "_a"] / j[column + "_b"]
-    out["log_se"] = np.sqrt((j[column + "_se_a"] / j[column + "_a"]) ** 2 + (j[column + "_se_b"] / j[column + "_b"]) ** 2)
+    rel_a, rel_b = j[column + "_se_a"] / j[column + "_a"], j[column + "_se_b"] / j[column + "_b"]
+    out["log_se"] = np.sqrt(rel_a ** 2 + rel_b ** 2)
     return out.reset_index()
 
 
@@ -381,7 +382,7 @@ def verdicts_row(df: pd.DataFrame) -> dict | None:
         status = "confirmed"
     else:
         status = "qualified"
-    kinds = std["verdict"].value_counts().to_dict()
+    kinds = ", ".join(f"{n} {v}" for v, n in std["verdict"].value_counts().items()) or "none"
     return claim_row(
         "long_mc_verdicts", "Monte Carlo verification at H = 64 .. 1024 against the Markov engine's exact grad J: "
                             "REINFORCE, RLOO, PPO (exact critic) and TRePO (segment) consistent; GRPO (std) flagged",
