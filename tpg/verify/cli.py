@@ -3,7 +3,7 @@
     tpg verify (--case FILE | --mdp SPEC | --task SPEC | --suite standard) [--estimator SPEC ...] [--group-size G]
                [--mode exact|mc] [--samples N] [--seed S] [--alpha A] [--dtype float64|float32] [--target-reward SPEC]
                [--max-rows N] [--plugin-timeout SECONDS] [--json] [--fail-on-bias] [--behaviour SPEC] [--loss SPEC]
-               [--hooks-from behaviour|policy]
+               [--hooks-from behaviour|policy] [--engine auto|tree|markov]
     tpg probe FILE.py:FUNCTION [--dtype float64|float32] [--plugin-timeout SECONDS] [--json]
     tpg offpolicy-help
 
@@ -99,6 +99,10 @@ def _add_verify(sub) -> None:
                    help="dtype fed to plug-ins (float32 as in training: verdicts for both dtypes when they differ)")
     p.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS, metavar="N",
                    help=f"exact mode's size guard: responses in the sample space (default {DEFAULT_MAX_ROWS:,})")
+    p.add_argument("--engine", choices=("auto", "tree", "markov"), default="auto",
+                   help="where the exact target comes from: tree (the stored response tree; exact and mc modes); "
+                        "markov (policy=shared with compact=true at any horizon: the Markov engine's exact grad J, "
+                        "--mode mc only); auto (default): tree when it fits, else markov")
     p.add_argument("--json", action="store_true", help="print the records as JSON (a list; the suite: an object)")
     p.add_argument("--fail-on-bias", action="store_true", help="exit with status 1 when any estimator is biased "
                                                                "(3 if any errored)")
@@ -150,6 +154,8 @@ def cmd_verify(args) -> int:
             raise ValueError("--suite verifies against grad J; do not combine it with --target-reward")
         if args.behaviour is not None or args.loss is not None:
             raise ValueError("--suite runs on-policy; do not combine it with --behaviour or --loss")
+        if args.engine != "auto":
+            raise ValueError("--suite runs its own problems on the tree; do not combine it with --engine")
         result = run_suite(args.suite, progress=not args.json)
         if args.json:
             print(json.dumps(result))
@@ -186,7 +192,8 @@ def cmd_verify(args) -> int:
     records = verify(mdp, policy, args.estimator, group_size=args.group_size, mode=args.mode, samples=args.samples,
                      seed=args.seed, dtype=_torch_dtype(args.dtype), alpha=args.alpha, max_rows=args.max_rows,
                      progress=not args.json, on_error="record_all", plugin_timeout=timeout,
-                     behaviour=args.behaviour, loss=args.loss, hooks=args.hooks_from, target_reward=goal)
+                     behaviour=args.behaviour, loss=args.loss, hooks=args.hooks_from, target_reward=goal,
+                     engine=args.engine)
     if args.json:
         print(json.dumps(records))
     else:

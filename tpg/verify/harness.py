@@ -9,7 +9,7 @@ estimator:
     rel_bias, rel_residual, p_value, p_value_direction, p_value_adjusted, p_value_direction_adjusted,
     holm_family, scale_se, scale_ci, scale_ci_level, mde_rel_bias, mde_cosine, mde_scale, power,
     target_cosine, n_for_cosine, alpha, n_samples, variance_trace, tokens_per_batch,
-    hook_tokens_per_batch, tokens_exact, mdp, error
+    hook_tokens_per_batch, tokens_exact, mdp, engine, error
 
 ``verdict`` comes from the mode's own vocabulary (:data:`~tpg.verify.verdict.EXACT_VERDICTS`:
 ``unbiased``, ``scaled``, ``biased``, proofs by enumeration; :data:`~tpg.verify.verdict.MC_VERDICTS`:
@@ -38,6 +38,15 @@ records also carry ``behaviour, loss, hooks, mismatch, behaviour_info, kept_prob
 
 A plug-in verified with ``dtype=torch.float32`` is verified in float64 too; when the verdicts
 differ both records are returned (the float32 one second), otherwise the float32 one only.
+
+``engine`` says where the target and the rows of the gradients come from (:func:`verify`'s
+``engine``, :func:`tpg.exact.choose_engine`): ``tree`` (the stored response tree; both modes) or
+``markov`` (a :class:`~tpg.policies.SharedSoftmax` policy on compact rewards at any horizon: the
+target is the Markov engine's exact ``grad J`` (:func:`tpg.exact.solve_markov`), each token's
+gradient row is its state ``(t, prev)``, the hooks come from a
+:class:`~tpg.verify.markov_context.MarkovMonteCarloContext`). The Markov path is Monte Carlo only:
+exact mode enumerates the estimator's sample space, responses of the tree, and is refused there;
+so is off-policy verification, whose behaviours live on the tree.
 """
 
 from __future__ import annotations
@@ -53,11 +62,13 @@ from ..estimators.plugin import (DEFAULT_TIMEOUT, PluginError, callable_label, c
                                  load_plugin, plugin_from_callable)
 from ..estimators.registry import is_plugin_spec
 from ..exact.engine import exact_kl, solve
+from ..exact.markov import choose_engine, markov_kl, solve_markov
 from .context import ExactContext, MonteCarloContext
+from .markov_context import MarkovMonteCarloContext
 from .exact_moments import DEFAULT_MAX_ROWS, batch_layout, exact_moments
 from .montecarlo import (CALIBRATED_FROM_N, DEFAULT_POWER, TARGET_COSINE, family_verdicts, mc_test,
                          sample_gradient_terms)
-from .score import ParamMap
+from .score import ParamMap, RowParamMap
 from .verdict import EXACT_VERDICTS, MC_VERDICTS, Verdict, exact_verdict
 
 from .defaults import DEFAULT_ALPHA, DEFAULT_SAMPLES, MODES  # noqa: E402  (torch-free home: tpg verify --help)
@@ -166,6 +177,8 @@ class _Problem:
     """Everything shared by the estimators verified on one (MDP, policy): the exact solution, the
     parameter map, the contexts, the KL target."""
 
+    engine = "tree"
+
     def __init__(self, mdp, policy, seed: int, ref_policy):
         self.mdp, self.policy, self.seed = mdp, policy, int(seed)
         self.objective = "grad J"  # the gradient's name; verify() sets grad J[NAME] for a target reward
@@ -198,9 +211,37 @@ class _Problem:
         if kind == "none" or beta == 0.0:
             return self.grad_j, self.objective
         if self._kl_grad is None:
-            _, grads = exact_kl(self.mdp, self.policy, self.ref_policy)
+            _, grads = self._kl(self.mdp, self.policy, self.ref_policy)
             self._kl_grad = torch.cat([g.reshape(-1) for g in grads]).to(torch.float64)
         return self.grad_j - beta * self._kl_grad, f"{self.objective} - {beta:g} grad KL"
+
+    _kl = staticmethod(exact_kl)
+
+
+class _MarkovProblem(_Problem):
+    """The same without a tree, for a shared policy on compact rewards at any horizon: the Markov
+    engine's exact solution and KL, the rows ``(t, prev)`` (:class:`~tpg.verify.score.RowParamMap`),
+    the Markov Monte Carlo context. No exact context: exact mode is refused before one is asked for."""
+
+    engine = "markov"
+    _kl = staticmethod(markov_kl)
+
+    def __init__(self, mdp, policy, seed: int, ref_policy):
+        self.mdp, self.policy, self.seed = mdp, policy, int(seed)
+        self.sol = solve_markov(mdp, policy)
+        self.grad_j = self.sol.flat_grad().to(torch.float64)
+        self.pmap = RowParamMap(policy, mdp.horizon)
+        self.pi = self.sol.logp.exp().reshape(-1, mdp.vocab_size)
+        self._ref = ref_policy
+        self._ctx = None
+        self._kl_grad: torch.Tensor | None = None
+
+    def exact_context(self, ref_policy=None):
+        raise ValueError("exact mode needs the stored tree (engine=tree)")
+
+    def mc_context(self, generator: torch.Generator, ref_policy=None) -> MarkovMonteCarloContext:
+        return MarkovMonteCarloContext(self.mdp, self.policy, generator=generator, seed=self.seed,
+                                       ref_policy=ref_policy, sol=self.sol)
 
 
 def _verify_one(prob: _Problem, est, spec_text: str, mode: str, group_size: int, samples: int, seed: int,
@@ -215,7 +256,8 @@ def _verify_one(prob: _Problem, est, spec_text: str, mode: str, group_size: int,
     layout, G = batch_layout(est, group_size)
     rec = {"estimator": getattr(est, "name", spec_text), "spec": getattr(est, "spec", spec_text),
            "options": _json_options(est), "mode": mode, "group_size": G, "layout": layout,
-           "dtype": str(dtype).replace("torch.", ""), "target": target_name, "mdp": prob.mdp.describe()}
+           "dtype": str(dtype).replace("torch.", ""), "target": target_name, "mdp": prob.mdp.describe(),
+           "engine": prob.engine}
     if off is not None:  # a behaviour policy and/or a policy loss: tpg.offpolicy
         from ..offpolicy.record import offpolicy_result
         rec.update(offpolicy_result(prob, est, off, mode, group_size, samples, seed, dtype, alpha, max_rows, ref,
@@ -241,7 +283,7 @@ def _verify_one(prob: _Problem, est, spec_text: str, mode: str, group_size: int,
         gen = torch.Generator().manual_seed(int(seed))
         ctx = prob.mc_context(gen, ref)
         gs = sample_gradient_terms(prob.mdp, prob.policy, est, samples, group_size, generator=gen, ref_policy=ref,
-                                   context=ctx)
+                                   context=ctx, engine=prob.engine)
         res = mc_test(gs, target, prob.pi, prob.pmap, alpha=alpha, seed=seed, target_cosine=target_cosine)
         rec.update(res.verdict.as_dict())
         rec["_mc"] = res
@@ -286,9 +328,11 @@ def _family(records: list[dict], alpha: float, target_cosine: float) -> list[dic
     return out
 
 
-def _error_record(spec_text: str, mode: str, group_size: int, dtype, mdp, exc: Exception) -> dict:
+def _error_record(spec_text: str, mode: str, group_size: int, dtype, mdp, exc: Exception,
+                  engine: str | None = None) -> dict:
     rec = {"estimator": spec_text, "spec": spec_text, "options": {}, "mode": mode, "group_size": group_size,
-           "layout": None, "dtype": str(dtype).replace("torch.", ""), "target": None, "mdp": mdp.describe()}
+           "layout": None, "dtype": str(dtype).replace("torch.", ""), "target": None, "mdp": mdp.describe(),
+           "engine": engine}
     rec.update({k: None for k in Verdict.__dataclass_fields__})
     rec.update({"verdict": "error", "alpha": None, "n_samples": None, "variance_trace": None,
                 "tokens_per_batch": None, "hook_tokens_per_batch": None, "tokens_exact": None, "error": str(exc)})
@@ -299,7 +343,8 @@ def verify(mdp, policy, estimators, group_size: int = 2, mode: str = "exact", sa
            seed: int = 0, dtype=torch.float64, alpha: float = DEFAULT_ALPHA, max_rows: int = DEFAULT_MAX_ROWS,
            ref_policy=None, progress: bool = False, on_error: str = "raise",
            plugin_timeout: float | None = DEFAULT_TIMEOUT, behaviour=None, loss=None,
-           hooks: str = "behaviour", target_cosine: float = TARGET_COSINE, target_reward=None) -> list[dict]:
+           hooks: str = "behaviour", target_cosine: float = TARGET_COSINE, target_reward=None,
+           engine: str = "auto") -> list[dict]:
     """Verdicts of ``estimators`` on ``(mdp, policy)``; one record per estimator (see the module docstring).
     Also callable as ``tpg.verify(mdp, policy, estimators, ...)``.
 
@@ -339,6 +384,9 @@ def verify(mdp, policy, estimators, group_size: int = 2, mode: str = "exact", sa
     With ``behaviour`` or ``loss`` the records carry ``behaviour``, ``loss``, ``hooks``, ``mismatch``,
     ``behaviour_info`` and ``kept_prob`` (:mod:`tpg.offpolicy.record`).
         target_cosine: Monte Carlo mode: the cosine whose detection ``n_for_cosine`` refers to.
+        engine: ``auto`` (the stored tree when it fits the MDP's size guard, else the Markov engine when
+            it applies), ``tree`` or ``markov`` (:func:`tpg.exact.choose_engine`); see the module docstring.
+            ``ValueError`` for exact mode or a behaviour/loss on the Markov path.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
@@ -362,7 +410,11 @@ def verify(mdp, policy, estimators, group_size: int = 2, mode: str = "exact", sa
             mdp = with_target_reward(mdp, goal)
             objective = f"grad J[{goal.name}]"
     specs = resolve_specs(estimators)
-    prob = _Problem(mdp, policy, seed, ref_policy)
+    if choose_engine(mdp, policy, engine) == "markov":
+        _check_markov_run(mdp, mode, behaviour, loss)
+        prob = _MarkovProblem(mdp, policy, seed, ref_policy)
+    else:
+        prob = _Problem(mdp, policy, seed, ref_policy)
     off = None
     prob.objective = objective
     if hooks != "behaviour" and behaviour is None and loss is None:
@@ -403,7 +455,7 @@ def verify(mdp, policy, estimators, group_size: int = 2, mode: str = "exact", sa
                 if on_error == "raise" or (on_error == "record_all" and not from_all
                                            and not isinstance(exc, PluginError)):
                     raise ValueError(f"{text}: {exc}") from exc
-                records.append(_error_record(text, mode, group_size, dtype, mdp, exc))
+                records.append(_error_record(text, mode, group_size, dtype, mdp, exc, prob.engine))
                 if off is not None:
                     from ..offpolicy.record import offpolicy_fields
                     records[-1].update(offpolicy_fields(off))
@@ -415,6 +467,23 @@ def verify(mdp, policy, estimators, group_size: int = 2, mode: str = "exact", sa
     if mode == "mc":
         records = _family(records, alpha, target_cosine)
     return records
+
+
+def _check_markov_run(mdp, mode: str, behaviour, loss) -> None:
+    """``ValueError`` for what the Markov path cannot do: exact mode (the expectation over every batch
+    of responses needs them enumerated on the tree) and off-policy verification (its behaviours and
+    loss gradients live on the tree)."""
+    if mdp.tree_fits():
+        where = "the tree fits this MDP: use engine=tree"
+    else:
+        where = f"it has {mdp._nodes_text()} nodes here, above max_nodes={mdp.max_nodes:,}"
+    if mode == "exact":
+        raise ValueError(f"exact mode enumerates the estimator's sample space (every batch of responses), which "
+                         f"needs the stored response tree, and {where}; the Markov engine gives the exact grad J "
+                         f"but no estimator's exact expectation: use Monte Carlo mode (mode=mc, --mode mc), which "
+                         f"tests each estimator against that exact grad J")
+    if behaviour is not None or loss is not None:
+        raise ValueError(f"off-policy verification (behaviour, loss) needs the stored response tree, and {where}")
 
 
 # ------------------------------------------------------------------------------ presentation
@@ -558,6 +627,9 @@ def format_records(records: list[dict]) -> str:
         lines.append("target: " + "; ".join(f"{t} ({', '.join(dict.fromkeys(s))})" for t, s in by_target.items()))
     elif by_target and next(iter(by_target)) != "grad J":
         lines.append(f"target: {next(iter(by_target))}")
+    if any(r.get("engine") == "markov" for r in records):
+        lines.append("engine: markov (no tree): the target is the Markov engine's exact grad J, over the shared "
+                     "policy's (position, previous token) logit rows, and each batch's gradient is taken in them")
     if any(r.get("tokens_exact") is False for r in records):
         lines.append("~ tokens measured on sampled batches (exact mode: those the hooks spend)")
     if notes:

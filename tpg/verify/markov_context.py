@@ -61,6 +61,29 @@ def batch_states(mdp, prompt_b: torch.Tensor, tokens_bt: torch.Tensor) -> torch.
     return prev + torch.arange(H) * R
 
 
+def token_rows(mdp, ro) -> torch.Tensor:
+    """The logit row of the state before each token of the rollouts ``ro``, ``t (V + P) + prev``
+    (:func:`batch_states`), -1 on padding, ``[B, H]``: the per-token row index of row-space Monte Carlo
+    verification (:func:`tpg.verify.montecarlo.sample_gradient_terms` with ``engine="markov"``)."""
+    H = mdp.horizon
+    mask = ro.mask[:, :H]
+    return torch.where(mask, batch_states(mdp, ro.prompt, ro.tokens[:, :H]), torch.full_like(mask, -1,
+                                                                                               dtype=torch.long))
+
+
+def ref_row_log_probs(ref_policy, mdp, ro) -> torch.Tensor:
+    """``log pi_ref(w_t | t, prev)`` of every token of ``ro`` under a shared reference policy, 0 on
+    padding, ``[B, H]`` (what :func:`tpg.verify.exact_moments.ref_log_probs` reads off the tree)."""
+    reason = markov_unsupported_reason(mdp, ref_policy)
+    if reason is not None:
+        raise ValueError(f"reference policy: {reason}")
+    H, V = mdp.horizon, mdp.vocab_size
+    lp = shared_log_probs(ref_policy, H).reshape(-1, V)
+    rows = token_rows(mdp, ro)
+    tok = ro.tokens[:, :H].clamp(0, V - 1)
+    return torch.where(rows >= 0, lp[rows.clamp(min=0), tok], torch.zeros((), dtype=torch.float64))
+
+
 class _MarkovContext:
     """Hooks shared by both Markov contexts; everything comes from the Markov solution's tables."""
 
@@ -244,7 +267,8 @@ class _MarkovContext:
                 value = torch.where(live, value + eps, value)
             elif not self.exact:
                 sigma = float(options.get("sigma", 0.1))
-                eps = sigma * torch.randn(value.shape, generator=self.generator, dtype=torch.float64)
+                # [B, H + 1], as the tree context draws them: the same generator gives the same critic
+                eps = sigma * torch.randn(B, H + 1, generator=self.generator, dtype=torch.float64)[:, :H]
                 value = torch.where(live, value + eps, value)
         out[:, :H] = value
         return out
@@ -314,4 +338,4 @@ class MarkovMonteCarloContext(_MarkovContext):
         return self.generator
 
 
-__all__ = ["MarkovExactContext", "MarkovMonteCarloContext", "batch_states"]
+__all__ = ["MarkovExactContext", "MarkovMonteCarloContext", "batch_states", "ref_row_log_probs", "token_rows"]

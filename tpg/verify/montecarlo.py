@@ -5,6 +5,12 @@ and the estimator runs once per chunk of them with a :class:`~tpg.verify.context
 No backward pass is taken: each batch's gradient projections are gathers of the score coefficients
 (:func:`tpg.verify.score.batch_projections`).
 
+Without a tree (a :class:`~tpg.policies.SharedSoftmax` policy on compact rewards, any horizon) the
+same code runs in the policy's own row space: each token's row is its Markov state ``(t, prev)``
+(``sample_gradient_terms(..., engine="markov")``), ``pi`` and the target ``grad J`` come from the
+Markov engine (:func:`tpg.exact.solve_markov`) and the parameter map is
+:class:`~tpg.verify.score.RowParamMap`; the two tests described next run unchanged.
+
 :func:`mc_test` tests ``E[g] = d`` (``d = grad J``, or the KL target) with two tests
 (:mod:`tpg.verify.verdict`):
 
@@ -46,7 +52,9 @@ import torch
 from ..rollouts import sample
 from .context import MonteCarloContext, node_paths
 from .exact_moments import batch_layout, checked_coef, make_batch, ref_log_probs, rows_per_batch
-from .score import ParamMap, batch_logit_gradients, batch_projections, centered_directions, logit_gradient
+from .markov_context import MarkovMonteCarloContext, ref_row_log_probs, token_rows
+from .score import (ParamMap, RowParamMap, batch_logit_gradients, batch_projections, batch_sq_norms,
+                    centered_directions, logit_gradient)
 from .verdict import (Verdict, cosine_of_rel_bias, f_noncentrality_for_power, holm_adjust, holm_levels, hotelling_test,
                       mc_verdict, rel_bias_of_cosine, scale_test, t_shift_for_power)
 
@@ -59,7 +67,12 @@ TRACE_BATCHES = 8192
 @dataclass
 class GradientSamples:
     """``N`` sampled batches reduced to what their gradients need: per-token score coefficients,
-    the non-terminal index of each state and the token, and the batch id of each row."""
+    the logit row of each state and the token, and the batch id of each row.
+
+    ``nt_bt`` is the row of the logit table the score is taken in (-1 on padding): the state's
+    non-terminal tree node index (``engine="tree"``), or its Markov state ``t (V + P) + prev``
+    (``engine="markov"``: a shared policy's own logit rows, :class:`~tpg.verify.score.RowParamMap`).
+    ``pi`` and the parameter map handed to the functions below must be over the same rows."""
 
     coef_bt: torch.Tensor
     nt_bt: torch.Tensor
@@ -72,20 +85,42 @@ class GradientSamples:
 
 def sample_gradient_terms(mdp, policy, estimator, num_batches: int, group_size: int = 1, *,
                           generator: torch.Generator | None = None, seed: int = 0, dtype=torch.float64,
-                          ref_policy=None, context: MonteCarloContext | None = None) -> GradientSamples:
+                          ref_policy=None, context: MonteCarloContext | None = None,
+                          engine: str = "tree") -> GradientSamples:
     """Sample ``num_batches`` batches and run the estimator on them (in chunks); see the module docstring.
 
     A batch follows :func:`~tpg.verify.exact_moments.batch_layout`: ``group`` (one prompt, ``G``
     responses), ``independent``/``single`` (``G`` or 1 independent prompt-response pairs, each its
     own group), or ``batch:PxN`` (``P`` independent prompt draws with ``N`` responses each, one
-    group per draw)."""
+    group per draw).
+
+    ``engine`` names the rows of ``nt_bt`` (:class:`GradientSamples`): ``tree`` (non-terminal nodes
+    of the stored tree; the default context a :class:`~tpg.verify.context.MonteCarloContext`) or
+    ``markov`` (the states ``(t, prev)`` of a shared policy on compact rewards, no tree at any
+    horizon; the default context a :class:`~tpg.verify.markov_context.MarkovMonteCarloContext`).
+    The batches, and so the coefficients, are the same draws either way."""
     if not isinstance(num_batches, int) or num_batches < 2:
         raise ValueError(f"Monte Carlo mode needs at least 2 samples (batches), got {num_batches!r}")
+    if engine not in ("tree", "markov"):
+        raise ValueError(f"engine must be 'tree' or 'markov', got {engine!r}")
     gen = generator if generator is not None else torch.Generator().manual_seed(int(seed))
-    ctx = context if context is not None else MonteCarloContext(mdp, policy, generator=gen, seed=seed)
-    layout, G = batch_layout(estimator, group_size)
-    tree = mdp.tree
     H = mdp.horizon
+    if engine == "markov":
+        ctx = context if context is not None else MarkovMonteCarloContext(mdp, policy, generator=gen, seed=seed)
+
+        def rows_and_ref(ro):
+            return token_rows(mdp, ro), (ref_row_log_probs(ref_policy, mdp, ro) if ref_policy is not None else None)
+    else:
+        ctx = context if context is not None else MonteCarloContext(mdp, policy, generator=gen, seed=seed)
+        tree = mdp.tree
+
+        def rows_and_ref(ro):
+            if ro.nodes is None:  # the sampler stores node ids only when it walks the tree
+                ro.nodes = torch.where(ro.mask, node_paths(tree, ro.prompt, ro.tokens, ro.mask)[:, :H], -1)
+            nodes = ro.nodes
+            ref = ref_log_probs(ref_policy, tree, ro) if ref_policy is not None else None
+            return torch.where(nodes >= 0, tree.nt_index_n[nodes.clamp(min=0)], torch.full_like(nodes, -1)), ref
+    layout, G = batch_layout(estimator, group_size)
     per_batch = rows_per_batch(layout, G)
     per_chunk = max(1, CHUNK_ROWS // per_batch)
     coefs, nts, toks, bids = [], [], [], []
@@ -103,14 +138,10 @@ def sample_gradient_terms(mdp, policy, estimator, num_batches: int, group_size: 
         else:
             ro = sample(mdp, policy, num_prompts=n * G, group_size=1, generator=gen)
             batch_b = torch.arange(n).repeat_interleave(G)
-        if ro.nodes is None:  # the sampler stores node ids only when it walks the tree
-            ro.nodes = torch.where(ro.mask, node_paths(tree, ro.prompt, ro.tokens, ro.mask)[:, :H], -1)
-        nodes = ro.nodes
-        ref = ref_log_probs(ref_policy, tree, ro) if ref_policy is not None else None
+        nt, ref = rows_and_ref(ro)
         rb = make_batch(estimator, ro, batch_b, dtype, ref)
         out = estimator(rb, ctx)
         coefs.append(checked_coef(estimator, out, ro.tokens.shape))
-        nt = torch.where(nodes >= 0, tree.nt_index_n[nodes.clamp(min=0)], torch.full_like(nodes, -1))
         nts.append(nt)
         toks.append(ro.tokens)
         bids.append(batch_b + done)
@@ -149,8 +180,16 @@ def batch_gradients(samples: GradientSamples, pi_nv: torch.Tensor, pmap: ParamMa
 def sample_variance_trace(samples: GradientSamples, pi_nv: torch.Tensor, pmap: ParamMap,
                           max_batches: int | None = TRACE_BATCHES) -> float:
     """Unbiased estimate of ``tr Cov[g]`` (parameter space) from the first ``max_batches`` batches
-    (all when ``None``); their gradients are formed densely in logit space, in chunks."""
+    (all when ``None``); their gradients are formed densely in logit space, in chunks, except for a
+    :class:`~tpg.verify.score.RowParamMap` (norms equal in both spaces, rows too many to go dense):
+    ``(sum_i |g_i|^2 - N |g_bar|^2) / (N - 1)`` with ``|g_i|^2`` from :func:`~tpg.verify.score.batch_sq_norms`."""
     N = samples.num_batches if max_batches is None else min(samples.num_batches, max_batches)
+    if isinstance(pmap, RowParamMap):
+        rows = _rows_of(samples, 0, N)
+        sq = batch_sq_norms(samples.coef_bt[rows], samples.nt_bt[rows], samples.tok_bt[rows], pi_nv,
+                            samples.batch_b[rows], N)
+        mean = sample_mean(samples, pi_nv, pmap, 0, N)
+        return max(float(sq.sum()) - N * float(mean @ mean), 0.0) / (N - 1)
     D = pmap.logit_dim
     step = max(1, 2_000_000 // D)
     s1 = torch.zeros(D, dtype=torch.float64)

@@ -14,6 +14,11 @@ any policy (a shared-parameter policy can turn a logit-space bias into none, or 
 The projection of ``g`` on a parameter direction ``u`` is ``<J^T g, u> = <g, J u>``; with
 ``a_u[s, w] = (J u)[s, w] - sum_v pi(v|s) (J u)[s, v]`` it is ``sum_{r,t} c[r,t] a_u[nt, w]``: one gather
 per token, so thousands of Monte Carlo batches cost one pass over their tokens.
+
+Nothing here needs the rows to be tree nodes: every function takes a row index per token (``nt_bt``)
+and ``pi`` per row. For a :class:`~tpg.policies.SharedSoftmax` policy the rows can be its own logit
+rows, the Markov states ``(t, prev)`` (flat ``t (V + P) + prev``, :func:`tpg.verify.markov_context.batch_states`),
+with :class:`RowParamMap` as ``J``: Monte Carlo verification at horizons no tree can hold.
 """
 
 from __future__ import annotations
@@ -130,6 +135,76 @@ class ParamMap:
         return J.T @ cov_logit @ J
 
 
+class RowParamMap:
+    """The map between a :class:`~tpg.policies.SharedSoftmax` policy's logit rows and its parameters,
+    for Monte Carlo verification without a tree (:mod:`tpg.verify.markov_context`).
+
+    The rows are the states ``(t, prev)`` of the Markov engine (:mod:`tpg.exact.markov`), flat index
+    ``t (V + P) + prev`` for ``t < H`` (the MDP's horizon): ``[H (V + P), V]``, the same "logit space"
+    as :class:`ParamMap`'s node rows, one row per state instead of per tree node. The policy's one
+    parameter is the table ``theta [H_pi, V + P, V]`` with ``H_pi >= H``, whose first ``H (V + P)`` rows
+    are these rows, so ``J = d logits / d theta`` selects them:
+
+        to_params(g) = [g; 0]   (positions ``t >= H`` of a longer policy get gradient 0),
+        to_logits(U) = U[:H (V + P) V],    J^T J restricted to the rows = I.
+
+    Norms, inner products and traces are therefore the same in both spaces, which is what
+    ``identity = True`` tells :func:`tpg.verify.montecarlo.sample_variance_trace` (no ``[D, D]``
+    matrix is formed: ``D`` is ``H (V + P) V``, 73,728 at ``H = 1024, V = 8``). A policy with other
+    trainable parameters would need a dense Jacobian of that many rows: refused (``ValueError``).
+    """
+
+    identity = True
+
+    def __init__(self, policy, horizon: int):
+        from ..policies.tabular import SharedSoftmax
+
+        if not isinstance(policy, SharedSoftmax):
+            raise ValueError(f"row-space verification needs a SharedSoftmax policy, got {type(policy).__name__}")
+        self.policy = policy
+        self.params = [p for p in policy.parameters() if p.requires_grad]
+        if len(self.params) != 1 or self.params[0] is not policy.logits:
+            raise ValueError("row-space verification needs the shared logit table to be the policy's one trainable "
+                             "parameter (a dense Jacobian over H (V + P) V logits is out of reach at long horizons)")
+        if policy.horizon < horizon:
+            raise ValueError(f"the shared policy's horizon {policy.horizon} is below the MDP's {horizon}")
+        V, R = policy.vocab_size, policy.vocab_size + policy.num_prompts
+        self.num_params = policy.logits.numel()
+        self.logit_shape = (horizon * R, V)
+        self.logit_dim = horizon * R * V
+
+    def to_params(self, g_nv: torch.Tensor) -> torch.Tensor:
+        """``J^T g``: row-space gradients ``[..., H R, V]`` (or ``[..., H R V]``) to ``[..., num_params]``."""
+        if g_nv.dim() >= 2 and tuple(g_nv.shape[-2:]) == self.logit_shape:
+            g_nv = g_nv.reshape(*g_nv.shape[:-2], self.logit_dim)
+        flat = g_nv.to(torch.float64)
+        if self.num_params == self.logit_dim:
+            return flat
+        out = torch.zeros(*flat.shape[:-1], self.num_params, dtype=torch.float64)
+        out[..., :self.logit_dim] = flat
+        return out
+
+    def to_logits(self, u_pk: torch.Tensor) -> torch.Tensor:
+        """``J U``: parameter directions ``[num_params, k]`` to row directions ``[H R, V, k]``."""
+        return u_pk[:self.logit_dim].reshape(*self.logit_shape, -1)
+
+    def gram(self) -> None:
+        """``None``: ``J J^T`` is the identity on the rows."""
+        return None
+
+    def param_trace(self, cov_logit: torch.Tensor) -> float:
+        """``tr(J^T C J) = tr C``."""
+        return float(cov_logit.trace())
+
+    def param_cov(self, cov_logit: torch.Tensor) -> torch.Tensor:
+        """``J^T C J``: ``C`` padded with zeros for the positions past the MDP's horizon."""
+        if self.num_params == self.logit_dim:
+            return cov_logit
+        out = torch.zeros(self.num_params, self.num_params, dtype=torch.float64)
+        out[:self.logit_dim, :self.logit_dim] = cov_logit
+        return out
+
+
 def token_nt(tree, nodes_bt: torch.Tensor) -> torch.Tensor:
     """Non-terminal index of each state ``s_t`` (-1 on padding), ``[B, H]``."""
     return torch.where(nodes_bt >= 0, tree.nt_index_n[nodes_bt.clamp(min=0)], torch.full_like(nodes_bt, -1))
@@ -172,6 +247,41 @@ def batch_logit_gradients(coef_bt: torch.Tensor, nt_bt: torch.Tensor, tok_bt: to
     mass = torch.zeros(num_batches * N, dtype=torch.float64).index_add_(0, bid * N + nt, cv).view(num_batches, N)
     g -= mass.unsqueeze(2) * pi_nv.unsqueeze(0)
     return g.view(num_batches, N * V)
+
+
+#: Entries of one chunk's ``[pairs, V]`` table in :func:`batch_sq_norms`.
+_SQ_CHUNK_ENTRIES = 2_000_000
+
+
+def batch_sq_norms(coef_bt: torch.Tensor, nt_bt: torch.Tensor, tok_bt: torch.Tensor, pi_nv: torch.Tensor,
+                   batch_b: torch.Tensor, num_batches: int) -> torch.Tensor:
+    """``|g_b|^2`` (logit space) of every batch id, ``[num_batches]``, without forming ``g_b``: ``g_b`` is
+    non-zero only in the rows its tokens visit, and in row ``s`` it is ``a - m pi(.|s)`` with
+    ``a_w = sum c [w_t = w]`` over the batch's tokens at ``s`` and ``m = sum_w a_w``, so
+
+        |g_b|^2 = sum over the (batch, row) pairs visited of |a - m pi(.|s)|^2.
+
+    ``O(tokens)`` memory (the pairs' ``[pairs, V]`` tables are formed a chunk of pairs at a time) and
+    ``O(tokens log tokens + pairs V)`` work, where :func:`batch_logit_gradients` needs
+    ``num_batches N_nt V`` (at ``H = 1024`` the Markov rows number ``~10^4``)."""
+    valid = nt_bt >= 0
+    N, V = pi_nv.shape
+    bid = batch_b.unsqueeze(1).expand_as(nt_bt)[valid]
+    key, order = torch.sort(bid * N + nt_bt[valid])  # tokens grouped by their (batch, row) pair
+    pair, inv = torch.unique_consecutive(key, return_inverse=True)
+    del key, bid
+    tok, cv = tok_bt[valid][order], coef_bt.to(torch.float64)[valid][order]
+    out = torch.zeros(num_batches, dtype=torch.float64)
+    step = max(1, _SQ_CHUNK_ENTRIES // V)
+    bounds = torch.searchsorted(inv, torch.arange(0, pair.numel() + step, step)).tolist()
+    for i, p0 in enumerate(range(0, pair.numel(), step)):
+        p1 = min(pair.numel(), p0 + step)
+        lo, hi = bounds[i], bounds[i + 1]
+        a = torch.zeros((p1 - p0) * V, dtype=torch.float64).index_add_(0, (inv[lo:hi] - p0) * V + tok[lo:hi],
+                                                                        cv[lo:hi]).view(-1, V)
+        dev = a - a.sum(1, keepdim=True) * pi_nv[pair[p0:p1] % N]
+        out.index_add_(0, pair[p0:p1] // N, (dev * dev).sum(1))
+    return out
 
 
 def centered_directions(u_logit_nvk: torch.Tensor, pi_nv: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from types import ModuleType
 
 STUDIES: list[str] = ["bias", "variance", "gamma", "critic", "trepo", "aggregation_kl",
                       "zero_groups", "centering", "learning", "offpolicy"]
+STUDIES.append("long_horizon")  # variance against length at H = 64 .. 1024 (the Markov engine)
 
 
 #: an exact-mode relative bias at most this is rounding: the estimator is unbiased (the verifier's float64 tolerance)
