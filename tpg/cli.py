@@ -134,7 +134,7 @@ def _exact_markov(args, mdp, policy) -> int:
 
 # ------------------------------------------------------------------------------ prove
 def _cmd_prove(args) -> int:
-    from proofs_checks.runner import format_table, run_checks
+    from tpg.proofs_checks.runner import format_table, run_checks
     rows = run_checks(statements=args.statement or None, progress=not args.json)
     if args.json:
         print(json.dumps(rows))

@@ -25,18 +25,19 @@ DEFAULT_FIGURES = "figures"
 
 
 def default_scripts_dir() -> Path:
-    """``paper_repro/`` of the source tree tpg runs from (an editable install or a checkout)."""
+    """The figure scripts shipped with the package, ``tpg/paper_repro/`` of the tpg this process imports
+    (an installed wheel, an editable install or a checkout alike)."""
     import tpg
 
-    return Path(tpg.__file__).resolve().parents[1] / "paper_repro"
+    return Path(tpg.__file__).resolve().parent / "paper_repro"
 
 
 def figure_scripts(scripts_dir: str | Path | None = None, names=None) -> list[Path]:
-    """The figure scripts (every ``*.py`` of ``paper_repro/`` but ``style.py`` and private files),
+    """The figure scripts (every ``*.py`` of ``tpg/paper_repro/`` but ``style.py`` and private files),
     optionally only those named (``bias_heatmap`` or ``bias_heatmap.py``)."""
     d = Path(scripts_dir) if scripts_dir else default_scripts_dir()
     if not d.is_dir():
-        raise ValueError(f"no figure scripts at {d}: run from a tpg checkout or pass --scripts-dir")
+        raise ValueError(f"--scripts-dir: no figure scripts at {d} (not a directory)")
     scripts = sorted(p for p in d.glob("*.py") if p.stem != "style" and not p.stem.startswith("_"))
     if names:
         wanted = {Path(n).stem for n in names}
@@ -126,7 +127,7 @@ def _cmd_figures(args) -> int:
         try:
             written = run_figure_script(path, args.cache_dir, args.out_dir)
         except Exception as exc:  # one broken figure must not stop the others
-            # by name: a script may import the style module under another name (paper_repro.style, style)
+            # by name: a script may import the style module under another name (tpg.paper_repro.style, style)
             if any(c.__name__ == "MissingResults" for c in type(exc).__mro__):
                 skipped += 1
                 print(f"{path.stem}: skipped ({exc})", flush=True)
@@ -192,7 +193,7 @@ def register(subparsers) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_study)
 
-    p = subparsers.add_parser("figures", help="draw every figure (paper_repro/*.py) from the cached results",
+    p = subparsers.add_parser("figures", help="draw every figure (tpg/paper_repro/*.py) from the cached results",
                               description="Draw every figure script's figure from the cached results. A figure "
                                           "whose study has fewer cells cached than its latest run's grid is "
                                           "drawn and named as partial; the exit status is then 1 unless "
@@ -200,7 +201,7 @@ def register(subparsers) -> None:
     p.add_argument("names", nargs="*", metavar="NAME", help="only these figure scripts (default all)")
     p.add_argument("--cache-dir", default=DEFAULT_CACHE, metavar="DIR", help=f"result cache (default {DEFAULT_CACHE})")
     p.add_argument("--out-dir", default=DEFAULT_FIGURES, metavar="DIR", help=f"where figures go (default {DEFAULT_FIGURES})")
-    p.add_argument("--scripts-dir", default=None, metavar="DIR", help="the figure scripts (default paper_repro/)")
+    p.add_argument("--scripts-dir", default=None, metavar="DIR", help="a directory of figure scripts (default: tpg/paper_repro/, shipped with the package)")
     p.add_argument("--allow-partial", action="store_true",
                    help="exit 0 even when a figure is drawn from a study whose latest grid is not all cached "
                         "(the figures are drawn and named either way; without this flag the exit status is 1)")

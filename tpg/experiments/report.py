@@ -8,7 +8,7 @@
   study whose grid is not all in the cache (fewer cells cached than its latest run's grid, or no
   run recorded) is ``incomplete``, never ``ok``, and every row it reports reads ``incomplete``:
   a rule applied to part of a grid does not decide a claim (:func:`study_progress`);
-* the exact proof checks of :mod:`proofs_checks` (cheap, so computed afresh): ``lemma1``,
+* the exact proof checks of :mod:`tpg.proofs_checks` (cheap, so computed afresh): ``lemma1``,
   ``lemma2``, ``critic_identity`` and ``td_identity`` get their row from them (confirmed when every
   statement holds on every default case AND every negative control fails; qualified when the
   statements hold but a negative control goes unflagged; refuted when a statement is violated),
@@ -78,7 +78,7 @@ SECTION_NAMES = {"theorem": "Theorems (docs/THEORY.md section 2)",
 
 # ------------------------------------------------------------------------------ proof checks
 def proof_summary(rows: list[dict]) -> dict[str, dict]:
-    """Per statement of :func:`proofs_checks.runner.run_checks` rows: cases, statements holding,
+    """Per statement of :func:`tpg.proofs_checks.runner.run_checks` rows: cases, statements holding,
     negative controls failing as they must, the max statement difference, the min control difference."""
     out: dict[str, dict] = {}
     for r in rows:
@@ -112,7 +112,7 @@ def proof_tally(summary: dict | None) -> str:
 
 def proof_row(id: str, claim: str, summary: dict) -> dict:
     """A report row computed from a statement's proof checks."""
-    from proofs_checks.common import NEGATIVE_TOL, STATEMENT_TOL
+    from tpg.proofs_checks.common import NEGATIVE_TOL, STATEMENT_TOL
 
     return {"id": id, "claim": claim, "status": proof_status(summary), "number": summary["max_difference"],
             "uncertainty": None, "unit": "max difference over the default cases (exact)", "figure": "",
@@ -197,7 +197,7 @@ def collect_rows(cache_dir: str | Path = ".tpg-cache", proofs: bool = True, stud
     found, info = study_rows(cache_dir, studies)
     summaries: dict[str, dict] = {}
     if proof_rows is None and proofs:
-        from proofs_checks.runner import run_checks
+        from tpg.proofs_checks.runner import run_checks
 
         proof_rows = run_checks()
     if proof_rows:

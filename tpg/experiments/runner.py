@@ -311,7 +311,7 @@ class ClusterError(RuntimeError):
 @functools.lru_cache(maxsize=None)
 def source_digest() -> str:
     """``sha256`` over ``(path relative to the package, bytes)`` of every ``.py`` file of the
-    ``tpg`` and ``proofs_checks`` packages this process imports.
+    ``tpg`` package this process imports (``tpg.proofs_checks`` and ``tpg.paper_repro`` included).
 
     Two processes with the same digest run the same tpg code, whatever the install (checkout,
     editable, wheel); a cluster worker must match the driver's (:func:`_cell_on_worker`)."""
@@ -326,19 +326,11 @@ def source_digest() -> str:
 
 
 def _code_dirs() -> list[Path]:
-    """The package directories of ``tpg`` and (where importable) ``proofs_checks``: the code a
-    worker needs, shipped to ray clusters as ``py_modules``."""
-    import importlib.util
-
+    """The package directory of ``tpg`` (with its ``tpg.proofs_checks`` and ``tpg.paper_repro``): the
+    code a worker needs, shipped to ray clusters as ``py_modules``."""
     import tpg
 
-    dirs = [Path(tpg.__file__).resolve().parent]
-    spec = importlib.util.find_spec("proofs_checks")
-    if spec is not None and spec.submodule_search_locations:
-        extra = Path(list(spec.submodule_search_locations)[0]).resolve()
-        if extra.parent != dirs[0]:  # not already inside tpg/
-            dirs.append(extra)
-    return dirs
+    return [Path(tpg.__file__).resolve().parent]
 
 
 def _driver_paths() -> list[str]:
@@ -396,7 +388,7 @@ class ClusterSession:
 
     With a cluster at an address, its workers set the parallelism (``n_jobs`` is not used).
     Workers must import the driver's tpg: a local cluster's workers inherit this process's
-    ``sys.path``; on a ray cluster at an address the ``tpg`` and ``proofs_checks`` packages are
+    ``sys.path``; on a ray cluster at an address the ``tpg`` package (``tpg.proofs_checks`` included) is
     shipped as the job's ``py_modules``; dask workers at an address must have it on their path.
     Every cell first checks that its worker's :func:`source_digest` equals the driver's and fails
     with :class:`ClusterError` if not. The cache directory must be on storage the driver and the

@@ -1,6 +1,6 @@
 """Run every proof check and its negative control on a set of small MDPs; print a table.
 
-``python -m proofs_checks.runner`` prints the table for :func:`default_cases` and exits with
+``python -m tpg.proofs_checks.runner`` prints the table for :func:`default_cases` and exits with
 status 1 if a statement is violated or a negative control goes unflagged.
 """
 
