@@ -27,6 +27,56 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"tpg: error: {message}\n")
 
 
+# ------------------------------------------------------------------------------ the shared vocabulary
+# One spelling per idea across the commands: --estimator SPEC (repeatable where a command takes several),
+# --kl KIND / --kl-beta BETA (the spec options kl= and kl_beta=), --jobs N (worker processes) and
+# --threads N (torch threads in this process), --progress/--no-progress (default: a bar only when stderr
+# is a terminal), --json (one document with a "schema" key, docs/JSON.md).
+class DeprecatedFlag(argparse.Action):
+    """A flag renamed in this release: still accepted for one more, hidden from ``--help``, with a one-line
+    note on stderr naming the new flag. ``append=True`` adds to the new flag's list (``convert(value)``
+    turns one value into several, e.g. a comma-separated list)."""
+
+    def __init__(self, option_strings, dest, new: str, append: bool = False, convert=None, **kw):
+        kw.pop("help", None)
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kw)
+        self.new, self.append, self.convert = new, append, convert
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"tpg: note: {option_string} is deprecated and will be removed in the next release; use {self.new}",
+              file=sys.stderr)
+        if not self.append:
+            setattr(namespace, self.dest, values)
+            return
+        items = self.convert(values) if self.convert else [values]
+        setattr(namespace, self.dest, list(getattr(namespace, self.dest, None) or []) + list(items))
+
+
+def add_progress_arg(p: argparse.ArgumentParser) -> None:
+    """``--progress/--no-progress`` (``args.progress``: True, False or None = auto), on every long command."""
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="a progress bar on stderr (--no-progress: none; default: only when stderr is a terminal)")
+
+
+def add_threads_arg(p: argparse.ArgumentParser) -> None:
+    """``--threads N``: torch's intra-op threads in this process (``args.threads``; None: torch's default)."""
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch intra-op CPU threads of this process (default: torch's, one per core); worker "
+                        "processes are --jobs, where a command has them")
+
+
+def check_threads(threads) -> None:
+    """``ValueError`` naming ``--threads`` unless it is None or an integer >= 1."""
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+
+
+def add_json_arg(p: argparse.ArgumentParser, schema: str, what: str) -> None:
+    """``--json``: ``what``, as one JSON document (an object) whose ``schema`` key is ``schema``."""
+    p.add_argument("--json", action="store_true",
+                   help=f"{what}; one JSON object with \"schema\": \"{schema}\" (its keys: docs/JSON.md)")
+
+
 def add_problem_args(p: argparse.ArgumentParser):
     """``--case FILE`` / ``--mdp SPEC`` / ``--task SPEC`` / ``--max-nodes`` / ``--save-case``, shared by
     every command that takes a problem."""
@@ -135,7 +185,7 @@ def _exact_markov(args, mdp, policy) -> int:
 # ------------------------------------------------------------------------------ prove
 def _cmd_prove(args) -> int:
     from tpg.proofs_checks.runner import format_table, run_checks
-    rows = run_checks(statements=args.statement or None, progress=not args.json)
+    rows = run_checks(statements=args.statement or None, progress=args.progress)
     if args.json:
         print(json.dumps(rows))
     else:
@@ -184,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--statement", action="append", metavar="NAME",
                    help="only this statement (repeatable); default all")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    add_progress_arg(p)
     p.set_defaults(func=_cmd_prove)
 
     p = sub.add_parser("mdp-help", help="the keys of --mdp FAMILY:key=value,...")
@@ -292,7 +343,29 @@ def run_command(args) -> int:
         return 2
 
 
+def _note_warnings(previous):
+    """A ``warnings.showwarning`` that prints deprecations (``FutureWarning``) as one line ``tpg: note: ...``
+    and hands every other warning to ``previous``."""
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, FutureWarning):
+            print(f"tpg: note: {message}", file=sys.stderr if file is None else file)
+        else:
+            previous(message, category, filename, lineno, file, line)
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    previous = warnings.showwarning
+    warnings.showwarning = _note_warnings(previous)
+    try:
+        return _main(argv)
+    finally:
+        warnings.showwarning = previous
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

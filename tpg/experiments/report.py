@@ -191,15 +191,16 @@ def study_rows(cache_dir: str | Path, studies=None) -> tuple[list[dict], dict[st
 
 
 def collect_rows(cache_dir: str | Path = ".tpg-cache", proofs: bool = True, studies=None,
-                 proof_rows: list[dict] | None = None) -> tuple[list[dict], dict, dict]:
+                 proof_rows: list[dict] | None = None, progress: bool | None = False) -> tuple[list[dict], dict, dict]:
     """``(rows, study_info, proof_summaries)``: every report row with ``section`` (theorem | claim |
-    further | offpolicy) and ``source``, in report order."""
+    further | offpolicy) and ``source``, in report order. ``progress``: a bar over the proof checks
+    on stderr (True, False, or None: only when stderr is a terminal)."""
     found, info = study_rows(cache_dir, studies)
     summaries: dict[str, dict] = {}
     if proof_rows is None and proofs:
         from tpg.proofs_checks.runner import run_checks
 
-        proof_rows = run_checks()
+        proof_rows = run_checks(progress=progress)
     if proof_rows:
         summaries = proof_summary(proof_rows)
     by_id: dict[str, list[dict]] = {}

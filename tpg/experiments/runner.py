@@ -42,6 +42,7 @@ from types import ModuleType
 from typing import Any, Callable
 
 from .._lazy import LazyModule
+from .._progress import progress_bar, show_progress
 
 pd = LazyModule("pandas")  # imported on first use: `tpg --help` registers `tpg study` without pandas
 
@@ -632,7 +633,8 @@ def _session_for(backend: str, n_jobs: int, address: str | None):
 
 # ------------------------------------------------------------------------------ running
 def run_study(study: str | ModuleType, quick: bool = False, backend: str = "processes", n_jobs: int = 2,
-              cache_dir: str | Path = ".tpg-cache", progress: bool = True, address: str | None = None) -> pd.DataFrame:
+              cache_dir: str | Path = ".tpg-cache", progress: bool | None = None,
+              address: str | None = None) -> pd.DataFrame:
     """Run every cell of ``study.cells(quick)`` not yet cached and return all its rows.
 
     Cells run on ``n_jobs`` workers: ``processes`` (joblib's loky processes), ``sequential`` (in
@@ -640,7 +642,8 @@ def run_study(study: str | ModuleType, quick: bool = False, backend: str = "proc
     ``RAY_ADDRESS`` variables, an open :func:`cluster_session`, or a local cluster of ``n_jobs``
     workers; see :class:`ClusterSession`). Each finished cell is stored at once, so a killed run
     resumes. The result has one row per row of ``run_cell`` with the cell's fields, ``study`` and
-    ``cell_key`` as columns, in the order of the grid.
+    ``cell_key`` as columns, in the order of the grid. ``progress``: a bar of cells done on stderr
+    (True, False, or None: only when stderr is a terminal).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
@@ -662,11 +665,8 @@ def run_study(study: str | ModuleType, quick: bool = False, backend: str = "proc
     cached = _cached_frames(name, keys, cache_dir, "it will be recomputed")  # damaged cells: quarantined
     todo = [(c, k) for c, k in zip(grid, keys) if k not in cached]
     bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(grid), initial=len(grid) - len(todo), desc=f"study {name}", unit="cell",
-                   dynamic_ncols=True)
+    if show_progress(progress):
+        bar = progress_bar(True, total=len(grid), initial=len(grid) - len(todo), desc=f"study {name}", unit="cell")
     step = bar.update if bar is not None else (lambda n=1: None)
     try:
         if not todo:

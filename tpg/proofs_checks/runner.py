@@ -6,10 +6,9 @@ status 1 if a statement is violated or a negative control goes unflagged.
 
 from __future__ import annotations
 
-import sys
-import time
 from types import ModuleType
 
+from tpg._progress import progress_bar
 from tpg.cases import mdp_from_spec
 
 from . import STATEMENTS
@@ -57,13 +56,14 @@ def _resolve(statements) -> list[ModuleType]:
     return out
 
 
-def run_checks(cases=None, statements=None, progress: bool = False) -> list[dict]:
+def run_checks(cases=None, statements=None, progress: bool | None = False) -> list[dict]:
     """Every statement's check and negative control on every case.
 
     Args:
         cases: ``(label, mdp, policy)`` triples (default :func:`default_cases`).
         statements: statement modules or their ``NAME`` s (default all, in docs/THEORY.md order).
-        progress: print one line per statement to stderr as it finishes.
+        progress: a progress bar on stderr over the statements and cases: True, False, or None (only
+            when stderr is a terminal).
 
     Returns:
         One row per (statement, case, kind) with keys ``statement``, ``case``, ``kind``
@@ -72,9 +72,11 @@ def run_checks(cases=None, statements=None, progress: bool = False) -> list[dict
         (``difference > 1e-6``).
     """
     cases = default_cases() if cases is None else cases
+    mods = _resolve(statements)
     rows = []
-    for mod in _resolve(statements):
-        start = time.perf_counter()
+    bar = progress_bar(progress, total=len(mods) * len(cases), desc="prove", unit="case", leave=False)
+    for mod in mods:
+        bar.set_postfix_str(mod.NAME)
         for label, mdp, policy in cases:
             diff = float(mod.check(mdp, policy))
             rows.append({"statement": mod.NAME, "case": label, "kind": "statement", "difference": diff,
@@ -82,8 +84,8 @@ def run_checks(cases=None, statements=None, progress: bool = False) -> list[dict
             diff = float(mod.negative_control(mdp, policy))
             rows.append({"statement": mod.NAME, "case": label, "kind": "negative control", "difference": diff,
                          "threshold": NEGATIVE_TOL, "passed": diff > NEGATIVE_TOL})
-        if progress:
-            print(f"{mod.NAME}: {len(cases)} cases in {time.perf_counter() - start:.2f} s", file=sys.stderr)
+            bar.update(1)
+    bar.close()
     return rows
 
 
@@ -109,7 +111,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main() -> int:
-    rows = run_checks(progress=True)
+    rows = run_checks(progress=None)
     print(format_table(rows))
     failed = [r for r in rows if not r["passed"]]
     print(f"\n{len(rows) - len(failed)}/{len(rows)} rows as expected")

@@ -25,15 +25,15 @@ from .config import TRAIN_ALGOS, TrainConfig
 from .trainer import Trainer, torch_threads
 
 
-def memory_report(config: TrainConfig, algos=TRAIN_ALGOS) -> list[dict]:
-    """One row per method (see the module docstring), in the order of ``algos``."""
-    algos = list(algos)
-    if not algos:
-        raise ValueError("report-memory needs at least one method")
+def memory_report(config: TrainConfig, estimators=TRAIN_ALGOS) -> list[dict]:
+    """One row per method or estimator spec (see the module docstring), in the order of ``estimators``."""
+    estimators = list(estimators)
+    if not estimators:
+        raise ValueError("report-memory needs at least one estimator")
     rows = []
     with torch_threads(config.threads):
-        for algo in algos:
-            cfg = replace(config, algo=algo, out=None, checkpoint=None, checkpoint_every=0, resume=False,
+        for spec in estimators:
+            cfg = replace(config, estimator=spec, out=None, checkpoint=None, checkpoint_every=0, resume=False,
                           progress=False, measure_memory=True, iters=2)
             tr = Trainer(cfg)
             gen_state = tr.gen.get_state()

@@ -3,7 +3,7 @@
     tpg verify (--case FILE | --mdp SPEC | --task SPEC | --suite standard) [--estimator SPEC ...] [--group-size G]
                [--mode exact|mc] [--samples N] [--seed S] [--alpha A] [--dtype float64|float32] [--target-reward SPEC]
                [--max-rows N] [--plugin-timeout SECONDS] [--json] [--fail-on-bias] [--behaviour SPEC] [--loss SPEC]
-               [--hooks-from behaviour|policy]
+               [--hooks-from behaviour|policy] [--threads N] [--progress | --no-progress]
     tpg probe FILE.py:FUNCTION [--dtype float64|float32] [--plugin-timeout SECONDS] [--json]
     tpg offpolicy-help
 
@@ -59,7 +59,7 @@ def _add_timeout(p) -> None:
 
 
 def _add_verify(sub) -> None:
-    from ..cli import add_problem_args
+    from ..cli import add_problem_args, add_progress_arg, add_threads_arg
     from .defaults import DEFAULT_ALPHA, DEFAULT_MAX_ROWS, DEFAULT_SAMPLES, MODES, SUITES
 
     p = sub.add_parser("verify", help="verdicts of estimators against the exact gradient: unbiased, scaled or biased "
@@ -103,6 +103,8 @@ def _add_verify(sub) -> None:
     p.add_argument("--fail-on-bias", action="store_true", help="exit with status 1 when any estimator is biased "
                                                                "(3 if any errored)")
     _add_timeout(p)
+    add_threads_arg(p)
+    add_progress_arg(p)
     _add_offpolicy_args(p)
     p.set_defaults(func=cmd_verify)
 
@@ -127,22 +129,24 @@ def _add_offpolicy_args(p) -> None:
 
 
 def _check_specs(args) -> None:
-    """Parse the spec strings before anything imports torch, so that a mistyped key or value is
-    refused at once (the ranges that need the MDP are checked when it is built)."""
-    from ..cli import check_problem_specs
+    """Parse the spec strings before anything imports torch, so that a mistyped key, value or range, an
+    unknown estimator or option, or a missing plug-in file is refused at once (:mod:`tpg.mdp.specs`,
+    :mod:`tpg.estimators.names`; option values are checked by the estimators themselves)."""
+    from ..cli import check_problem_specs, check_threads
+    from ..estimators.names import check_estimator_spec
 
     check_problem_specs(args)
     if getattr(args, "target_reward", None):
         from ..mdp.specs import parse_target_reward
         parse_target_reward(args.target_reward)
+    for spec in getattr(args, "estimator", None) or ():
+        check_estimator_spec(spec)
+    check_threads(getattr(args, "threads", None))
 
 
 def cmd_verify(args) -> int:
     """The handler of ``tpg verify``; returns the exit status."""
     _check_specs(args)
-    from .harness import format_records, verify
-    from .suite import format_suite, run_suite
-
     if args.suite:
         if args.estimator:
             raise ValueError("--suite runs its own estimators; do not combine it with --estimator")
@@ -150,7 +154,10 @@ def cmd_verify(args) -> int:
             raise ValueError("--suite verifies against grad J; do not combine it with --target-reward")
         if args.behaviour is not None or args.loss is not None:
             raise ValueError("--suite runs on-policy; do not combine it with --behaviour or --loss")
-        result = run_suite(args.suite, progress=not args.json)
+        from .suite import format_suite, run_suite
+
+        with _torch_threads(args.threads):
+            result = run_suite(args.suite, progress=args.progress)
         if args.json:
             print(json.dumps(result))
         else:
@@ -166,10 +173,29 @@ def cmd_verify(args) -> int:
         raise ValueError(f"--group-size must be >= 1, got {args.group_size}")
     timeout = _plugin_timeout(args.plugin_timeout)
     from .._guards import check_seed
-    from ..rollouts import check_batches_fit
     for name in ("seed", "reward_seed", "lm_seed"):  # one line naming the flag, before torch sees a seed
         if getattr(args, name, None) is not None:
             check_seed(getattr(args, name), "--" + name.replace("_", "-"))
+    with _torch_threads(args.threads):
+        return _verify_records(args, timeout)
+
+
+def _torch_threads(threads: int | None):
+    """``--threads``: torch's intra-op threads inside the block (None: leave torch's setting)."""
+    import contextlib
+
+    if threads is None:
+        return contextlib.nullcontext()
+    from .._threads import intra_op_threads
+
+    return intra_op_threads(threads)
+
+
+def _verify_records(args, timeout) -> int:
+    """``tpg verify`` on a problem (not the suite), once the flags are checked: build it, verify, print."""
+    from ..rollouts import check_batches_fit
+    from .harness import format_records, verify
+
     mc_groups = dict(num_groups=args.samples, groups_flag="--samples") if args.mode == "mc" else {}
     check_batches_fit(None, args.group_size, **mc_groups)  # O(1), before the problem is built
     if getattr(args, "lm", None):
@@ -185,7 +211,7 @@ def cmd_verify(args) -> int:
         goal = resolve_target_reward(args.target_reward, timeout)  # a FILE.py:FUNCTION is imported once
     records = verify(mdp, policy, args.estimator, group_size=args.group_size, mode=args.mode, samples=args.samples,
                      seed=args.seed, dtype=_torch_dtype(args.dtype), alpha=args.alpha, max_rows=args.max_rows,
-                     progress=not args.json, on_error="record_all", plugin_timeout=timeout,
+                     progress=args.progress, on_error="record_all", plugin_timeout=timeout,
                      behaviour=args.behaviour, loss=args.loss, hooks=args.hooks_from, target_reward=goal)
     if args.json:
         print(json.dumps(records))

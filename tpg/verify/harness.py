@@ -44,10 +44,10 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 
 import torch
 
+from .._progress import progress_bar, show_progress
 from ..estimators import Estimator, expand_spec, get_estimator
 from ..estimators.plugin import (DEFAULT_TIMEOUT, PluginError, callable_label, callable_source, load_function,
                                  load_plugin, plugin_from_callable)
@@ -140,7 +140,7 @@ def resolve_target_reward(target, timeout: float | None = DEFAULT_TIMEOUT):
 
 def _kl_of(est) -> tuple[str, float]:
     opts = getattr(est, "options", {}) or {}
-    return str(opts.get("kl", "none")), float(opts.get("beta", 0.0) or 0.0)
+    return str(opts.get("kl", "none")), float(opts.get("kl_beta", 0.0) or 0.0)
 
 
 def _json_options(est) -> dict:
@@ -297,7 +297,7 @@ def _error_record(spec_text: str, mode: str, group_size: int, dtype, mdp, exc: E
 
 def verify(mdp, policy, estimators, group_size: int = 2, mode: str = "exact", samples: int = DEFAULT_SAMPLES,
            seed: int = 0, dtype=torch.float64, alpha: float = DEFAULT_ALPHA, max_rows: int = DEFAULT_MAX_ROWS,
-           ref_policy=None, progress: bool = False, on_error: str = "raise",
+           ref_policy=None, progress: bool | None = False, on_error: str = "raise",
            plugin_timeout: float | None = DEFAULT_TIMEOUT, behaviour=None, loss=None,
            hooks: str = "behaviour", target_cosine: float = TARGET_COSINE, target_reward=None) -> list[dict]:
     """Verdicts of ``estimators`` on ``(mdp, policy)``; one record per estimator (see the module docstring).
@@ -316,7 +316,7 @@ def verify(mdp, policy, estimators, group_size: int = 2, mode: str = "exact", sa
         dtype: the dtype fed to plug-ins (built-ins always run in float64).
         max_rows: the exact mode's size guard (responses in the stacked sample space).
         ref_policy: the reference policy of KL options (default: a seeded perturbation of ``policy``).
-        progress: a tqdm bar on stderr (only when stderr is a terminal).
+        progress: a tqdm bar on stderr: True, False, or None (only when stderr is a terminal).
         on_error: ``raise`` (``ValueError``), ``record`` (a record with ``verdict = "error"``), or
             ``record_all`` (record errors of specs expanded from ``all`` and failures of a plug-in's
             own code, :class:`~tpg.estimators.plugin.PluginError`; raise the others).
@@ -372,9 +372,8 @@ def verify(mdp, policy, estimators, group_size: int = 2, mode: str = "exact", sa
         off = prepare_offpolicy(mdp, policy, prob.sol, behaviour, loss, hooks)
     records: list[dict] = []
     bar = None
-    if progress and sys.stderr.isatty() and len(specs) > 1:
-        from tqdm import tqdm
-        bar = tqdm(total=len(specs), desc="verify", unit="estimator", file=sys.stderr, leave=False)
+    if show_progress(progress) and len(specs) > 1:
+        bar = progress_bar(True, total=len(specs), desc="verify", unit="estimator", leave=False)
     try:
         for spec, from_all in specs:
             text = spec if isinstance(spec, str) else callable_label(spec) if _is_function(spec) \

@@ -34,11 +34,11 @@ and the disagreements; :func:`format_suite` prints the verdict matrix.
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
+from .._progress import progress_bar, show_progress
 from .harness import verify
 
 from .defaults import SUITES  # noqa: E402  (torch-free home: tpg verify --help)
@@ -209,11 +209,12 @@ def agrees(rec: dict) -> bool:
 
 
 def run_suite(name: str = "standard", settings: tuple[Setting, ...] | None = None,
-              entries: tuple[Entry, ...] | None = None, progress: bool = False) -> dict:
+              entries: tuple[Entry, ...] | None = None, progress: bool | None = False) -> dict:
     """Run a suite in exact mode; ``{"suite", "settings", "records", "disagreements", "wall_s"}``.
 
     Every record carries ``setting``, ``expected``, ``expected_scale``, ``why`` and ``agrees``.
-    ``settings`` and ``entries`` default to :data:`SETTINGS` and :data:`ENTRIES`."""
+    ``settings`` and ``entries`` default to :data:`SETTINGS` and :data:`ENTRIES`. ``progress``: a bar on
+    stderr (True, False, or None: only when stderr is a terminal)."""
     from ..cases import mdp_from_spec
 
     settings = SETTINGS if settings is None else settings
@@ -223,10 +224,9 @@ def run_suite(name: str = "standard", settings: tuple[Setting, ...] | None = Non
     t0 = time.perf_counter()
     records: list[dict] = []
     bar = None
-    if progress and sys.stderr.isatty():
-        from tqdm import tqdm
-        bar = tqdm(total=len(settings) * len(entries), desc=f"suite {name}", unit="check", file=sys.stderr,
-                   leave=False)
+    if show_progress(progress):
+        bar = progress_bar(True, total=len(settings) * len(entries), desc=f"suite {name}", unit="check",
+                           leave=False)
     try:
         for setting in settings:
             mdp, policy = mdp_from_spec(setting.mdp)
