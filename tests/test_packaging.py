@@ -72,11 +72,11 @@ def test_figures_and_prove_run_from_the_installed_package_outside_a_checkout(whe
 
     # a figure script runs from the wheel: with no cached results it gets as far as asking for them
     proc = _run_outside(installed, where, "figures", "gamma_bias", "--cache-dir", str(tmp_path / "cache"),
-                        "--out-dir", str(tmp_path / "figs"))
+                        "--out-dir", str(tmp_path / "figs"), "--no-progress")
     assert proc.returncode == 0, proc.stderr
     assert "gamma_bias: skipped (no cached results of study 'gamma'" in proc.stdout
 
     proc = _run_outside(installed, where, "prove", "--statement", "lemma1", "--json")
     assert proc.returncode == 0, proc.stderr
-    rows = json.loads(proc.stdout)
-    assert rows and all(r["passed"] for r in rows)
+    doc = json.loads(proc.stdout)
+    assert doc["schema"] == "tpg-prove/1" and doc["ok"] and all(r["passed"] for r in doc["rows"])

@@ -18,6 +18,9 @@ import os
 import sys
 from pathlib import Path
 
+#: the JSON documents of ``tpg exact --json`` and ``tpg prove --json`` (docs/JSON.md)
+EXACT_SCHEMA = "tpg-exact/1"
+PROVE_SCHEMA = "tpg-prove/1"
 # modules that add sub-commands: each has register(subparsers); missing ones are skipped
 _COMMAND_MODULES = ("tpg.verify.cli", "tpg.train.cli", "tpg.experiments.cli")
 
@@ -126,15 +129,17 @@ def _cmd_exact(args) -> int:
         return _exact_markov(args, mdp, policy)
     sol = solve(mdp, policy)
     tree = mdp.tree
+    gnorm = float(sol.flat_grad().norm())
     if args.json:
         grad = sol.grad_logits
         entries = []
         for k in range(tree.num_nonterminal):
             prompt, prefix = tree.prefix(int(tree.nt_node_k[k]))
             entries.append({"prompt": prompt, "prefix": prefix, "grad": [float(x) for x in grad[k]]})
-        print(json.dumps({"J": sol.J, "grad": entries}))
+        print(json.dumps({"schema": EXACT_SCHEMA, "engine": "tree", "problem": mdp.name, "J": sol.J,
+                          "grad_norm": gnorm, "prompt_values": [float(sol.value[p]) for p in range(mdp.num_prompts)],
+                          "grad": entries}))
         return 0
-    gnorm = float(sol.flat_grad().norm())
     print(mdp.describe())
     print(f"J              = {sol.J:.12g}")
     print(f"|grad J|       = {gnorm:.6g}  (over {sum(p.numel() for p in policy.parameters())} parameters)")
@@ -162,7 +167,8 @@ def _exact_markov(args, mdp, policy) -> int:
         for t, prev in sol.reachable.nonzero().tolist():
             states.append({"position": t, "prev": prev, "reach": float(sol.reach[t, prev]),
                            "grad": [float(x) for x in sol.grad_logits[t, prev]]})
-        print(json.dumps({"engine": "markov", "J": sol.J, "grad_norm": gnorm, "expected_length": sol.expected_length,
+        print(json.dumps({"schema": EXACT_SCHEMA, "engine": "markov", "problem": mdp.name, "J": sol.J,
+                          "grad_norm": gnorm, "expected_length": sol.expected_length,
                           "prompt_values": [float(x) for x in sol.prompt_values()], "grad": states}))
         return 0
     eos = "none" if mdp.eos_token is None else str(mdp.eos_token)
@@ -184,10 +190,10 @@ def _exact_markov(args, mdp, policy) -> int:
 
 # ------------------------------------------------------------------------------ prove
 def _cmd_prove(args) -> int:
-    from tpg.proofs_checks.runner import format_table, run_checks
+    from .proofs_checks.runner import format_table, run_checks
     rows = run_checks(statements=args.statement or None, progress=args.progress)
     if args.json:
-        print(json.dumps(rows))
+        print(json.dumps({"schema": PROVE_SCHEMA, "ok": all(r["passed"] for r in rows), "rows": rows}))
     else:
         print(format_table(rows))
         bad = [r for r in rows if not r["passed"]]
@@ -217,12 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("exact", help="exact J and grad J of an MDP and policy (float64)")
     add_problem_args(p)
-    p.add_argument("--json", action="store_true",
-                   help='print {"J": float, "grad": [{"prompt", "prefix", "grad": [V floats]}, ...]} '
-                        "with one entry per non-terminal node (dJ/dlogits); with the Markov engine "
-                        '{"engine": "markov", "J", "grad_norm", "expected_length", "prompt_values", '
-                        '"grad": [{"position", "prev", "reach", "grad": [V floats]}, ...]} with one entry '
-                        "per reachable (position, previous token) state")
+    add_json_arg(p, EXACT_SCHEMA, "print J, grad J and the prompt values; grad: dJ/dlogits per non-terminal node "
+                                  "(tree engine) or per reachable (position, previous token) state (Markov engine)")
     p.add_argument("--engine", choices=("auto", "tree", "markov"), default="auto",
                    help="tree: dynamic programme over the stored tree (needs it within --max-nodes); "
                         "markov: over the (position, previous token) states, for policy=shared with "
@@ -233,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "with negative controls")
     p.add_argument("--statement", action="append", metavar="NAME",
                    help="only this statement (repeatable); default all")
-    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    add_json_arg(p, PROVE_SCHEMA, "print every check's row")
     add_progress_arg(p)
     p.set_defaults(func=_cmd_prove)
 
