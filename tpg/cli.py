@@ -190,12 +190,13 @@ def _exact_markov(args, mdp, policy) -> int:
 
 # ------------------------------------------------------------------------------ prove
 def _cmd_prove(args) -> int:
-    from .proofs_checks.runner import format_table, run_checks
+    from .proofs_checks.runner import format_legend, format_table, run_checks
     rows = run_checks(statements=args.statement or None, progress=args.progress)
     if args.json:
         print(json.dumps({"schema": PROVE_SCHEMA, "ok": all(r["passed"] for r in rows), "rows": rows}))
     else:
         print(format_table(rows))
+        print(format_legend())
         bad = [r for r in rows if not r["passed"]]
         n_stat = sum(r["kind"] == "statement" for r in rows)
         print(f"\n{len(rows) - len(bad)} of {len(rows)} checks as expected "

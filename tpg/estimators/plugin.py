@@ -98,6 +98,7 @@ import time
 import numpy as np
 import torch
 
+from .._tables import legend_lines
 from .base import ResponseBatch
 from .estimator import COMMON_OPTIONS, Estimator, Option, tokens_between, tokens_counter
 from .functional import dense_ids
@@ -836,8 +837,8 @@ def _runs(values: list[float]) -> str:
 
 
 def format_probe(rows: list[dict]) -> str:
-    """A plain-text table of :func:`probe`'s rows (runs of equal values written ``v xk``) and a
-    last line naming the flagged cases."""
+    """A plain-text table of :func:`probe`'s rows (runs of equal values written ``v xk``), a legend of its
+    columns and of the cases, and a last line naming the flagged cases."""
     header = ("case", "rewards", "lengths", "advantages (first token)", "value", "flag")
     table = []
     for r in rows:
@@ -851,9 +852,17 @@ def format_probe(rows: list[dict]) -> str:
     widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(header)]
     lines = [header, tuple("-" * w for w in widths)] + table
     text = "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in lines)
+    legend = legend_lines({
+        "case": "the edge case (described below)",
+        "rewards": "the responses' rewards, group by group (v xk: k equal values in a row)",
+        "lengths": "the responses' lengths in tokens (the batch is padded to the longest)",
+        "advantages (first token)": "what the estimator returned for each response's first token",
+        "value": "the case's measurement (named in its description; empty where the case has none)",
+        "flag": "ok, or what looks wrong; error: the call raised",
+    }) + legend_lines({r["case"]: r.get("description", "") for r in rows}, title="cases:")
     bad = [r["case"] for r in rows if r.get("status", "ok" if not r["flag"] else "flagged") != "ok"]
     summary = f"{len(bad)} of {len(rows)} cases flagged: {', '.join(bad)}" if bad else f"all {len(rows)} cases ok"
-    return text + "\n" + summary
+    return "\n".join([text, *legend, summary])
 
 
 __all__ = ["PluginEstimator", "PluginError", "load_plugin", "load_function", "plugin_from_callable", "callable_label",

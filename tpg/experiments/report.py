@@ -29,6 +29,8 @@ import math
 import time
 from pathlib import Path
 
+from .._tables import legend_lines
+
 #: (id, claim, study that reports it, proof-check module) in docs/THEORY.md section 2 order
 THEOREMS: tuple[tuple[str, str, str | None, str | None], ...] = (
     ("lemma1", "Lemma 1: grad J = E sum_t gamma^(t-1) Q(s_t, w_t) grad log pi(w_t|s_t)", None, "lemma1"),
@@ -328,6 +330,10 @@ def format_table(rows: list[dict]) -> str:
     w = [max(len(x[i]) for x in body + [("id", "status", "number")]) for i in range(3)]
     lines = [f"{'id':<{w[0]}}  {'status':<{w[1]}}  number", f"{'-' * w[0]}  {'-' * w[1]}  {'-' * 6}"]
     lines += [f"{a:<{w[0]}}  {b:<{w[1]}}  {c}" for a, b, c in body]
+    lines += legend_lines({"id": "the claim (its row in the claims report, from docs/THEORY.md sections 2 and 6)",
+                           "status": "confirmed, qualified, refuted, not run, incomplete (part of the grid cached) "
+                                     "or error, decided from the number by the rule printed in the report",
+                           "number": "the deciding measurement, with its unit"})
     return "\n".join(lines)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from tpg._progress import progress_bar
+from tpg._tables import legend_lines
 from tpg.cases import mdp_from_spec
 
 from . import STATEMENTS
@@ -110,9 +111,26 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *(fmt(line) for line in body)])
 
 
+#: the meaning of each column of :func:`format_table` (printed under it by ``tpg prove``)
+COLUMNS = {
+    "statement": "the statement of docs/THEORY.md section 2 (one module of tpg.proofs_checks)",
+    "case": "the MDP and policy it is checked on (tpg.proofs_checks.runner.DEFAULT_SPECS)",
+    "kind": "statement: the identity itself; negative control: a deliberately wrong variant that must fail",
+    "difference": "max |lhs - rhs| / max(1, max |rhs|), both sides computed exactly in float64",
+    "threshold": "a statement holds at <= 1e-10; a negative control must exceed 1e-6",
+    "verdict": "holds / fails as it must (as expected), VIOLATED / NOT FLAGGED (not as expected)",
+}
+
+
+def format_legend() -> str:
+    """The legend of :func:`format_table`'s columns."""
+    return "\n".join(legend_lines(COLUMNS))
+
+
 def main() -> int:
     rows = run_checks(progress=None)
     print(format_table(rows))
+    print(format_legend())
     failed = [r for r in rows if not r["passed"]]
     print(f"\n{len(rows) - len(failed)}/{len(rows)} rows as expected")
     return 1 if failed else 0

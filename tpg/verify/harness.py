@@ -48,6 +48,7 @@ import math
 import torch
 
 from .._progress import progress_bar, show_progress
+from .._tables import legend_lines
 from ..estimators import Estimator, expand_spec, get_estimator
 from ..estimators.plugin import (DEFAULT_TIMEOUT, PluginError, callable_label, callable_source, load_function,
                                  load_plugin, plugin_from_callable)
@@ -467,7 +468,7 @@ def _power_line(r: dict) -> str | None:
     return line + f"N too small to detect cosine {target:g} with {r['power']:.0%} power; try N >= {_fmt_n(n_for)}"
 
 
-def _legend(records: list[dict]) -> list[str]:
+def _legend(records: list[dict], header: list[str]) -> list[str]:
     lines = []
     modes = {r["mode"] for r in records if r["verdict"] != "error"}
     if "exact" in modes:
@@ -485,22 +486,42 @@ def _legend(records: list[dict]) -> list[str]:
             lines.append(f"Holm: the {m} tests of this run (c = 1 and direction, for each of {n_est} estimator"
                          f"{'s' if n_est != 1 else ''}) form one family; p-values are shown Holm-adjusted (raw in "
                          f"parentheses) and P(any false alarm) <= alpha = {a:g}")
-    lines.append("columns: scale = <E g, target>/|target|^2 (best-fit c); cosine = cos(E g, target); "
-                 "rel_bias = |E g - target|/|target|; resid = |E g - scale target|/|E g|; tr Cov = tr Cov[g] "
-                 "of one batch; tokens/batch = response tokens plus tokens the hooks sample")
-    if mc:
-        power = mc[0]["power"]
-        levels = sorted({r["alpha"] / r["holm_family"] for r in mc})
-        lines.append("  Monte Carlo: E g is the sample mean (cosine, rel_bias, resid are noisy); scale = mean of "
-                     "c_i = <g_i, target>/|target|^2, its interval at the level Holm decided c = 1 at "
-                     "(it excludes 1 exactly when c = 1 is rejected); p(c=1): t test of c = 1; p(dir): Hotelling "
-                     "test of E[g] || target on held-out directions")
-        lines.append(f"  mde: the smallest effects detected with {power:.0%} power at level alpha/family = "
-                     + ", ".join(f"{x:.3g}" for x in levels) + ": mde b = |b|/|target| of a bias b orthogonal "
-                     "to the target, pointing like the gradient noise (variance tr(S^2)/tr(S) along it, "
-                     "S = Cov[g] orthogonal to the target), with the cosine it leaves; mde |c-1| = a scale error "
-                     "(see tpg.verify.montecarlo.PowerModel)")
+    lines += legend_lines(_column_meanings(records, header))
     return lines
+
+
+def _column_meanings(records: list[dict], header: list[str]) -> dict[str, str]:
+    """One line per column of :func:`format_records`' table (those in ``header``)."""
+    mc = [r for r in records if r["mode"] == "mc" and r["verdict"] != "error"]
+    power = mc[0]["power"] if mc else None
+    levels = ", ".join(f"{x:.3g}" for x in sorted({r["alpha"] / r["holm_family"] for r in mc}))
+    noisy = " (Monte Carlo: of the sample mean of g, so noisy)" if mc else ""
+    meanings = {
+        "estimator": "the estimator as named (catalog spec, FILE.py:FUNCTION, or a callable's module.qualname)",
+        "G": "--group-size: responses per prompt for group estimators (the batch size of batch-coupled ones)",
+        "layout": "how one batch is drawn: group (one prompt, G responses), independent (G prompt-response pairs), "
+                  "batch:PxN (P prompt draws of N responses each) or single (one pair); - when it errored",
+        "dtype": "the dtype the estimator was fed",
+        "verdict": "in the vocabulary above; error: the estimator could not run (the reason below)",
+        "scale": "best-fit c = <E g, target>/|target|^2" + (" (Monte Carlo: the mean of c_i = <g_i, target>/|target|^2)"
+                                                             if mc else ""),
+        "scale CI": "the scale's interval at the level Holm decided c = 1 at (it excludes 1 exactly when c = 1 is "
+                    "rejected), with that level",
+        "cosine": "cos(E g, target)" + noisy,
+        "rel_bias": "|E g - target|/|target|" + noisy,
+        "resid": "|E g - scale target|/|E g|: what a rescaling cannot remove" + noisy,
+        "p(c=1) adj (raw)": "t test of c = 1: Holm-adjusted p-value (raw)",
+        "p(dir) adj (raw)": "Hotelling test of E[g] || target on held-out directions: Holm-adjusted p-value (raw)",
+        "mde b (cos)": (f"the smallest bias |b|/|target| detected with {power:.0%} power at level alpha/family = "
+                        f"{levels}, b orthogonal to the target and pointing like the gradient noise (variance "
+                        "tr(S^2)/tr(S) along it, S = Cov[g] orthogonal to the target), with the cosine it leaves "
+                        "(tpg.verify.montecarlo.PowerModel)") if mc else "",
+        "mde |c-1|": (f"the smallest scale error |c - 1| detected with {power:.0%} power at the same level"
+                      if mc else ""),
+        "tr Cov": "tr Cov[g], the variance of one batch's gradient (summed over the parameters)",
+        "tokens/batch": "response tokens of one batch plus tokens the hooks sample (~: measured on sampled batches)",
+    }
+    return {name: meanings[name] for name in header}
 
 
 def format_records(records: list[dict]) -> str:
@@ -537,7 +558,7 @@ def format_records(records: list[dict]) -> str:
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(),
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    lines += _legend(records)
+    lines += _legend(records, header)
     power = [line for line in map(_power_line, records) if line]
     if power:
         lines.append("power (what a non-rejection could have missed):")

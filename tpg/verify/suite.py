@@ -39,6 +39,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from .._progress import progress_bar, show_progress
+from .._tables import legend_lines
 from .harness import verify
 
 from .defaults import SUITES  # noqa: E402  (torch-free home: tpg verify --help)
@@ -293,9 +294,14 @@ def format_suite(result: dict) -> str:
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.append("")
-    lines.append("cells: verdict in exact mode; 'scaled c' gives the scale, 'biased x' the cosine with the target; "
-                 "'!' marks a disagreement with docs/THEORY.md's expectation")
-    lines.append("settings: " + "; ".join(f"{s['name']} = {s['mdp']} G={s['group_size']}" for s in result["settings"]))
+    columns = {"estimator": "the estimator spec; an off-policy row reads SPEC | BEHAVIOUR | LOSS (tpg verify "
+                            "--behaviour --loss)"}
+    columns.update((s["name"], f"the setting --mdp {s['mdp']} with --group-size {s['group_size']}")
+                   for s in result["settings"])
+    lines += legend_lines(columns)
+    lines.append("cells: the verdict in exact mode (proofs by enumeration); 'unbiased': E[g] = target; 'scaled c': "
+                 "E[g] = c target, c given; 'biased x': x is cos(E[g], target); '!' marks a disagreement with "
+                 "docs/THEORY.md's expectation; the target is grad J, or grad J - beta grad KL with a KL option")
     bad = result["disagreements"]
     n = len(result["records"])
     lines.append(f"{n - len(bad)} of {n} verdicts as expected; wall time {result['wall_s']:.1f} s")
