@@ -243,3 +243,32 @@ def test_good_task_specs_pass_the_range_check(spec):
     from tpg.mdp.specs import parse_task_spec
 
     parse_task_spec(spec)
+
+
+def test_threads_sets_torch_threads_for_the_run_and_is_checked(capsys, monkeypatch):
+    import torch
+
+    import tpg._threads as threads
+
+    seen = []
+    real = threads.intra_op_threads
+
+    def spy(n):
+        seen.append(n)
+        return real(n)
+
+    monkeypatch.setattr(threads, "intra_op_threads", spy)
+    before = torch.get_num_threads()
+    assert main(["verify", "--mdp", "dense:vocab=2,horizon=2,eos=0", "--estimator", "rloo", "--threads", "1"]) == 0
+    assert seen and seen[0] == 1 and torch.get_num_threads() == before
+    assert main(["verify", "--mdp", "dense:vocab=2,horizon=2,eos=0", "--estimator", "rloo", "--threads", "0"]) == 2
+    assert "--threads must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_figures_and_report_take_the_progress_flag(tmp_path, capsys):
+    assert main(["figures", "gamma_bias", "--cache-dir", str(tmp_path / "c"), "--out-dir", str(tmp_path / "f"),
+                 "--progress"]) == 0
+    assert "figures" in capsys.readouterr().err  # the bar, asked for off a terminal
+    assert main(["figures", "gamma_bias", "--cache-dir", str(tmp_path / "c"), "--out-dir", str(tmp_path / "f"),
+                 "--no-progress"]) == 0
+    assert "figures:" not in capsys.readouterr().err

@@ -2,11 +2,14 @@
 
 Commands:
     tpg exact  (--case FILE | --mdp SPEC | --task SPEC) [--engine auto|tree|markov] [--json] [--save-case FILE]
-    tpg prove  [--statement NAME ...] [--json]
+    tpg prove  [--statement NAME ...] [--json] [--progress | --no-progress]
     tpg mdp-help | task-help
 and the commands registered by sub-packages (``register(subparsers)`` functions listed in
 ``_COMMAND_MODULES``). Bad input prints one line ``tpg: error: ...`` and exits with status 2, and so
-does an output that cannot be written (``tpg: error: cannot write FILE: reason``).
+does an output that cannot be written (``tpg: error: cannot write FILE: reason``). Every command speaks
+one vocabulary (the helpers below): ``--estimator``, ``--kl``/``--kl-beta``, ``--jobs`` (processes),
+``--threads`` (torch threads), ``--progress/--no-progress`` and ``--json`` (one object with a ``schema``
+key, docs/JSON.md); a renamed flag stays a hidden alias for one release (:class:`DeprecatedFlag`).
 """
 
 from __future__ import annotations
