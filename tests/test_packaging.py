@@ -80,3 +80,18 @@ def test_figures_and_prove_run_from_the_installed_package_outside_a_checkout(whe
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     assert doc["schema"] == "tpg-prove/1" and doc["ok"] and all(r["passed"] for r in doc["rows"])
+
+
+@pytest.mark.slow
+def test_a_figure_is_drawn_from_the_installed_package(wheel_dir, tmp_path):
+    """The whole path outside a checkout: a quick study cached by the wheel's tpg, then its figure drawn by the
+    wheel's script (about 15 s on 2 cores)."""
+    _, installed = wheel_dir
+    cache, figs = tmp_path / "cache", tmp_path / "figs"
+    proc = _run_outside(installed, tmp_path, "study", "gamma", "--quick", "--backend", "sequential", "--cache-dir",
+                        str(cache), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    proc = _run_outside(installed, tmp_path, "figures", "gamma_bias", "--cache-dir", str(cache), "--out-dir",
+                        str(figs), "--no-progress")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert (figs / "gamma_bias.png").stat().st_size > 0 and "gamma_bias: wrote" in proc.stdout
