@@ -68,7 +68,7 @@ def _timed(cfg: TrainConfig, warmup: int, iters: int) -> dict:
 def bench(problem: str, algos, warmup: int, iters: int, threads: int) -> list[dict]:
     out = []
     for algo in algos:
-        base = dict(algo=algo, progress=False, threads=threads, iters=warmup + iters, **PROBLEMS[problem])
+        base = dict(estimator=algo, progress=False, threads=threads, iters=warmup + iters, **PROBLEMS[problem])
         plain = _timed(TrainConfig(**base, measure_memory=False), warmup, iters)
         meter = _timed(TrainConfig(**base, measure_memory=True), warmup, iters)
         row = dict(problem=problem, spec=next(iter(PROBLEMS[problem].values())), method=algo, iters=iters,

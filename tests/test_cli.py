@@ -52,8 +52,9 @@ def test_exact_summary_and_save_case_round_trip(tmp_path, capsys):
 
 def test_prove_json_rows(capsys):
     code, out, _ = _run(capsys, ["prove", "--statement", "lemma2", "--json"])
-    rows = json.loads(out)
-    assert code == 0 and rows
+    doc = json.loads(out)
+    rows = doc["rows"]
+    assert code == 0 and rows and doc["schema"] == "tpg-prove/1" and doc["ok"] is True
     assert {r["kind"] for r in rows} == {"statement", "negative control"}
     assert all(r["passed"] for r in rows)
 

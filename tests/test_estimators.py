@@ -621,7 +621,7 @@ def test_k3_is_verl_low_var_kl():
 
 def test_kl_loss_options(tiny):
     for kind in ("k1", "k2", "k3", "low_var_kl"):
-        est = get_estimator(f"grpo:kl={kind},beta=0.2")
+        est = get_estimator(f"grpo:kl={kind},kl_beta=0.2")
         out = est(tiny)
         delta = (tiny.logp - tiny.ref_logp) * tiny.mask
         canon = "k3" if kind == "low_var_kl" else kind
@@ -636,24 +636,24 @@ def test_kl_in_reward(tiny):
     beta = 0.3
     delta = (tiny.logp - tiny.ref_logp) * tiny.mask
     pen = beta * delta
-    out = get_estimator(f"reinforce:kl=k1_reward,beta={beta}")(tiny)
+    out = get_estimator(f"reinforce:kl=k1_reward,kl_beta={beta}")(tiny)
     assert torch.allclose(out.advantages, (tiny.rm - pen.sum(1)).unsqueeze(1) * tiny.mask)
     assert out.kl_coef is None
     # token-level methods subtract the penalty per token, so token t carries -beta sum_{k >= t} Delta_k
     rtg_pen = discounted_returns(pen, tiny.mask, 1.0)
-    zero = get_estimator(f"ppo_gae:critic=zero,kl=k1_reward,beta={beta}")(tiny, None)
+    zero = get_estimator(f"ppo_gae:critic=zero,kl=k1_reward,kl_beta={beta}")(tiny, None)
     assert torch.allclose(zero.advantages, tiny.rm.unsqueeze(1) * tiny.mask - rtg_pen)
-    tr = get_estimator(f"trepo:kl=k1_reward,beta={beta}")(tiny, FakeContext())
+    tr = get_estimator(f"trepo:kl=k1_reward,kl_beta={beta}")(tiny, FakeContext())
     assert torch.allclose(tr.advantages, get_estimator("trepo")(tiny, FakeContext()).advantages - rtg_pen)
     b = make_batch([1.0, 2.0], [2, 3], [0, 1], token_rewards=[[0.5, 0.5, 0], [1.0, 0.0, 1.0]])
     pen_b = beta * (b.logp - b.ref_logp) * b.mask
-    oracle = get_estimator(f"reward_to_go:kl=k1_reward,beta={beta}")(b)
+    oracle = get_estimator(f"reward_to_go:kl=k1_reward,kl_beta={beta}")(b)
     assert torch.allclose(oracle.advantages, get_estimator("reward_to_go")(b).advantages
                           - discounted_returns(pen_b, b.mask, 1.0))
     # group methods see RM' = RM - beta sum Delta
     b2 = tiny.index(torch.arange(4))
     b2.rm = tiny.rm - pen.sum(1)
-    assert torch.allclose(get_estimator(f"grpo:kl=k1_reward,beta={beta}")(tiny).advantages,
+    assert torch.allclose(get_estimator(f"grpo:kl=k1_reward,kl_beta={beta}")(tiny).advantages,
                           get_estimator("grpo")(b2).advantages)
 
 

@@ -138,7 +138,7 @@ def test_kl_in_reward_is_unbiased_for_the_regularised_objective(problem, spec):
     batch, prob, ntc = leaf_batch(mdp, sol, ref_policy=ref)
     beta = 0.3
     _, kl_grads = exact_kl(mdp, pol, ref)
-    out = get_estimator(f"{spec},beta={beta}")(batch, ExactContext(mdp, sol))
+    out = get_estimator(f"{spec},kl_beta={beta}")(batch, ExactContext(mdp, sol))
     g = expected_logit_grad(out, batch, prob, ntc, sol)
     assert torch.allclose(g, sol.grad_logits - beta * kl_grads[0], atol=1e-12)
 
@@ -147,9 +147,9 @@ def test_k1_loss_has_zero_expectation(problem):
     mdp, pol, sol = problem
     ref = make_policy(mdp, seed=7)
     batch, prob, ntc = leaf_batch(mdp, sol, ref_policy=ref)
-    out = get_estimator("reinforce:kl=k1,beta=0.5")(batch, None)
+    out = get_estimator("reinforce:kl=k1,kl_beta=0.5")(batch, None)
     assert torch.allclose(expected_logit_grad(out, batch, prob, ntc, sol), sol.grad_logits, atol=1e-12)
-    out = get_estimator("reinforce:kl=k3,beta=0.5")(batch, None)
+    out = get_estimator("reinforce:kl=k3,kl_beta=0.5")(batch, None)
     assert (expected_logit_grad(out, batch, prob, ntc, sol) - sol.grad_logits).abs().max() > 1e-4
 
 

@@ -50,13 +50,13 @@ def test_simple_rloo_plugin_equals_builtin():
 
 def test_plugin_options_go_through_agg_and_kl():
     b = random_batch(4)
-    for opts in ("agg=token-mean", "agg=seq-mean-token-mean,kl=k3,beta=0.2", "kl=k1_reward,beta=0.5"):
+    for opts in ("agg=token-mean", "agg=seq-mean-token-mean,kl=k3,kl_beta=0.2", "kl=k1_reward,kl_beta=0.5"):
         plug = get_estimator(f"{GRPO_VERL}:{opts}")
         built = get_estimator(f"grpo:{opts}")
         p, q = plug(b), built(b)
         assert torch.allclose(p.advantages, q.advantages), opts
         assert torch.allclose(p.score_coef(), q.score_coef()), opts
-    assert plug.spec.endswith("compute_advantage:kl=k1_reward,beta=0.5")
+    assert plug.spec.endswith("compute_advantage:kl=k1_reward,kl_beta=0.5")
 
 
 def test_plugin_float32():
@@ -272,7 +272,7 @@ def test_catalog_order_and_specs():
 
 @pytest.mark.parametrize("spec,pattern", [
     ("nope", "unknown estimator 'nope'.*reinforce, reward_to_go"),
-    ("grpo:foo=1", "unknown option 'foo'; allowed options: std_norm, eps, agg, kl, beta"),
+    ("grpo:foo=1", "unknown option 'foo'; allowed options: std_norm, eps, agg, kl, kl_beta"),
     ("grpo:std_norm=maybe", "'std_norm' must be true \\| false; got 'maybe'"),
     ("grpo:eps=-1", "'eps' must be a number in \\[0, inf\\]"),
     ("ppo_gae:critic=oracle", "'critic' must be exact \\| tabular \\| zero \\| noisy"),
@@ -667,7 +667,7 @@ def test_context_gae_whitened_and_old_log_prob(tmp_path):
     """)
     out = get_estimator(path + ":echo")(b)
     assert torch.equal(out.advantages, torch.where(b.mask, b.logp, 0.0))
-    with pytest.raises(ValueError, match=r"unknown option 'gamma'; allowed options: layout, agg, kl, beta"):
+    with pytest.raises(ValueError, match=r"unknown option 'gamma'; allowed options: layout, agg, kl, kl_beta"):
         get_estimator(GRPO_VERL + ":gamma=0.5")
     with pytest.raises(ValueError, match="exact mode refused.*noise=fresh"):
         mdp, pol = _problem()

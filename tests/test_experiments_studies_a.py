@@ -93,7 +93,7 @@ def test_tiny_run_has_documented_columns_and_hits_the_cache(name, tiny_cache):
 @pytest.mark.parametrize("script", ["bias_heatmap", "gamma_bias", "critic_error", "trepo_variants", "aggregation_kl"])
 def test_figure_script_writes_images(script, tiny_cache, tmp_path):
     cache, _ = tiny_cache
-    spec = importlib.util.spec_from_file_location(f"fig_{script}", ROOT / "paper_repro" / f"{script}.py")
+    spec = importlib.util.spec_from_file_location(f"fig_{script}", ROOT / "tpg" / "paper_repro" / f"{script}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     paths = mod.main(cache_dir=str(cache), out_dir=str(tmp_path))
@@ -103,7 +103,7 @@ def test_figure_script_writes_images(script, tiny_cache, tmp_path):
 
 
 def test_figure_script_without_results_says_so(tmp_path):
-    spec = importlib.util.spec_from_file_location("fig_gamma_missing", ROOT / "paper_repro" / "gamma_bias.py")
+    spec = importlib.util.spec_from_file_location("fig_gamma_missing", ROOT / "tpg" / "paper_repro" / "gamma_bias.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     with pytest.raises(Exception, match="tpg study gamma"):

@@ -61,7 +61,7 @@ def test_study_module_has_the_contract(name):
     mod = MODULES[name]
     assert mod.NAME == name and isinstance(mod.TITLE, str) and mod.TITLE
     assert mod.COLUMNS and all(isinstance(v, str) and v for v in mod.COLUMNS.values())
-    assert mod.FIGURES and all((ROOT / "paper_repro" / f"{f}.py").is_file() for f in mod.FIGURES)
+    assert mod.FIGURES and all((ROOT / "tpg" / "paper_repro" / f"{f}.py").is_file() for f in mod.FIGURES)
     for quick in (True, False):
         grid = mod.cells(quick)
         assert grid and all(isinstance(c, mod.Cell) for c in grid)
@@ -110,7 +110,7 @@ def test_a_killed_run_resumes_to_the_same_results(tmp_path):
 
 
 def _figure(name: str):
-    spec = importlib.util.spec_from_file_location(f"paper_repro_{name}", ROOT / "paper_repro" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"paper_repro_{name}", ROOT / "tpg" / "paper_repro" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -126,7 +126,7 @@ def test_every_figure_script_writes_a_non_empty_image(cache, tmp_path, figure):
 
 
 def test_a_figure_without_results_says_so(tmp_path):
-    from paper_repro.style import MissingResults
+    from tpg.paper_repro.style import MissingResults
 
     with pytest.raises(MissingResults):
         _figure("zero_groups").main(cache_dir=str(tmp_path), out_dir=str(tmp_path))

@@ -246,6 +246,6 @@ def test_readme_lora_verify_command(capsys):
     readme = Path(tpg.__file__).resolve().parents[1] / "README.md"
     (line,) = [t for t in readme.read_text().splitlines() if t.startswith("tpg verify --lm") and "lora:" in t]
     rc = cli.main(line.split("#")[0].split()[1:] + ["--estimator", "grpo", "--json"])
-    records = json.loads(capsys.readouterr().out)
+    records = json.loads(capsys.readouterr().out)["records"]
     assert rc == 0
     assert {r["spec"]: r["verdict"] for r in records} == {"reinforce": "unbiased", "grpo": "biased"}

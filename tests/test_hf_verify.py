@@ -145,7 +145,7 @@ def test_tpg_verify_lm_command(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert rc == 0
     import json
-    assert {r["spec"]: r["verdict"] for r in json.loads(out)} == {"reinforce": "unbiased", "grpo": "biased"}
+    assert {r["spec"]: r["verdict"] for r in json.loads(out)["records"]} == {"reinforce": "unbiased", "grpo": "biased"}
     rc = cli.main(["verify", "--lm", "gpt2-tiny", "--allowed-tokens", "3,5,7", "--horizon", "2",
                    "--estimator", "rloo", "--group-size", "2"])
     out = capsys.readouterr().out

@@ -39,7 +39,7 @@ def test_hooks_match_the_tree_context(spec):
     rb = ResponseBatch.from_rollouts(ro)
     tree_ctx, markov_ctx = ExactContext(mdp, pol, ref_policy=ref), MarkovExactContext(mdp, pol, ref_policy=ref)
     for g in (1.0, 0.6, mdp.gamma):
-        for opts in ({}, {"kl": "k1_reward", "beta": 0.3}, {"noise": "fresh", "sigma": 1.0}):
+        for opts in ({}, {"kl": "k1_reward", "kl_beta": 0.3}, {"noise": "fresh", "sigma": 1.0}):
             kind = "noisy" if "noise" in opts else "exact"
             a = tree_ctx.critic_values(rb, kind, g, opts)
             b = markov_ctx.critic_values(rb, kind, g, opts)
@@ -188,7 +188,7 @@ def test_refuses_non_markov_problems():
     ctx = MarkovExactContext(mdp, pol, ref_policy=make_policy(mdp, "tabular"))
     rb = ResponseBatch.from_rollouts(sample(mdp, pol, num_prompts=4, seed=0))
     with pytest.raises(ValueError, match="reference policy: .*SharedSoftmax"):
-        ctx.critic_values(rb, "exact", 1.0, {"kl": "k1_reward", "beta": 0.1})
+        ctx.critic_values(rb, "exact", 1.0, {"kl": "k1_reward", "kl_beta": 0.1})
     with pytest.raises(ValueError, match="critic kind must be one of"):
         ctx.critic_values(rb, "oracle", 1.0, {})
     with pytest.raises(ValueError, match="a continuation prefix runs past the end"):

@@ -27,7 +27,7 @@ def test_the_issue_command_on_a_case_file(capsys, tmp_path):
     code, out, _ = run(capsys, "verify", "--behaviour", "top_p:0.9", "--loss", "tis:2", "--estimator", "grpo",
                        "--case", str(case), "--group-size", "3", "--json")
     assert code == 0
-    rec = json.loads(out)[0]
+    rec = json.loads(out)["records"][0]
     assert rec["behaviour"] == "top_p:0.9" and rec["loss"] == "tis:2" and rec["verdict"] == "biased"
     assert rec["mismatch"]["pi_mass_outside_seq"] > 0 and rec["mismatch"]["kl_pi_mu_seq"] is None
     # the Python equivalent gives the same record
@@ -55,7 +55,7 @@ def test_mc_mode_and_hooks_flag(capsys):
                        "--samples", "500", "--behaviour", "temperature:1.3", "--loss", "is_seq", "--hooks-from",
                        "policy", "--json")
     assert code == 0
-    rec = json.loads(out)[0]
+    rec = json.loads(out)["records"][0]
     assert rec["mode"] == "mc" and rec["hooks"] == "policy" and rec["p_value"] is not None
 
 

@@ -43,7 +43,7 @@ def test_is_token_at_mu_equals_pi_is_the_on_policy_verifier(problem):
     mdp, pol, _ = problem
     specs = ["reinforce", "reward_to_go", "rloo", "grpo", "reinforce_pp", "grpo:agg=token-mean",
              "ppo_gae:lambda=0.9,critic=noisy,sigma=0.3", "trepo:anchors=every:2,fill=interpolate", "remax",
-             "rloo:kl=k1_reward", "grpo:kl=k3,beta=0.2"]
+             "rloo:kl=k1_reward", "grpo:kl=k3,kl_beta=0.2"]
     on = verify(mdp, pol, specs, group_size=3)
     for beh in ("pi", "temperature:1"):
         off = verify(mdp, pol, specs, group_size=3, behaviour=beh, loss="is_token")

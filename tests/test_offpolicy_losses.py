@@ -45,7 +45,7 @@ def _batch(spec, est_spec, G=3, n=40, beh_spec="logit_noise:0.6,2", seed=0):
 
 @pytest.fixture(scope="module")
 def tab():
-    return _batch("dense:vocab=3,horizon=3,eos=0,prompts=2,seed=1", "grpo:kl=k2,beta=0.3")
+    return _batch("dense:vocab=3,horizon=3,eos=0,prompts=2,seed=1", "grpo:kl=k2,kl_beta=0.3")
 
 
 # ------------------------------------------------------------------ closed forms
@@ -156,7 +156,7 @@ def test_pipeline_equals_autograd_on_the_actual_loss(policy):
     """Coefficients by autograd on the log-prob leaf, then the analytic score and the parameter map, give
     each batch's gradient of the trainer's loss through the policy's parameters to 1e-12."""
     spec = "dense:vocab=3,horizon=3,eos=0,prompts=2,seed=1" + (",policy=shared" if policy == "shared" else "")
-    case = _batch(spec, "grpo:kl=k2,beta=0.3", n=12)
+    case = _batch(spec, "grpo:kl=k2,kl_beta=0.3", n=12)
     for lspec in ALL_LOSSES:
         loss = get_loss(lspec)
         a, b = _autograd_batches(case, loss), _pipeline_batches(case, loss)

@@ -123,7 +123,7 @@ def tiny_cache(tmp_path_factory):
 def _figure(name):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(f"fig_{name}", ROOT / "paper_repro" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"fig_{name}", ROOT / "tpg" / "paper_repro" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -147,7 +147,7 @@ def test_every_figure_script_writes_a_non_empty_image(tiny_cache, tmp_path, figu
 
 
 def test_a_figure_without_results_says_so(tmp_path):
-    from paper_repro.style import MissingResults
+    from tpg.paper_repro.style import MissingResults
 
     with pytest.raises(MissingResults, match="tpg study offpolicy"):
         _figure("offpolicy_bias").main(cache_dir=str(tmp_path), out_dir=str(tmp_path))

@@ -1,4 +1,4 @@
-"""proofs_checks: every statement of docs/THEORY.md section 2 holds exactly, every negative control fails.
+"""tpg.proofs_checks: every statement of docs/THEORY.md section 2 holds exactly, every negative control fails.
 
 On the default cases all of them; on random small MDPs (hypothesis) every statement, and every
 negative control whose predicted gap is not degenerate. The predicted gap of each control is a
@@ -16,12 +16,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import proofs_checks
-from proofs_checks import (STATEMENTS, critic_identity, eq26_gamma, gae_equality, lemma1, lemma2, td_identity,
+import tpg.proofs_checks as proofs_checks
+from tpg.proofs_checks import (STATEMENTS, critic_identity, eq26_gamma, gae_equality, lemma1, lemma2, td_identity,
                            theorem1, theorem2)
-from proofs_checks.common import (NEGATIVE_TOL, STATEMENT_TOL, child_kv, enumerate_responses, negative_gamma,
+from tpg.proofs_checks.common import (NEGATIVE_TOL, STATEMENT_TOL, child_kv, enumerate_responses, negative_gamma,
                                   nt_column, response_values, seeded_normal)
-from proofs_checks.runner import default_cases, format_table, run_checks
+from tpg.proofs_checks.runner import default_cases, format_table, run_checks
 from tpg.cases import make_policy, mdp_from_spec
 from tpg.exact import solve
 from tpg.exact.engine import backward_values, nt_discount

@@ -81,6 +81,18 @@ print(codes, sorted(m for m in ("torch", "numpy", "pandas", "scipy") if m in sys
       "--estimator", "rloo"], ["verify", "--mdp", "dense:vocab=3", "--estimator", "rloo", "--target-reward", "bogus"],
       ["exact", "--mdp", "dense:foo=1"]],
      [2, 2, 2, 2]),
+    # ranges, estimator names and options, plug-in files, tpg train's specs: refused before torch loads too
+    ([["verify", "--mdp", "dense:vocab=1", "--estimator", "rloo"], ["exact", "--mdp", "dense:horizon=40"],
+      ["exact", "--mdp", "first_token:compact=true"], ["exact", "--task", "copy:horizon=30"],
+      ["verify", "--task", "count:vocab=3,length=3", "--estimator", "rloo"],
+      ["verify", "--mdp", "dense:vocab=3", "--estimator", "grpx"],
+      ["verify", "--mdp", "dense:vocab=3", "--estimator", "grpo:std=1"],
+      ["verify", "--mdp", "dense:vocab=3", "--estimator", "all:std_norm=false"],
+      ["verify", "--mdp", "dense:vocab=3", "--estimator", "no_such_file.py:fn"],
+      ["train", "--estimator", "grpx", "--mdp", "dense:vocab=3"], ["train", "--mdp", "dense:vocab=1"],
+      ["train", "--algo", "grpo:kl=k3", "--task", "copy"], ["train", "--estimator", "rloo", "--task", "copy:vocab=99"]],
+     [2] * 13),
+    ([["prove", "--help"], ["figures", "--help"], ["report", "--help"], ["probe", "--help"]], [0, 0, 0, 0]),
 ])
 def test_help_and_spec_errors_do_not_import_torch(argvs, codes):
     import subprocess

@@ -165,7 +165,7 @@ def test_cli_target_reward_text_json_file_and_errors(tmp_path, capsys):
     for target in (f"length_penalty:{ALPHA}", f"{fn}:shaped"):
         assert main(["verify", "--mdp", SPEC, "--estimator", "rloo", "--group-size", "3", "--target-reward", target,
                      "--json"]) == 0
-        (rec,) = json.loads(capsys.readouterr().out)
+        (rec,) = json.loads(capsys.readouterr().out)["records"]
         assert rec["verdict"] == "unbiased" and rec["target"].startswith("grad J[")
     assert main(["verify", "--mdp", SPEC, "--estimator", "rloo", "--group-size", "3", "--target-reward",
                  f"length_penalty:{ALPHA}"]) == 0

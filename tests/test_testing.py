@@ -69,7 +69,7 @@ def test_biased_function_fails_with_verdict_numbers_case_file_and_command(tmp_pa
     for cmd in (commands[2], commands[3]):
         capsys.readouterr()
         assert main(shlex.split(cmd)[1:] + ["--json"]) == 0
-        (out,) = json.loads(capsys.readouterr().out)
+        (out,) = json.loads(capsys.readouterr().out)["records"]
         assert out["verdict"] == "scaled" and abs(out["scale"] - 2 / 3) < 1e-12
 
 

@@ -70,20 +70,20 @@ COPY_MARGIN = 0.5
 
 @pytest.mark.parametrize("algo", TRAIN_ALGOS)
 def test_every_method_improves_J_on_a_tabular_mdp(algo):
-    log = train(quick(algo=algo, iters=10))
+    log = train(quick(estimator=algo, iters=10))
     assert log["J"].iloc[-1] - log["J"].iloc[0] > TAB_MARGIN
 
 
 @pytest.mark.parametrize("algo", TRAIN_ALGOS)
 def test_every_method_improves_J_on_the_copy_task_with_a_transformer(algo):
-    log = train(quick(algo=algo, task=COPY, iters=15))
+    log = train(quick(estimator=algo, task=COPY, iters=15))
     assert log["J"].iloc[-1] - log["J"].iloc[0] > COPY_MARGIN
 
 
 # -- the log --------------------------------------------------------------------------------------
 
 def test_log_columns_tokens_and_exact_quantities():
-    tr = Trainer(quick(algo="trepo", iters=3, kl="k3"))
+    tr = Trainer(quick(estimator="trepo", iters=3, kl="k3"))
     log = tr.run()
     assert list(log.columns) == list(LOG_COLUMNS) and list(log["iter"]) == [0, 1, 2, 3]
     first = log.iloc[0]
@@ -101,15 +101,15 @@ def test_log_columns_tokens_and_exact_quantities():
 
 
 def test_tokens_of_grpo_and_remax():
-    grpo = train(quick(algo="grpo", iters=2))
+    grpo = train(quick(estimator="grpo", iters=2))
     assert (grpo["tokens_extra"] == 0).all()
-    remax = train(quick(algo="remax", iters=2))
+    remax = train(quick(estimator="remax", iters=2))
     # one greedy response per distinct prompt of the batch (2 prompts, each greedy response <= 3 tokens)
     assert ((remax["tokens_extra"].iloc[1:] >= 2) & (remax["tokens_extra"].iloc[1:] <= 6)).all()
 
 
 def test_memory_is_logged_and_does_not_change_the_run():
-    on, off = train(quick(algo="ppo", measure_memory=True)), train(quick(algo="ppo"))
+    on, off = train(quick(estimator="ppo", measure_memory=True)), train(quick(estimator="ppo"))
     same_log(on, off)
     assert (on["peak_mem_bytes"].iloc[1:] > on["held_bytes"].iloc[1:]).all()
     assert off["peak_mem_bytes"].iloc[1:].isna().all()
@@ -118,7 +118,7 @@ def test_memory_is_logged_and_does_not_change_the_run():
 @pytest.mark.parametrize("suffix", [".parquet", ".csv"])
 def test_log_file_round_trip(tmp_path, suffix):
     out = tmp_path / f"run{suffix}"
-    log = train(quick(algo="rloo", out=str(out)))
+    log = train(quick(estimator="rloo", out=str(out)))
     back = read_log(str(out))
     pd.testing.assert_frame_equal(back, log, check_dtype=False)
     assert (tmp_path / f"run{suffix}.ckpt").is_file()
@@ -126,9 +126,9 @@ def test_log_file_round_trip(tmp_path, suffix):
 
 # -- reproducibility and resume ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("kw", [dict(algo="ppo", kl="k3"), dict(algo="trepo:anchors=random:1"),
-                                dict(algo="reinforce_baseline:baseline=running"),
-                                dict(algo="ppo", task=COPY, kl="k1_reward")],
+@pytest.mark.parametrize("kw", [dict(estimator="ppo", kl="k3"), dict(estimator="trepo:anchors=random:1"),
+                                dict(estimator="reinforce_baseline:baseline=running"),
+                                dict(estimator="ppo", task=COPY, kl="k1_reward")],
                          ids=["ppo-k3", "trepo-random", "running-baseline", "ppo-transformer"])
 def test_same_seed_same_log_and_resume_equals_uninterrupted(tmp_path, kw):
     cfg = quick(iters=6, **kw)
@@ -142,7 +142,7 @@ def test_same_seed_same_log_and_resume_equals_uninterrupted(tmp_path, kw):
 
 
 def test_resume_after_an_interruption(tmp_path, monkeypatch):
-    cfg = quick(algo="ppo", iters=6, checkpoint=str(tmp_path / "c.ckpt"), checkpoint_every=2)
+    cfg = quick(estimator="ppo", iters=6, checkpoint=str(tmp_path / "c.ckpt"), checkpoint_every=2)
     full = train(replace(cfg, checkpoint=str(tmp_path / "full.ckpt")))
     real_step = Trainer.step
 
@@ -164,13 +164,13 @@ def test_resume_after_an_interruption(tmp_path, monkeypatch):
 
 def test_resume_checks(tmp_path):
     ck = str(tmp_path / "r.ckpt")
-    train(quick(algo="grpo", iters=2, checkpoint=ck))
+    train(quick(estimator="grpo", iters=2, checkpoint=ck))
     with pytest.raises(ValueError, match="TrainConfig.lr"):
-        Trainer.load(quick(algo="grpo", iters=4, checkpoint=ck, resume=True, lr=0.01))
+        Trainer.load(quick(estimator="grpo", iters=4, checkpoint=ck, resume=True, lr=0.01))
     with pytest.raises(ValueError, match="TrainConfig.iters"):
-        Trainer.load(quick(algo="grpo", iters=1, checkpoint=ck, resume=True))
+        Trainer.load(quick(estimator="grpo", iters=1, checkpoint=ck, resume=True))
     with pytest.raises(ValueError, match="TrainConfig.checkpoint: no checkpoint"):
-        train(quick(algo="grpo", checkpoint=str(tmp_path / "missing.ckpt"), resume=True))
+        train(quick(estimator="grpo", checkpoint=str(tmp_path / "missing.ckpt"), resume=True))
 
 
 # -- dense versus terminal reward -------------------------------------------------------------------
@@ -181,14 +181,14 @@ def test_dense_and_terminal_rewards_have_the_same_J():
     assert solve(term.mdp, term.policy).J == pytest.approx(solve(dense.mdp, dense.policy).J, abs=1e-12)
     # a method that sees only RM cannot tell the two apart: the runs are identical (J is summed over
     # the twin's rewards, so it agrees to rounding)
-    a, b = train(quick(algo="grpo", reward="dense")), train(quick(algo="grpo", reward="terminal"))
+    a, b = train(quick(estimator="grpo", reward="dense")), train(quick(estimator="grpo", reward="terminal"))
     same_log(a.drop(columns=["reward", "J"]), b.drop(columns=["reward", "J"]))
     assert (a["J"] - b["J"]).abs().max() < 1e-12
     # the token-level oracle reads the token rewards: on the twin it is REINFORCE
-    rtg_t = train(quick(algo="reward_to_go", reward="terminal"))
-    same_log(rtg_t.drop(columns=["algo", "spec"]), train(quick(algo="reinforce", reward="terminal"))
-             .drop(columns=["algo", "spec"]))
-    assert not train(quick(algo="reward_to_go", reward="dense"))["J"].equals(rtg_t["J"])
+    rtg_t = train(quick(estimator="reward_to_go", reward="terminal"))
+    same_log(rtg_t.drop(columns=["method", "spec"]), train(quick(estimator="reinforce", reward="terminal"))
+             .drop(columns=["method", "spec"]))
+    assert not train(quick(estimator="reward_to_go", reward="dense"))["J"].equals(rtg_t["J"])
 
 
 # -- critics and memory -----------------------------------------------------------------------------
@@ -255,7 +255,7 @@ def test_memory_report_structure_and_ordering():
 
 
 def test_memory_report_on_the_transformer_counts_a_critic_network():
-    rows = memory_report(quick(task=COPY), algos=["grpo", "ppo", "trepo"])
+    rows = memory_report(quick(task=COPY), estimators=["grpo", "ppo", "trepo"])
     by = {r["method"]: r for r in rows}
     assert by["ppo"]["critic_kind"] == "transformer" and by["ppo"]["critic"] > 0.9 * by["ppo"]["policy"]
     assert by["grpo"]["reward_model_kind"] == "rule" and by["grpo"]["reward_model"] == 0
@@ -271,7 +271,7 @@ def test_compare_runs_writes_a_png(tmp_path):
     for reward in ("dense", "terminal"):
         for seed in (0, 1):
             out = tmp_path / f"{reward}_{seed}.csv"
-            train(quick(algo="reward_to_go", reward=reward, seed=seed, iters=3, out=str(out)))
+            train(quick(estimator="reward_to_go", reward=reward, seed=seed, iters=3, out=str(out)))
             paths.append(str(out))
     png = tmp_path / "cmp.png"
     summary = compare_runs(paths, str(png), x="tokens")
@@ -283,7 +283,7 @@ def test_compare_runs_writes_a_png(tmp_path):
 
 
 def test_curve_table_bands():
-    rows = [dict(iter=i, J=float(v), tokens_total=10 * i, algo="a", reward="dense", run=r)
+    rows = [dict(iter=i, J=float(v), tokens_total=10 * i, method="a", reward="dense", run=r)
             for r, vals in enumerate([(0, 1), (0, 3)]) for i, v in enumerate(vals)]
     df = pd.DataFrame(rows)
     mm = curve_table(df, band="minmax").set_index("iter")
@@ -298,7 +298,7 @@ def test_curve_table_bands():
     ("iters", -1), ("prompts", 0), ("group_size", 0), ("epochs", 0), ("minibatches", 0), ("minibatches", 99),
     ("clip_eps", -0.1), ("lr", 0.0), ("adam_beta1", 1.0), ("adam_beta2", -0.5), ("adam_eps", float("nan")),
     ("max_grad_norm", -1.0), ("kl", "k9"), ("kl_beta", -1.0), ("reward", "sparse"), ("critic_model", "mlp"),
-    ("critic_lr", 0.0), ("threads", 0), ("seed", -1), ("out", "log.txt"), ("iters", 2.5), ("algo", ""),
+    ("critic_lr", 0.0), ("threads", 0), ("seed", -1), ("out", "log.txt"), ("iters", 2.5), ("estimator", ""),
     ("seed", 2**32), ("seed", 10**23), ("group_size", 10**12), ("prompts", 10**12), ("checkpoint_seconds", -1.0),
 ])
 def test_bad_config_values_name_the_field(field, value):
@@ -307,8 +307,9 @@ def test_bad_config_values_name_the_field(field, value):
 
 
 @pytest.mark.parametrize("kw,field", [
-    (dict(algo="bogus"), "algo"), (dict(algo="grpo:kl=k3"), "algo"), (dict(algo="trepo:K=0"), "algo"),
-    (dict(algo="ppo", critic_lr=2.0), "critic_lr"), (dict(algo="ppo", critic_model="transformer"), "critic_model"),
+    (dict(estimator="bogus"), "estimator"), (dict(estimator="grpo:kl=k3"), "estimator"),
+    (dict(estimator="trepo:K=0"), "estimator"), (dict(estimator="ppo", critic_lr=2.0), "critic_lr"),
+    (dict(estimator="ppo", critic_model="transformer"), "critic_model"),
     (dict(task="copy:reward=terminal", reward="dense"), "reward"), (dict(mdp=TAB + ",twin=true"), "reward"),
 ])
 def test_bad_values_found_when_the_run_is_built(kw, field):
@@ -348,27 +349,63 @@ def test_cli_train_compare_and_report(cli, tmp_path, capsys):
     logs = []
     for reward in ("dense", "terminal"):
         out = tmp_path / f"{reward}.parquet"
-        assert cli(["train", "--algo", "grpo", "--mdp", TAB, "--reward", reward, "--iters", "3", "--seed", "1",
+        assert cli(["train", "--estimator", "grpo", "--mdp", TAB, "--reward", reward, "--iters", "3", "--seed", "1",
                     "--out", str(out), "--no-progress", "--lr", "0.2"]) == 0
         logs.append(str(out))
     assert (read_log(logs[0])["J"] - read_log(logs[1])["J"]).abs().max() < 1e-12
-    assert cli(["train", "--algo", "grpo", "--mdp", TAB, "--reward", "dense", "--iters", "5", "--seed", "1",
+    assert cli(["train", "--estimator", "grpo", "--mdp", TAB, "--reward", "dense", "--iters", "5", "--seed", "1",
                 "--out", logs[0], "--no-progress", "--lr", "0.2", "--resume"]) == 0
     assert list(read_log(logs[0])["iter"]) == [0, 1, 2, 3, 4, 5]
     png = tmp_path / "c.png"
     assert cli(["compare-runs", *logs, "--out", str(png), "--x", "tokens", "--band", "std"]) == 0
     assert png.stat().st_size > 0
     capsys.readouterr()
-    assert cli(["train", "--report-memory", "--mdp", TAB, "--algos", "grpo,ppo", "--json"]) == 0
-    rows = json.loads(capsys.readouterr().out)
-    assert [r["method"] for r in rows] == ["grpo", "ppo"]
+    assert cli(["train", "--report-memory", "--mdp", TAB, "--estimator", "grpo", "--estimator", "ppo", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["schema"] == "tpg-train-memory/1"
+    assert [r["method"] for r in doc["rows"]] == ["grpo", "ppo"]
+
+
+def test_the_old_estimator_flags_still_work_with_a_note(cli, tmp_path, capsys):
+    """--algo and --algos (the earlier names) run as --estimator does, hidden from --help, with a one-line note."""
+    out = tmp_path / "old.csv"
+    assert cli(["train", "--algo", "rloo", "--mdp", TAB, "--iters", "2", "--out", str(out), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "tpg: note: --algo is deprecated and will be removed in the next release; use --estimator" in err
+    assert set(read_log(str(out))["method"]) == {"rloo"}
+    assert cli(["train", "--report-memory", "--mdp", TAB, "--algos", "grpo,rloo", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "--algos is deprecated" in captured.err
+    assert [r["method"] for r in json.loads(captured.out)["rows"]] == ["grpo", "rloo"]
+    with pytest.raises(SystemExit):
+        cli(["train", "--help"])
+    assert "--algo" not in capsys.readouterr().out
+    assert cli(["train", "--estimator", "grpo", "--estimator", "rloo", "--mdp", TAB]) == 2
+    assert "--estimator: a training run takes one, got 2" in capsys.readouterr().err
+
+
+def test_a_checkpoint_and_a_log_of_the_old_field_names_still_resume(tmp_path):
+    """Earlier checkpoints carry config["algo"] and rows["algo"], logs an algo column: --resume maps them."""
+    from tpg.train.trainer import checkpoint_bytes, read_checkpoint
+
+    ck, out = tmp_path / "old.ckpt", tmp_path / "old.csv"
+    train(quick(estimator="grpo", iters=2, checkpoint=str(ck), out=str(out)))
+    state = read_checkpoint(ck)
+    state["config"]["algo"] = state["config"].pop("estimator")
+    state["rows"] = [{("algo" if k == "method" else k): v for k, v in r.items()} for r in state["rows"]]
+    ck.write_bytes(checkpoint_bytes(state))
+    read_log(str(out)).rename(columns={"method": "algo"}).to_csv(out, index=False)
+    assert "method" in read_log(str(out)).columns and "algo" not in read_log(str(out)).columns
+    resumed = train(quick(estimator="grpo", iters=4, checkpoint=str(ck), out=str(out), resume=True))
+    same_log(resumed, train(quick(estimator="grpo", iters=4)))
+    assert read_checkpoint(ck)["config"]["estimator"] == "grpo"
 
 
 def test_cli_bad_input_exits_2(cli, capsys):
-    assert cli(["train", "--algo", "grpo", "--mdp", TAB, "--iters", "-2"]) == 2
+    assert cli(["train", "--estimator", "grpo", "--mdp", TAB, "--iters", "-2"]) == 2
     assert "tpg: error: TrainConfig.iters" in capsys.readouterr().err
-    assert cli(["train", "--algo", "nope", "--mdp", TAB, "--iters", "1", "--no-progress"]) == 2
-    assert "TrainConfig.algo" in capsys.readouterr().err
+    assert cli(["train", "--estimator", "nope", "--mdp", TAB, "--iters", "1", "--no-progress"]) == 2
+    assert "TrainConfig.estimator" in capsys.readouterr().err
 
 
 # -- nothing is lost -----------------------------------------------------------------------------------
@@ -381,7 +418,7 @@ def read_checkpoint(path):
 
 def test_an_existing_log_or_checkpoint_stops_a_fresh_run(tmp_path, cli, capsys):
     out = tmp_path / "run.csv"
-    cfg = quick(algo="grpo", iters=2, out=str(out))
+    cfg = quick(estimator="grpo", iters=2, out=str(out))
     first = train(cfg)
     assert out.exists() and (tmp_path / "run.csv.ckpt").exists()
     before = out.read_bytes()
@@ -389,13 +426,13 @@ def test_an_existing_log_or_checkpoint_stops_a_fresh_run(tmp_path, cli, capsys):
         train(cfg)
     (tmp_path / "other.ckpt").write_bytes(b"an earlier checkpoint")
     with pytest.raises(ValueError, match=r"TrainConfig\.checkpoint: '.*other\.ckpt' exists .*--resume.*--force"):
-        train(quick(algo="grpo", iters=2, checkpoint=str(tmp_path / "other.ckpt")))
+        train(quick(estimator="grpo", iters=2, checkpoint=str(tmp_path / "other.ckpt")))
     assert out.read_bytes() == before
     same_log(first, train(replace(cfg, force=True)))
     assert list(train(replace(cfg, iters=3, resume=True))["iter"]) == [0, 1, 2, 3]
     with pytest.raises(ValueError, match=r"TrainConfig\.force"):
         quick(out=str(out), resume=True, force=True)
-    argv = ["train", "--algo", "grpo", "--mdp", TAB, "--iters", "3", "--no-progress", "--out", str(out)]
+    argv = ["train", "--estimator", "grpo", "--mdp", TAB, "--iters", "3", "--no-progress", "--out", str(out)]
     capsys.readouterr()
     assert cli(argv) == 2
     err = capsys.readouterr().err
@@ -406,7 +443,7 @@ def test_an_existing_log_or_checkpoint_stops_a_fresh_run(tmp_path, cli, capsys):
 def test_checkpoints_by_default_every_10_iterations_and_30_seconds(tmp_path, monkeypatch):
     assert (TrainConfig.checkpoint_every, TrainConfig.checkpoint_seconds) == (10, 30.0)
     out = tmp_path / "run.parquet"
-    cfg = quick(algo="rloo", iters=12, out=str(out))
+    cfg = quick(estimator="rloo", iters=12, out=str(out))
     real_step = Trainer.step
 
     def crash_at(n):
@@ -422,14 +459,14 @@ def test_checkpoints_by_default_every_10_iterations_and_30_seconds(tmp_path, mon
     assert read_checkpoint(cfg.checkpoint_path)["iteration"] == 10
     assert list(read_log(str(out))["iter"]) == list(range(11))  # the log matches the checkpoint
     # by time: a tiny checkpoint_seconds saves after every iteration
-    timed = quick(algo="rloo", iters=12, checkpoint=str(tmp_path / "t.ckpt"), checkpoint_every=0,
+    timed = quick(estimator="rloo", iters=12, checkpoint=str(tmp_path / "t.ckpt"), checkpoint_every=0,
                   checkpoint_seconds=1e-9)
     monkeypatch.setattr(Trainer, "step", crash_at(5))
     with pytest.raises(KeyboardInterrupt):
         train(timed)
     assert read_checkpoint(timed.checkpoint)["iteration"] == 5
     monkeypatch.setattr(Trainer, "step", real_step)
-    same_log(train(quick(algo="rloo", iters=12)), train(replace(cfg, resume=True)))
+    same_log(train(quick(estimator="rloo", iters=12)), train(replace(cfg, resume=True)))
 
 
 def test_the_log_is_written_atomically(tmp_path, monkeypatch):
@@ -445,7 +482,7 @@ def test_the_log_is_written_atomically(tmp_path, monkeypatch):
         return real_replace(src, dst)
 
     monkeypatch.setattr(tpg._io.os, "replace", spy)
-    train(quick(algo="grpo", iters=2, out=str(out), force=True))
+    train(quick(estimator="grpo", iters=2, out=str(out), force=True))
     logs = [(s, d) for s, d in renames if d == str(out)]
     assert logs and all(os.path.dirname(s) == str(tmp_path) and os.path.basename(s).startswith(".run.csv.")
                         for s, _ in logs)
@@ -463,8 +500,8 @@ def test_the_log_is_written_atomically(tmp_path, monkeypatch):
 
 
 def test_sigint_checkpoints_and_resumes_to_the_uninterrupted_log(tmp_path, monkeypatch):
-    cfg = quick(algo="ppo", iters=6, out=str(tmp_path / "run.csv"), checkpoint_every=0, checkpoint_seconds=0)
-    full = train(quick(algo="ppo", iters=6))
+    cfg = quick(estimator="ppo", iters=6, out=str(tmp_path / "run.csv"), checkpoint_every=0, checkpoint_seconds=0)
+    full = train(quick(estimator="ppo", iters=6))
     real_step = Trainer.step
 
     def step(self):
@@ -508,7 +545,7 @@ def test_sigterm_to_tpg_train_checkpoints_and_resume_gives_the_uninterrupted_log
     script = tmp_path / "slow_train.py"
     script.write_text(_SLOW_TRAIN)
     out = tmp_path / "run.csv"
-    argv = ["train", "--algo", "ppo", "--mdp", TAB, "--iters", "20", "--no-progress", "--no-measure-memory",
+    argv = ["train", "--estimator", "ppo", "--mdp", TAB, "--iters", "20", "--no-progress", "--no-measure-memory",
             "--out", str(out), "--checkpoint-every", "0", "--checkpoint-seconds", "0"]
     proc = subprocess.Popen([sys.executable, str(script), *argv], stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -521,8 +558,8 @@ def test_sigterm_to_tpg_train_checkpoints_and_resume_gives_the_uninterrupted_log
     assert "stopped by SIGTERM" in err and "--resume" in err and "Traceback" not in err
     done = read_checkpoint(str(out) + ".ckpt")["iteration"]
     assert 1 <= done < 20 and len(read_log(str(out))) == done + 1
-    cfg = quick(algo="ppo", iters=20, out=str(out), checkpoint_every=0, checkpoint_seconds=0)
-    same_log(train(quick(algo="ppo", iters=20)), train(replace(cfg, resume=True)))
+    cfg = quick(estimator="ppo", iters=20, out=str(out), checkpoint_every=0, checkpoint_seconds=0)
+    same_log(train(quick(estimator="ppo", iters=20)), train(replace(cfg, resume=True)))
 
 
 def _damaged(path, how):
@@ -539,7 +576,7 @@ def _damaged(path, how):
                                  "missing optimizer", "wrong rows"])
 def test_a_corrupt_checkpoint_is_one_line_naming_the_file(tmp_path, cli, capsys, how):
     good = tmp_path / "good.ckpt"
-    train(quick(algo="grpo", iters=2, checkpoint=str(good)))
+    train(quick(estimator="grpo", iters=2, checkpoint=str(good)))
     bad = tmp_path / "bad.ckpt"
     state = read_checkpoint(good)
     if how in ("truncated", "garbage", "one byte in the middle"):
@@ -555,9 +592,9 @@ def test_a_corrupt_checkpoint_is_one_line_naming_the_file(tmp_path, cli, capsys,
             state["rows"] = [{"iter": 0}] * len(state["rows"])
         torch.save(state, bad)  # a valid torch file (the pre-checksum layout) with the wrong content
     with pytest.raises(ValueError, match=r"TrainConfig\.checkpoint: '.*bad\.ckpt'"):
-        train(quick(algo="grpo", iters=4, checkpoint=str(bad), resume=True))
+        train(quick(estimator="grpo", iters=4, checkpoint=str(bad), resume=True))
     capsys.readouterr()
-    assert cli(["train", "--algo", "grpo", "--mdp", TAB, "--iters", "4", "--no-progress", "--no-measure-memory",
+    assert cli(["train", "--estimator", "grpo", "--mdp", TAB, "--iters", "4", "--no-progress", "--no-measure-memory",
                 "--checkpoint", str(bad), "--resume"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("tpg: error: TrainConfig.checkpoint: ") and "bad.ckpt" in err and err.count("\n") == 1

@@ -30,7 +30,7 @@ def same_log(a: pd.DataFrame, b: pd.DataFrame, skip=()) -> None:
 
 
 # -- the default path is unchanged -------------------------------------------------------------------
-@pytest.mark.parametrize("kw", [{}, {"algo": "ppo", "kl": "k3"}, {"task": COPY}])
+@pytest.mark.parametrize("kw", [{}, {"estimator": "ppo", "kl": "k3"}, {"task": COPY}])
 def test_behaviour_pi_and_catalog_ppo_clip_equal_the_default_run_bitwise(kw):
     """Sampling from mu = pi and the catalog's ppo_clip:0.2 (pi_old = the sampler) is the built-in loss: every
     logged number is the same to the bit (clip_frac counts differently: the tokens the loss zeroes)."""

@@ -24,7 +24,7 @@ def test_verify_json_fields(capsys):
     code, out, _ = run(capsys, "verify", "--mdp", MDP, "--estimator", "rloo", "--estimator", "grpo:std_norm=false",
                        "--group-size", "3", "--json")
     assert code == 0
-    recs = json.loads(out)
+    recs = json.loads(out)["records"]
     assert [r["verdict"] for r in recs] == ["unbiased", "scaled"]
     assert abs(recs[1]["scale"] - 2 / 3) < 1e-12
     for key in ("estimator", "options", "mode", "group_size", "verdict", "scale", "cosine", "rel_bias", "p_value",
@@ -45,7 +45,7 @@ def test_verify_text_table_and_fail_on_bias(capsys):
 def test_verify_monte_carlo(capsys):
     code, out, _ = run(capsys, "verify", "--mdp", MDP, "--estimator", "reinforce", "--mode", "mc", "--samples", "800",
                        "--seed", "3", "--json")
-    rec = json.loads(out)[0]
+    rec = json.loads(out)["records"][0]
     assert code == 0 and rec["mode"] == "mc" and rec["n_samples"] == 800 and rec["p_value"] is not None
     for key in ("p_value_adjusted", "p_value_direction_adjusted", "holm_family", "scale_ci_level", "mde_rel_bias",
                 "mde_cosine", "mde_scale", "power", "target_cosine", "n_for_cosine"):
@@ -92,7 +92,7 @@ def test_all_records_refusals_as_rows(capsys):
     run exits 3, not 0."""
     code, out, err = run(capsys, "verify", "--mdp", MDP, "--estimator", "all", "--group-size", "4", "--max-rows",
                          "200", "--json")
-    recs = json.loads(out)
+    recs = json.loads(out)["records"]
     assert code == 3 and "estimators errored" in err and "exit status 3" in err
     assert {r["verdict"] for r in recs if r["layout"] is None} == {"error"}
     assert any(r["verdict"] == "unbiased" for r in recs)
@@ -114,7 +114,7 @@ def test_plugin_and_probe(tmp_path, capsys):
     '''))
     code, out, _ = run(capsys, "verify", "--mdp", MDP, "--estimator", f"{path}:grpo_like", "--estimator", "grpo",
                        "--json")
-    recs = json.loads(out)
+    recs = json.loads(out)["records"]
     assert code == 0 and recs[0]["verdict"] == recs[1]["verdict"] == "biased"
     assert abs(recs[0]["cosine"] - recs[1]["cosine"]) < 1e-9
     # GRPO with an epsilon: flagged at reward scale 1e-6 and in float32 (identical groups get |A| ~ 0.056)
@@ -176,7 +176,7 @@ def test_verify_plugin_failures_are_error_rows_exit_3(tmp_path, capsys):
                          f"{path}:custom", "--estimator", f"{path}:sleeps", "--estimator", f"{exits_at_import}:f",
                          "--estimator", "rloo", "--estimator", "grpo", "--plugin-timeout", "0.3", "--fail-on-bias",
                          "--json")
-    recs = json.loads(out)
+    recs = json.loads(out)["records"]
     assert code == 3 and "4 of 6 estimators errored" in err
     assert [r["verdict"] for r in recs] == ["error", "error", "error", "error", "unbiased", "biased"]
     assert "SystemExit" in recs[0]["error"] and "Stop: no" in recs[1]["error"]
@@ -198,5 +198,5 @@ def test_verify_text_table_shows_layout(capsys):
     assert lines[5].split()[:3] == ["grpo", "3", "group"]
     code, out, _ = run(capsys, "verify", "--mdp", "dense:vocab=2,horizon=2,eos=0,prompts=2,seed=3", "--estimator",
                        f"{rpp}:compute_advantage:layout=batch:2x2", "--json")
-    rec = json.loads(out)[0]
+    rec = json.loads(out)["records"][0]
     assert rec["layout"] == "batch:2x2" and rec["group_size"] == 2 and rec["options"]["layout"] == "batch:2x2"

@@ -161,7 +161,7 @@ def test_text_output_states_the_family_and_the_power(default_run):
     assert f"Holm: the {m} tests of this run" in text and "P(any false alarm) <= alpha = 0.01" in text
     for word in MC_VERDICTS:
         assert re.search(rf"^  {word} +\S", text, re.M), word
-    assert "columns:" in text and "mde:" in text and "orthogonal to the target" in text
+    assert "columns:" in text and "  mde b (cos)  " in text and "orthogonal to the target" in text
     for r in default_run:
         line = re.search(rf"^  {re.escape(r['spec'])} \({r['verdict']}\): could have missed .*$", text, re.M)
         assert (line is not None) == (r["verdict"] != "biased"), r["spec"]

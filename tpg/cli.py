@@ -2,11 +2,14 @@
 
 Commands:
     tpg exact  (--case FILE | --mdp SPEC | --task SPEC) [--engine auto|tree|markov] [--json] [--save-case FILE]
-    tpg prove  [--statement NAME ...] [--json]
+    tpg prove  [--statement NAME ...] [--json] [--progress | --no-progress]
     tpg mdp-help | task-help
 and the commands registered by sub-packages (``register(subparsers)`` functions listed in
 ``_COMMAND_MODULES``). Bad input prints one line ``tpg: error: ...`` and exits with status 2, and so
-does an output that cannot be written (``tpg: error: cannot write FILE: reason``).
+does an output that cannot be written (``tpg: error: cannot write FILE: reason``). Every command speaks
+one vocabulary (the helpers below): ``--estimator``, ``--kl``/``--kl-beta``, ``--jobs`` (processes),
+``--threads`` (torch threads), ``--progress/--no-progress`` and ``--json`` (one object with a ``schema``
+key, docs/JSON.md); a renamed flag stays a hidden alias for one release (:class:`DeprecatedFlag`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ import os
 import sys
 from pathlib import Path
 
+#: the JSON documents of ``tpg exact --json`` and ``tpg prove --json`` (docs/JSON.md)
+EXACT_SCHEMA = "tpg-exact/1"
+PROVE_SCHEMA = "tpg-prove/1"
 # modules that add sub-commands: each has register(subparsers); missing ones are skipped
 _COMMAND_MODULES = ("tpg.verify.cli", "tpg.train.cli", "tpg.experiments.cli")
 
@@ -25,6 +31,56 @@ _COMMAND_MODULES = ("tpg.verify.cli", "tpg.train.cli", "tpg.experiments.cli")
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's usage errors: one line, status 2
         self.exit(2, f"tpg: error: {message}\n")
+
+
+# ------------------------------------------------------------------------------ the shared vocabulary
+# One spelling per idea across the commands: --estimator SPEC (repeatable where a command takes several),
+# --kl KIND / --kl-beta BETA (the spec options kl= and kl_beta=), --jobs N (worker processes) and
+# --threads N (torch threads in this process), --progress/--no-progress (default: a bar only when stderr
+# is a terminal), --json (one document with a "schema" key, docs/JSON.md).
+class DeprecatedFlag(argparse.Action):
+    """A flag renamed in this release: still accepted for one more, hidden from ``--help``, with a one-line
+    note on stderr naming the new flag. ``append=True`` adds to the new flag's list (``convert(value)``
+    turns one value into several, e.g. a comma-separated list)."""
+
+    def __init__(self, option_strings, dest, new: str, append: bool = False, convert=None, **kw):
+        kw.pop("help", None)
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kw)
+        self.new, self.append, self.convert = new, append, convert
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"tpg: note: {option_string} is deprecated and will be removed in the next release; use {self.new}",
+              file=sys.stderr)
+        if not self.append:
+            setattr(namespace, self.dest, values)
+            return
+        items = self.convert(values) if self.convert else [values]
+        setattr(namespace, self.dest, list(getattr(namespace, self.dest, None) or []) + list(items))
+
+
+def add_progress_arg(p: argparse.ArgumentParser) -> None:
+    """``--progress/--no-progress`` (``args.progress``: True, False or None = auto), on every long command."""
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="a progress bar on stderr (--no-progress: none; default: only when stderr is a terminal)")
+
+
+def add_threads_arg(p: argparse.ArgumentParser) -> None:
+    """``--threads N``: torch's intra-op threads in this process (``args.threads``; None: torch's default)."""
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch intra-op CPU threads of this process (default: torch's, one per core); worker "
+                        "processes are --jobs, where a command has them")
+
+
+def check_threads(threads) -> None:
+    """``ValueError`` naming ``--threads`` unless it is None or an integer >= 1."""
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+
+
+def add_json_arg(p: argparse.ArgumentParser, schema: str, what: str) -> None:
+    """``--json``: ``what``, as one JSON document (an object) whose ``schema`` key is ``schema``."""
+    p.add_argument("--json", action="store_true",
+                   help=f"{what}; one JSON object with \"schema\": \"{schema}\" (its keys: docs/JSON.md)")
 
 
 def add_problem_args(p: argparse.ArgumentParser):
@@ -76,15 +132,17 @@ def _cmd_exact(args) -> int:
         return _exact_markov(args, mdp, policy)
     sol = solve(mdp, policy)
     tree = mdp.tree
+    gnorm = float(sol.flat_grad().norm())
     if args.json:
         grad = sol.grad_logits
         entries = []
         for k in range(tree.num_nonterminal):
             prompt, prefix = tree.prefix(int(tree.nt_node_k[k]))
             entries.append({"prompt": prompt, "prefix": prefix, "grad": [float(x) for x in grad[k]]})
-        print(json.dumps({"J": sol.J, "grad": entries}))
+        print(json.dumps({"schema": EXACT_SCHEMA, "engine": "tree", "problem": mdp.name, "J": sol.J,
+                          "grad_norm": gnorm, "prompt_values": [float(sol.value[p]) for p in range(mdp.num_prompts)],
+                          "grad": entries}))
         return 0
-    gnorm = float(sol.flat_grad().norm())
     print(mdp.describe())
     print(f"J              = {sol.J:.12g}")
     print(f"|grad J|       = {gnorm:.6g}  (over {sum(p.numel() for p in policy.parameters())} parameters)")
@@ -112,7 +170,8 @@ def _exact_markov(args, mdp, policy) -> int:
         for t, prev in sol.reachable.nonzero().tolist():
             states.append({"position": t, "prev": prev, "reach": float(sol.reach[t, prev]),
                            "grad": [float(x) for x in sol.grad_logits[t, prev]]})
-        print(json.dumps({"engine": "markov", "J": sol.J, "grad_norm": gnorm, "expected_length": sol.expected_length,
+        print(json.dumps({"schema": EXACT_SCHEMA, "engine": "markov", "problem": mdp.name, "J": sol.J,
+                          "grad_norm": gnorm, "expected_length": sol.expected_length,
                           "prompt_values": [float(x) for x in sol.prompt_values()], "grad": states}))
         return 0
     eos = "none" if mdp.eos_token is None else str(mdp.eos_token)
@@ -134,12 +193,13 @@ def _exact_markov(args, mdp, policy) -> int:
 
 # ------------------------------------------------------------------------------ prove
 def _cmd_prove(args) -> int:
-    from proofs_checks.runner import format_table, run_checks
-    rows = run_checks(statements=args.statement or None, progress=not args.json)
+    from .proofs_checks.runner import format_legend, format_table, run_checks
+    rows = run_checks(statements=args.statement or None, progress=args.progress)
     if args.json:
-        print(json.dumps(rows))
+        print(json.dumps({"schema": PROVE_SCHEMA, "ok": all(r["passed"] for r in rows), "rows": rows}))
     else:
         print(format_table(rows))
+        print(format_legend())
         bad = [r for r in rows if not r["passed"]]
         n_stat = sum(r["kind"] == "statement" for r in rows)
         print(f"\n{len(rows) - len(bad)} of {len(rows)} checks as expected "
@@ -167,12 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("exact", help="exact J and grad J of an MDP and policy (float64)")
     add_problem_args(p)
-    p.add_argument("--json", action="store_true",
-                   help='print {"J": float, "grad": [{"prompt", "prefix", "grad": [V floats]}, ...]} '
-                        "with one entry per non-terminal node (dJ/dlogits); with the Markov engine "
-                        '{"engine": "markov", "J", "grad_norm", "expected_length", "prompt_values", '
-                        '"grad": [{"position", "prev", "reach", "grad": [V floats]}, ...]} with one entry '
-                        "per reachable (position, previous token) state")
+    add_json_arg(p, EXACT_SCHEMA, "print J, grad J and the prompt values; grad: dJ/dlogits per non-terminal node "
+                                  "(tree engine) or per reachable (position, previous token) state (Markov engine)")
     p.add_argument("--engine", choices=("auto", "tree", "markov"), default="auto",
                    help="tree: dynamic programme over the stored tree (needs it within --max-nodes); "
                         "markov: over the (position, previous token) states, for policy=shared with "
@@ -183,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "with negative controls")
     p.add_argument("--statement", action="append", metavar="NAME",
                    help="only this statement (repeatable); default all")
-    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    add_json_arg(p, PROVE_SCHEMA, "print every check's row")
+    add_progress_arg(p)
     p.set_defaults(func=_cmd_prove)
 
     p = sub.add_parser("mdp-help", help="the keys of --mdp FAMILY:key=value,...")
@@ -292,7 +349,29 @@ def run_command(args) -> int:
         return 2
 
 
+def _note_warnings(previous):
+    """A ``warnings.showwarning`` that prints deprecations (``FutureWarning``) as one line ``tpg: note: ...``
+    and hands every other warning to ``previous``."""
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, FutureWarning):
+            print(f"tpg: note: {message}", file=sys.stderr if file is None else file)
+        else:
+            previous(message, category, filename, lineno, file, line)
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    previous = warnings.showwarning
+    warnings.showwarning = _note_warnings(previous)
+    try:
+        return _main(argv)
+    finally:
+        warnings.showwarning = previous
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -11,8 +11,9 @@ Options every estimator has:
   for every estimator (the unbiased mode the verifier compares with); ``agg=customary`` picks the
   mode the method uses in training (:attr:`Estimator.customary_agg`).
 * ``kl`` — ``none | k1_reward | k1 | k2 | k3`` (``low_var_kl`` = ``k3``), see :mod:`.kl`.
-* ``beta`` — the KL coefficient (default 0.1; verl's default is 0.001, too small to see in
-  a gradient check).
+* ``kl_beta`` — the KL coefficient beta (default 0.1; verl's default is 0.001, too small to see in
+  a gradient check). The same names as ``tpg train``'s ``--kl`` and ``--kl-beta``. ``beta``, its
+  earlier name, is still accepted for one release, with a ``FutureWarning``.
 """
 
 from __future__ import annotations
@@ -108,8 +109,30 @@ COMMON_OPTIONS: dict[str, Option] = {
                   "selects the method's own", choices=AGG_MODES + ("customary",)),
     "kl": Option("none", "custom", "KL regularisation: none, k1 in the reward, or k1/k2/k3 as a loss",
                  parser=_parse_kl, allowed=" | ".join(KL_KINDS + tuple(KL_ALIASES))),
-    "beta": Option(0.1, "float", "KL coefficient", low=0.0),
+    "kl_beta": Option(0.1, "float", "KL coefficient beta", low=0.0),
 }
+#: options renamed since earlier releases: old name -> new name (accepted with a FutureWarning for one release)
+RENAMED_OPTIONS = {"beta": "kl_beta"}
+
+
+def _renamed_options(owner: str, options: dict) -> dict:
+    """``options`` with the old names of :data:`RENAMED_OPTIONS` replaced by the new ones, each with a
+    one-line ``FutureWarning`` (the command line prints it as ``tpg: note: ...``)."""
+    if not any(old in options for old in RENAMED_OPTIONS):
+        return options
+    import warnings
+
+    out = {}
+    for key, value in options.items():
+        new = RENAMED_OPTIONS.get(key)
+        if new is not None:
+            if new in options:
+                raise ValueError(f"{owner}: option {key!r} is the old name of {new!r}; give one of them")
+            warnings.warn(f"{owner}: option {key!r} is deprecated and will be removed in the next release; "
+                          f"use {new!r}", FutureWarning, stacklevel=3)
+            key = new
+        out[key] = value
+    return out
 
 
 class Estimator:
@@ -117,7 +140,7 @@ class Estimator:
 
     Class attributes (overridden by each estimator):
         name: the catalog name.
-        OPTIONS: the estimator's own options (the common ``agg``, ``kl``, ``beta`` are added).
+        OPTIONS: the estimator's own options (the common ``agg``, ``kl``, ``kl_beta`` are added).
         uses_token_rewards: True only for the token-level oracle.
         needs_groups: True when an advantage depends on the other responses of its group: the
             verifier must enumerate G-tuples.
@@ -140,7 +163,7 @@ class Estimator:
     def __init__(self, **options: Any):
         allowed = self.all_options()
         parsed = {}
-        for key, value in options.items():
+        for key, value in _renamed_options(self.name, options).items():
             if key not in allowed:
                 raise ValueError(f"{self.name}: unknown option {key!r}; allowed options: {', '.join(allowed)}")
             parsed[key] = allowed[key].parse(self.name, key, value)
@@ -192,7 +215,7 @@ class Estimator:
         batch = self._as_batch(batch)
         check_batch(batch, needs_token_rewards=self.uses_token_rewards)
         kind = self.options["kl"]
-        beta = float(self.options["beta"])
+        beta = float(self.options["kl_beta"])
         penalty = None
         delta = None
         if kind != "none":

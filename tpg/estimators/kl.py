@@ -1,4 +1,5 @@
-"""KL regularisation towards a reference policy, shared by every estimator (options ``kl``, ``beta``).
+"""KL regularisation towards a reference policy, shared by every estimator (options ``kl`` and
+``kl_beta``, the coefficient beta).
 
 Per token, ``Delta_t = log pi(w_t|s_t) - log pi_ref(w_t|s_t)`` (``ResponseBatch.logp`` minus
 ``ResponseBatch.ref_logp``). The option ``kl`` takes one of:

@@ -30,7 +30,7 @@ as positional parameters) receives, per call:
 * ``old_log_prob`` ``[B, L]`` — ``log pi_old`` of each sampled token (0 on padding).
 
 Options on the spec (``FILE.py:FUNCTION:key=value,...``, or keyword arguments of
-:func:`plugin_from_callable`): the common ``agg``, ``kl``, ``beta``;
+:func:`plugin_from_callable`): the common ``agg``, ``kl``, ``kl_beta``;
 ``layout`` (below); ``gamma``/``lam`` only for a function that takes them; the critic options
 only for one that takes ``values``.
 
@@ -47,7 +47,7 @@ of the plug-in sees, and hence the sample space the verifier enumerates:
 
 A plug-in is called once per batch id (its statistics stay within a batch, as a trainer's
 would), with group ids numbered ``0 .. n-1`` within that batch. Its output goes through the
-same options as a built-in (``agg``, ``kl``, ``beta``: with ``kl=k1_reward`` the rewards it
+same options as a built-in (``agg``, ``kl``, ``kl_beta``: with ``kl=k1_reward`` the rewards it
 receives carry the penalty) and padded positions are zeroed afterwards (``info`` records
 whether the raw output had non-zero padding). ``dtype`` (float64 by default) is the dtype of
 the tensors it receives; results are cast back to float64. Being opaque, a plug-in is assumed
@@ -98,6 +98,7 @@ import time
 import numpy as np
 import torch
 
+from .._tables import legend_lines
 from .base import ResponseBatch
 from .estimator import COMMON_OPTIONS, Estimator, Option, tokens_between, tokens_counter
 from .functional import dense_ids
@@ -546,7 +547,7 @@ def load_function(path: str, fn_name: str, timeout: float | None = DEFAULT_TIMEO
 def load_plugin(spec: str, dtype: torch.dtype = torch.float64,
                 timeout: float | None = DEFAULT_TIMEOUT) -> PluginEstimator:
     """The estimator of a plug-in ``FILE.py:FUNCTION`` (optionally ``:key=value,...``: ``agg``, ``kl``,
-    ``beta``, ``layout`` and the options of the context keywords it takes). See the module docstring.
+    ``kl_beta``, ``layout`` and the options of the context keywords it takes). See the module docstring.
 
     ``timeout``: seconds for the import and for each call (``None``: no limit). Raises
     ``ValueError`` for a bad spec and :class:`PluginError` when importing the file fails (raises
@@ -608,7 +609,7 @@ def plugin_from_callable(fn, dtype: torch.dtype = torch.float64, timeout: float 
         dtype: the dtype of the tensors it receives (float64 or float32).
         timeout: seconds per call (``None``: no limit), as for plug-in files.
         label: the name in records and tables (default :func:`callable_label`: ``module.qualname``).
-        options: ``layout``, ``agg``, ``kl``, ``beta`` and the options of the context keywords it takes,
+        options: ``layout``, ``agg``, ``kl``, ``kl_beta`` and the options of the context keywords it takes,
             as keyword arguments (strings or values: ``layout="batch:2x3"``, ``gamma=0.9``).
 
     Raises ``ValueError`` naming the callable for something that is not callable, a signature that
@@ -836,8 +837,8 @@ def _runs(values: list[float]) -> str:
 
 
 def format_probe(rows: list[dict]) -> str:
-    """A plain-text table of :func:`probe`'s rows (runs of equal values written ``v xk``) and a
-    last line naming the flagged cases."""
+    """A plain-text table of :func:`probe`'s rows (runs of equal values written ``v xk``), a legend of its
+    columns and of the cases, and a last line naming the flagged cases."""
     header = ("case", "rewards", "lengths", "advantages (first token)", "value", "flag")
     table = []
     for r in rows:
@@ -851,9 +852,17 @@ def format_probe(rows: list[dict]) -> str:
     widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(header)]
     lines = [header, tuple("-" * w for w in widths)] + table
     text = "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in lines)
+    legend = legend_lines({
+        "case": "the edge case (described below)",
+        "rewards": "the responses' rewards, group by group (v xk: k equal values in a row)",
+        "lengths": "the responses' lengths in tokens (the batch is padded to the longest)",
+        "advantages (first token)": "what the estimator returned for each response's first token",
+        "value": "the case's measurement (named in its description; empty where the case has none)",
+        "flag": "ok, or what looks wrong; error: the call raised",
+    }) + legend_lines({r["case"]: r.get("description", "") for r in rows}, title="cases:")
     bad = [r["case"] for r in rows if r.get("status", "ok" if not r["flag"] else "flagged") != "ok"]
     summary = f"{len(bad)} of {len(rows)} cases flagged: {', '.join(bad)}" if bad else f"all {len(rows)} cases ok"
-    return text + "\n" + summary
+    return "\n".join([text, *legend, summary])
 
 
 __all__ = ["PluginEstimator", "PluginError", "load_plugin", "load_function", "plugin_from_callable", "callable_label",

@@ -1,9 +1,10 @@
 """``tpg study``, ``tpg figures``, ``tpg report``: run the studies, draw their figures, write the claims report.
 
     tpg study NAME|all [--quick] [--backend processes|sequential|dask|ray] [--address ADDR] [--jobs N]
-              [--cache-dir DIR]
+              [--cache-dir DIR] [--progress | --no-progress]
     tpg figures [NAME ...] [--cache-dir DIR] [--out-dir DIR] [--scripts-dir DIR] [--allow-partial]
-    tpg report [--cache-dir DIR] [--out FILE] [--no-proofs]
+                [--progress | --no-progress]
+    tpg report [--cache-dir DIR] [--out FILE] [--no-proofs] [--progress | --no-progress]
 
 ``tpg figures`` names every figure it drew from a study whose latest grid is not all cached and
 then exits 1, unless ``--allow-partial``; ``tpg report`` marks such a study's rows ``incomplete``.
@@ -25,18 +26,19 @@ DEFAULT_FIGURES = "figures"
 
 
 def default_scripts_dir() -> Path:
-    """``paper_repro/`` of the source tree tpg runs from (an editable install or a checkout)."""
+    """The figure scripts shipped with the package, ``tpg/paper_repro/`` of the tpg this process imports
+    (an installed wheel, an editable install or a checkout alike)."""
     import tpg
 
-    return Path(tpg.__file__).resolve().parents[1] / "paper_repro"
+    return Path(tpg.__file__).resolve().parent / "paper_repro"
 
 
 def figure_scripts(scripts_dir: str | Path | None = None, names=None) -> list[Path]:
-    """The figure scripts (every ``*.py`` of ``paper_repro/`` but ``style.py`` and private files),
+    """The figure scripts (every ``*.py`` of ``tpg/paper_repro/`` but ``style.py`` and private files),
     optionally only those named (``bias_heatmap`` or ``bias_heatmap.py``)."""
     d = Path(scripts_dir) if scripts_dir else default_scripts_dir()
     if not d.is_dir():
-        raise ValueError(f"no figure scripts at {d}: run from a tpg checkout or pass --scripts-dir")
+        raise ValueError(f"--scripts-dir: no figure scripts at {d} (not a directory)")
     scripts = sorted(p for p in d.glob("*.py") if p.stem != "style" and not p.stem.startswith("_"))
     if names:
         wanted = {Path(n).stem for n in names}
@@ -105,7 +107,7 @@ def figure_studies() -> dict[str, list[str]]:
 def _run_one_study(name: str, args, run_study, load_study) -> list:
     start = time.perf_counter()
     df = run_study(name, quick=args.quick, backend=args.backend, n_jobs=args.jobs, cache_dir=args.cache_dir,
-                   progress=not args.no_progress)
+                   progress=args.progress)
     mod = load_study(name)
     print(f"study {name}: {df['cell_key'].nunique() if len(df) else 0} cells, {len(df)} rows "
           f"({'quick' if args.quick else 'full'}) in {time.perf_counter() - start:.1f} s; "
@@ -114,6 +116,7 @@ def _run_one_study(name: str, args, run_study, load_study) -> list:
 
 
 def _cmd_figures(args) -> int:
+    from .._progress import progress_bar
     from .report import partial_note, study_progress
 
     scripts = figure_scripts(args.scripts_dir, args.names)
@@ -121,12 +124,14 @@ def _cmd_figures(args) -> int:
     progress: dict[str, dict] = {}
     partial: list[str] = []
     failed = skipped = 0
-    for path in scripts:
+    bar = progress_bar(args.progress, iterable=scripts, desc="figures", unit="script", leave=False)
+    for path in bar:
+        bar.set_postfix_str(path.stem)
         start = time.perf_counter()
         try:
             written = run_figure_script(path, args.cache_dir, args.out_dir)
         except Exception as exc:  # one broken figure must not stop the others
-            # by name: a script may import the style module under another name (paper_repro.style, style)
+            # by name: a script may import the style module under another name (tpg.paper_repro.style, style)
             if any(c.__name__ == "MissingResults" for c in type(exc).__mro__):
                 skipped += 1
                 print(f"{path.stem}: skipped ({exc})", flush=True)
@@ -142,6 +147,7 @@ def _cmd_figures(args) -> int:
             if progress[study]["cells"] and not progress[study]["complete"]:
                 partial.append(path.stem)
                 print(f"{path.stem}: drawn from a partial grid: {partial_note(study, progress[study])}", flush=True)
+    bar.close()
     print(f"{len(scripts) - failed - skipped} of {len(scripts)} figure scripts ran"
           + (f", {skipped} skipped (no cached results)" if skipped else "")
           + (f", {failed} failed" if failed else "")
@@ -156,7 +162,7 @@ def _cmd_figures(args) -> int:
 def _cmd_report(args) -> int:
     from .report import INCOMPLETE, collect_rows, format_markdown, format_table, partial_note
 
-    rows, info, summaries = collect_rows(args.cache_dir, proofs=not args.no_proofs)
+    rows, info, summaries = collect_rows(args.cache_dir, proofs=not args.no_proofs, progress=args.progress)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(format_markdown(rows, info, summaries, args.cache_dir))
@@ -170,6 +176,7 @@ def _cmd_report(args) -> int:
 
 def register(subparsers) -> None:
     """Add ``study``, ``figures`` and ``report`` to a ``tpg`` sub-parser set."""
+    from ..cli import add_progress_arg
     from .runner import BACKENDS
     from .studies import STUDIES
 
@@ -187,12 +194,13 @@ def register(subparsers) -> None:
                         "`ray start --head` started here), HOST:PORT or ray://HOST:10001 (default: $RAY_ADDRESS, "
                         "else a local instance). Workers must import the same tpg; the cache dir must be shared")
     p.add_argument("--jobs", type=int, default=2, metavar="N",
-                   help="parallel workers (default 2); with --address the cluster's workers decide")
+                   help="worker processes that run cells in parallel (default 2), each on one torch thread; with "
+                        "--address the cluster's workers decide")
     p.add_argument("--cache-dir", default=DEFAULT_CACHE, metavar="DIR", help=f"result cache (default {DEFAULT_CACHE})")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_arg(p)
     p.set_defaults(func=_cmd_study)
 
-    p = subparsers.add_parser("figures", help="draw every figure (paper_repro/*.py) from the cached results",
+    p = subparsers.add_parser("figures", help="draw every figure (tpg/paper_repro/*.py) from the cached results",
                               description="Draw every figure script's figure from the cached results. A figure "
                                           "whose study has fewer cells cached than its latest run's grid is "
                                           "drawn and named as partial; the exit status is then 1 unless "
@@ -200,10 +208,11 @@ def register(subparsers) -> None:
     p.add_argument("names", nargs="*", metavar="NAME", help="only these figure scripts (default all)")
     p.add_argument("--cache-dir", default=DEFAULT_CACHE, metavar="DIR", help=f"result cache (default {DEFAULT_CACHE})")
     p.add_argument("--out-dir", default=DEFAULT_FIGURES, metavar="DIR", help=f"where figures go (default {DEFAULT_FIGURES})")
-    p.add_argument("--scripts-dir", default=None, metavar="DIR", help="the figure scripts (default paper_repro/)")
+    p.add_argument("--scripts-dir", default=None, metavar="DIR", help="a directory of figure scripts (default: tpg/paper_repro/, shipped with the package)")
     p.add_argument("--allow-partial", action="store_true",
                    help="exit 0 even when a figure is drawn from a study whose latest grid is not all cached "
                         "(the figures are drawn and named either way; without this flag the exit status is 1)")
+    add_progress_arg(p)
     p.set_defaults(func=_cmd_figures)
 
     p = subparsers.add_parser("report", help="write the claims report (figures/REPORT.md) from the cached results")
@@ -211,6 +220,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", default=f"{DEFAULT_FIGURES}/REPORT.md", metavar="FILE",
                    help=f"the report (default {DEFAULT_FIGURES}/REPORT.md)")
     p.add_argument("--no-proofs", action="store_true", help="leave out the proof checks (they take a few seconds)")
+    add_progress_arg(p)
     p.set_defaults(func=_cmd_report)
 
 

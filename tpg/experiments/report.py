@@ -8,7 +8,7 @@
   study whose grid is not all in the cache (fewer cells cached than its latest run's grid, or no
   run recorded) is ``incomplete``, never ``ok``, and every row it reports reads ``incomplete``:
   a rule applied to part of a grid does not decide a claim (:func:`study_progress`);
-* the exact proof checks of :mod:`proofs_checks` (cheap, so computed afresh): ``lemma1``,
+* the exact proof checks of :mod:`tpg.proofs_checks` (cheap, so computed afresh): ``lemma1``,
   ``lemma2``, ``critic_identity`` and ``td_identity`` get their row from them (confirmed when every
   statement holds on every default case AND every negative control fails; qualified when the
   statements hold but a negative control goes unflagged; refuted when a statement is violated),
@@ -28,6 +28,8 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+
+from .._tables import legend_lines
 
 #: (id, claim, study that reports it, proof-check module) in docs/THEORY.md section 2 order
 THEOREMS: tuple[tuple[str, str, str | None, str | None], ...] = (
@@ -78,7 +80,7 @@ SECTION_NAMES = {"theorem": "Theorems (docs/THEORY.md section 2)",
 
 # ------------------------------------------------------------------------------ proof checks
 def proof_summary(rows: list[dict]) -> dict[str, dict]:
-    """Per statement of :func:`proofs_checks.runner.run_checks` rows: cases, statements holding,
+    """Per statement of :func:`tpg.proofs_checks.runner.run_checks` rows: cases, statements holding,
     negative controls failing as they must, the max statement difference, the min control difference."""
     out: dict[str, dict] = {}
     for r in rows:
@@ -112,7 +114,7 @@ def proof_tally(summary: dict | None) -> str:
 
 def proof_row(id: str, claim: str, summary: dict) -> dict:
     """A report row computed from a statement's proof checks."""
-    from proofs_checks.common import NEGATIVE_TOL, STATEMENT_TOL
+    from tpg.proofs_checks.common import NEGATIVE_TOL, STATEMENT_TOL
 
     return {"id": id, "claim": claim, "status": proof_status(summary), "number": summary["max_difference"],
             "uncertainty": None, "unit": "max difference over the default cases (exact)", "figure": "",
@@ -191,15 +193,16 @@ def study_rows(cache_dir: str | Path, studies=None) -> tuple[list[dict], dict[st
 
 
 def collect_rows(cache_dir: str | Path = ".tpg-cache", proofs: bool = True, studies=None,
-                 proof_rows: list[dict] | None = None) -> tuple[list[dict], dict, dict]:
+                 proof_rows: list[dict] | None = None, progress: bool | None = False) -> tuple[list[dict], dict, dict]:
     """``(rows, study_info, proof_summaries)``: every report row with ``section`` (theorem | claim |
-    further | offpolicy) and ``source``, in report order."""
+    further | offpolicy) and ``source``, in report order. ``progress``: a bar over the proof checks
+    on stderr (True, False, or None: only when stderr is a terminal)."""
     found, info = study_rows(cache_dir, studies)
     summaries: dict[str, dict] = {}
     if proof_rows is None and proofs:
-        from proofs_checks.runner import run_checks
+        from tpg.proofs_checks.runner import run_checks
 
-        proof_rows = run_checks()
+        proof_rows = run_checks(progress=progress)
     if proof_rows:
         summaries = proof_summary(proof_rows)
     by_id: dict[str, list[dict]] = {}
@@ -327,6 +330,10 @@ def format_table(rows: list[dict]) -> str:
     w = [max(len(x[i]) for x in body + [("id", "status", "number")]) for i in range(3)]
     lines = [f"{'id':<{w[0]}}  {'status':<{w[1]}}  number", f"{'-' * w[0]}  {'-' * w[1]}  {'-' * 6}"]
     lines += [f"{a:<{w[0]}}  {b:<{w[1]}}  {c}" for a, b, c in body]
+    lines += legend_lines({"id": "the claim (its row in the claims report, from docs/THEORY.md sections 2 and 6)",
+                           "status": "confirmed, qualified, refuted, not run, incomplete (part of the grid cached) "
+                                     "or error, decided from the number by the rule printed in the report",
+                           "number": "the deciding measurement, with its unit"})
     return "\n".join(lines)
 
 

@@ -42,6 +42,7 @@ from types import ModuleType
 from typing import Any, Callable
 
 from .._lazy import LazyModule
+from .._progress import progress_bar, show_progress
 
 pd = LazyModule("pandas")  # imported on first use: `tpg --help` registers `tpg study` without pandas
 
@@ -311,7 +312,7 @@ class ClusterError(RuntimeError):
 @functools.lru_cache(maxsize=None)
 def source_digest() -> str:
     """``sha256`` over ``(path relative to the package, bytes)`` of every ``.py`` file of the
-    ``tpg`` and ``proofs_checks`` packages this process imports.
+    ``tpg`` package this process imports (``tpg.proofs_checks`` and ``tpg.paper_repro`` included).
 
     Two processes with the same digest run the same tpg code, whatever the install (checkout,
     editable, wheel); a cluster worker must match the driver's (:func:`_cell_on_worker`)."""
@@ -326,19 +327,11 @@ def source_digest() -> str:
 
 
 def _code_dirs() -> list[Path]:
-    """The package directories of ``tpg`` and (where importable) ``proofs_checks``: the code a
-    worker needs, shipped to ray clusters as ``py_modules``."""
-    import importlib.util
-
+    """The package directory of ``tpg`` (with its ``tpg.proofs_checks`` and ``tpg.paper_repro``): the
+    code a worker needs, shipped to ray clusters as ``py_modules``."""
     import tpg
 
-    dirs = [Path(tpg.__file__).resolve().parent]
-    spec = importlib.util.find_spec("proofs_checks")
-    if spec is not None and spec.submodule_search_locations:
-        extra = Path(list(spec.submodule_search_locations)[0]).resolve()
-        if extra.parent != dirs[0]:  # not already inside tpg/
-            dirs.append(extra)
-    return dirs
+    return [Path(tpg.__file__).resolve().parent]
 
 
 def _driver_paths() -> list[str]:
@@ -396,7 +389,7 @@ class ClusterSession:
 
     With a cluster at an address, its workers set the parallelism (``n_jobs`` is not used).
     Workers must import the driver's tpg: a local cluster's workers inherit this process's
-    ``sys.path``; on a ray cluster at an address the ``tpg`` and ``proofs_checks`` packages are
+    ``sys.path``; on a ray cluster at an address the ``tpg`` package (``tpg.proofs_checks`` included) is
     shipped as the job's ``py_modules``; dask workers at an address must have it on their path.
     Every cell first checks that its worker's :func:`source_digest` equals the driver's and fails
     with :class:`ClusterError` if not. The cache directory must be on storage the driver and the
@@ -640,7 +633,8 @@ def _session_for(backend: str, n_jobs: int, address: str | None):
 
 # ------------------------------------------------------------------------------ running
 def run_study(study: str | ModuleType, quick: bool = False, backend: str = "processes", n_jobs: int = 2,
-              cache_dir: str | Path = ".tpg-cache", progress: bool = True, address: str | None = None) -> pd.DataFrame:
+              cache_dir: str | Path = ".tpg-cache", progress: bool | None = None,
+              address: str | None = None) -> pd.DataFrame:
     """Run every cell of ``study.cells(quick)`` not yet cached and return all its rows.
 
     Cells run on ``n_jobs`` workers: ``processes`` (joblib's loky processes), ``sequential`` (in
@@ -648,7 +642,8 @@ def run_study(study: str | ModuleType, quick: bool = False, backend: str = "proc
     ``RAY_ADDRESS`` variables, an open :func:`cluster_session`, or a local cluster of ``n_jobs``
     workers; see :class:`ClusterSession`). Each finished cell is stored at once, so a killed run
     resumes. The result has one row per row of ``run_cell`` with the cell's fields, ``study`` and
-    ``cell_key`` as columns, in the order of the grid.
+    ``cell_key`` as columns, in the order of the grid. ``progress``: a bar of cells done on stderr
+    (True, False, or None: only when stderr is a terminal).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
@@ -670,11 +665,8 @@ def run_study(study: str | ModuleType, quick: bool = False, backend: str = "proc
     cached = _cached_frames(name, keys, cache_dir, "it will be recomputed")  # damaged cells: quarantined
     todo = [(c, k) for c, k in zip(grid, keys) if k not in cached]
     bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(grid), initial=len(grid) - len(todo), desc=f"study {name}", unit="cell",
-                   dynamic_ncols=True)
+    if show_progress(progress):
+        bar = progress_bar(True, total=len(grid), initial=len(grid) - len(todo), desc=f"study {name}", unit="cell")
     step = bar.update if bar is not None else (lambda n=1: None)
     try:
         if not todo:

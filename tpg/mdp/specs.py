@@ -122,7 +122,55 @@ def parse_mdp_spec(spec: str) -> dict:
             if value not in ("uniform", "random"):
                 raise ValueError(f"--mdp key 'weights' must be 'uniform' or 'random', got {value!r}")
             out[key] = value
+    check_mdp_ranges(out)
     return out
+
+
+def check_mdp_ranges(kw: dict) -> None:
+    """The ranges of a parsed ``--mdp`` spec (:func:`parse_mdp_spec`'s dict), checked before anything is
+    built or torch imported: the MDP's shape (as :func:`tpg.mdp.mdp.validate_shape` words it), ``p``,
+    the compact form of ``first_token``, and the size guards of the tree a tabular policy or tree rewards
+    need (:func:`tpg.mdp.sizes.check_tree_size`) and of the compact reward table. ``ValueError`` naming
+    the key and the allowed range."""
+    from .._guards import check_fits
+    from .sizes import check_tree_size
+
+    V, H, eos, P = kw.get("vocab", 3), kw.get("horizon", 3), kw.get("eos"), kw.get("prompts", 1)
+    gamma, compact, policy = kw.get("gamma", 1.0), kw.get("compact", False), kw.get("policy", "tabular")
+    if V < 2:
+        raise ValueError(f"--mdp key 'vocab': vocab_size must be an integer >= 2, got {V}")
+    if H < 1:
+        raise ValueError(f"--mdp key 'horizon': horizon must be an integer >= 1, got {H}")
+    if eos is not None and not 0 <= eos < V:
+        raise ValueError(f"--mdp key 'eos': eos_token must be none or an integer in [0, {V - 1}], got {eos}")
+    if P < 1:
+        raise ValueError(f"--mdp key 'prompts': prompts must be an integer >= 1, got {P}")
+    if not (math.isfinite(gamma) and 0.0 < gamma <= 1.0):
+        raise ValueError(f"--mdp key 'gamma': gamma must be a number in (0, 1], got {gamma!r}")
+    p = kw.get("p", 0.2)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"--mdp key 'p': p (sparse reward probability) must be in [0, 1], got {p!r}")
+    for key in ("scale", "cost"):
+        if key in kw and not math.isfinite(kw[key]):
+            raise ValueError(f"--mdp key {key!r} must be a finite number, got {kw[key]!r}")
+    max_nodes = kw.get("max_nodes", DEFAULT_MAX_NODES)
+    if max_nodes < 1:
+        raise ValueError(f"--mdp key 'max_nodes' must be an integer >= 1, got {max_nodes}")
+    if compact and kw["family"] == "first_token":
+        raise ValueError("reward family 'first_token' has no compact form (its reward depends on the "
+                         "first token, not on (position, previous token, token)); use compact=false")
+    if not compact or policy == "tabular":  # tree rewards, or a tabular policy: the stored tree
+        try:
+            check_tree_size(P, V, H, eos, max_nodes)
+        except ValueError as exc:
+            if not compact:
+                raise
+            raise ValueError(f"{exc}. policy=tabular needs the stored response tree: use policy=shared with "
+                             f"compact=true (solved by the Markov engine at any horizon)") from None
+    if compact:  # ~17 bytes per entry of the table (as tpg.mdp.families.compact_rewards counts them)
+        check_fits(17.0 * H * (V + P) * V, f"horizon={H}",
+                   f"the compact reward table of horizon x (vocab_size + prompts) x vocab_size = {H} x {V + P} x {V} "
+                   f"entries", "lower horizon")
 
 
 # ---------------------------------------------------------------------------- options
@@ -249,7 +297,91 @@ def parse_task_spec(spec: str) -> dict:
         out[key] = _parse_value(key, value)
         if key in ("seed", "policy_seed"):
             check_seed(out[key], f"--task key {key!r}")
+    check_task_ranges(out)
     return out
+
+
+def _task_int(key: str, value, low: int, high: int | None = None) -> int:
+    """:func:`tpg.mdp.tasks.make_task`'s range check of an integer option, with its words."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
+        rng = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"task option {key} must be an integer {rng}, got {value!r}")
+    return value
+
+
+def _base_digits(value: int, base: int) -> int:
+    """How many base-``base`` digits ``value`` has (at least one)."""
+    n = 1
+    while value >= base:
+        value //= base
+        n += 1
+    return n
+
+
+def check_task_ranges(kw: dict) -> None:
+    """The ranges of a parsed ``--task`` spec (:func:`parse_task_spec`'s dict), checked before anything is
+    built or torch imported, in the words of :func:`tpg.mdp.tasks.make_task` and the transformer policy:
+    the vocabulary and prompt length, the number of prompts against the distinct ones, the answer's
+    length against the horizon, ``token``, ``base``, ``target``, ``answer_length``, ``hidden``, ``gamma``,
+    the transformer's shape, and the size guard of the stored tree every task problem needs."""
+    from .sizes import check_tree_size
+
+    name = kw["name"]
+    opts = {**_DEFAULTS[name], **{k: kw[k] for k in ("vocab", "length", "prompts", "horizon") if k in kw}}
+    V = _task_int("vocab", opts["vocab"], 2, MAX_VOCAB)
+    Lp = _task_int("length", opts["length"], 1, MAX_PROMPT_LEN)
+    eos = kw.get("eos", False)
+    C = V - 1 if eos else V  # content tokens 0 .. C-1
+    if C < 2:
+        raise ValueError(f"vocab={V} leaves {C} content token(s) besides EOS; need at least 2")
+    alphabet, answer = C, None  # the prompts' alphabet; the answer's length (rule tasks)
+    if name in ("copy", "reverse"):
+        answer = Lp
+    elif name == "target":
+        target = kw.get("target")
+        if target is None:
+            answer = _task_int("answer_length", kw.get("answer_length", 3), 1)
+        else:
+            if not target or any(not 0 <= t < C for t in target):
+                raise ValueError(f"task option target must be non-empty token ids in [0, {C - 1}] (EOS "
+                                 f"excluded), got {list(target)}")
+            answer = len(target)
+    elif name == "count":
+        _task_int("token", kw.get("token", 0), 0, C - 1)
+        if C < Lp + 1:
+            raise ValueError(f"count task: answers 0..{Lp} need {Lp + 1} digit tokens, vocab={V} "
+                             f"(eos={eos}) has {C}; raise vocab or lower length")
+        answer = 1
+    elif name == "sum":
+        alphabet = C if kw.get("base") is None else _task_int("base", kw["base"], 2, C)
+        answer = _base_digits(Lp * (alphabet - 1), alphabet)
+    total = alphabet ** Lp
+    prompts = opts["prompts"]
+    if prompts != "all":
+        n = _task_int("prompts", prompts, 1)
+        if n > total:
+            raise ValueError(f"task option prompts={n} exceeds the {total} distinct prompts of length {Lp} over "
+                             f"{alphabet} tokens (use prompts=all)")
+    if answer is None:  # table, rm
+        H = _task_int("horizon", opts["horizon"], 1)
+    else:
+        Lt = answer + (1 if eos else 0)
+        H = _task_int("horizon", opts.get("horizon", Lt), Lt)
+    if name == "rm":
+        _task_int("hidden", kw.get("hidden", 16), 1)
+    gamma = kw.get("gamma", 1.0)
+    if not (math.isfinite(gamma) and 0.0 < gamma <= 1.0):
+        raise ValueError(f"gamma must be a number in (0, 1], got {gamma!r}")
+    for key in ("scale", "init_scale"):
+        if key in kw and not math.isfinite(kw[key]):
+            raise ValueError(f"--task key {key!r} must be a finite number, got {kw[key]!r}")
+    for key, default in (("n_layer", 2), ("d_model", 32), ("n_head", 2)):
+        if kw.get(key, default) < 1:
+            raise ValueError(f"{key} must be an integer >= 1, got {kw[key]!r}")
+    if kw.get("d_model", 32) % kw.get("n_head", 2):
+        raise ValueError(f"d_model ({kw.get('d_model', 32)}) must be a multiple of n_head ({kw.get('n_head', 2)})")
+    num_prompts = total if prompts == "all" else prompts
+    check_tree_size(num_prompts, V, H, V - 1 if eos else None, kw.get("max_nodes", DEFAULT_MAX_NODES))
 
 
 # ---------------------------------------------------------------------------- target rewards
@@ -334,5 +466,6 @@ def parse_target_reward(spec: str) -> tuple[str, tuple]:
 
 
 __all__ = ["DEFAULT_MAX_NODES", "FAMILIES", "TASKS", "RULE_TASKS", "MAX_VOCAB", "MAX_PROMPT_LEN", "LM_REWARDS",
-           "parse_mdp_spec", "spec_help", "spec_items", "parse_task_spec", "task_keys", "task_help",
+           "parse_mdp_spec", "check_mdp_ranges", "spec_help", "spec_items", "parse_task_spec", "check_task_ranges",
+           "task_keys", "task_help",
            "TARGET_REWARDS", "parse_target_reward", "target_reward_help"]

@@ -1,7 +1,7 @@
 """Training runs of every estimator of the catalog, with the exact objective as the learning curve.
 
     from tpg.train import TrainConfig, train
-    log = train(TrainConfig(algo="trepo", mdp="dense:vocab=3,horizon=3,eos=0,prompts=2", iters=30))
+    log = train(TrainConfig(estimator="trepo", mdp="dense:vocab=3,horizon=3,eos=0,prompts=2", iters=30))
 
 Modules: :mod:`.config` (the dataclass and its CLI flags), :mod:`.problem` (the MDP or task and
 the initial policy), :mod:`.methods` (``algo`` to an estimator), :mod:`.critic` (PPO's learned

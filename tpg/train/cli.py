@@ -1,13 +1,16 @@
 """``tpg train`` and ``tpg compare-runs`` (registered into :mod:`tpg.cli` by :func:`register`).
 
-    tpg train --algo NAME (--task SPEC | --mdp SPEC | --case FILE) [--reward dense|terminal] --iters N
-              [--seed S] [--out FILE.parquet|FILE.csv] [--resume | --force] [--checkpoint-every N]
-              [--checkpoint-seconds S] [...]
-    tpg train --report-memory (--task SPEC | --mdp SPEC | --case FILE) [--algos a,b,...] [--json]
-    tpg compare-runs RUN_LOG... --out FILE.png [--x iter|tokens] [--label-by algo,reward] [--band minmax|std]
+    tpg train --estimator SPEC (--task SPEC | --mdp SPEC | --case FILE) [--reward dense|terminal] --iters N
+              [--kl KIND --kl-beta BETA] [--threads N] [--seed S] [--out FILE.parquet|FILE.csv] [--resume | --force]
+              [--checkpoint-every N] [--checkpoint-seconds S] [--progress | --no-progress] [...]
+    tpg train --report-memory (--task SPEC | --mdp SPEC | --case FILE) [--estimator SPEC ...] [--json]
+    tpg compare-runs RUN_LOG... --out FILE.png [--x iter|tokens] [--label-by method,reward] [--band minmax|std]
 
 Every ``tpg train`` flag is a field of :class:`~tpg.train.config.TrainConfig` (``--help`` lists
-them with their help lines). Bad input raises ``ValueError`` naming the field (exit status 2).
+them with their help lines). Bad input raises ``ValueError`` naming the field (exit status 2); a
+mistyped ``--mdp``/``--task`` spec or an unknown estimator or option is refused before torch loads.
+``--algo NAME`` and ``--algos A,B,...`` (the earlier names) still work for one release, hidden
+from ``--help``, with a one-line note on stderr.
 
 Nothing is lost: with ``--out`` (or ``--checkpoint``) the run checkpoints at the start, every 10
 iterations or 30 seconds (``--checkpoint-every``, ``--checkpoint-seconds``) and at the end, and
@@ -24,8 +27,18 @@ import sys
 
 from .config import TRAIN_ALGOS, add_config_args, config_from_args
 
+#: the JSON document of ``tpg train --report-memory --json`` (docs/JSON.md)
+MEMORY_SCHEMA = "tpg-train-memory/1"
+
+
+def _split_methods(text: str) -> list[str]:
+    """``--algos``' list: comma-separated, or ``;``-separated when a spec carries options."""
+    return [a.strip() for a in text.split(";" if ":" in text else ",") if a.strip()]
+
 
 def _add_train(sub) -> None:
+    from ..cli import DeprecatedFlag, add_json_arg
+
     p = sub.add_parser("train", help="train with any estimator of the catalog; the exact J at every iteration",
                        description="Train a tabular or tiny-transformer policy with one estimator of the catalog "
                                    "(PPO-style clipped loss, several epochs and minibatches, optional KL to the "
@@ -33,35 +46,49 @@ def _add_train(sub) -> None:
                                    "gradient norm, tokens spent, wall time and peak memory per iteration.")
     add_config_args(p)
     p.add_argument("--report-memory", action="store_true",
-                   help="instead of training: for every method, the models it holds (parameter counts) and the "
-                        "measured peak memory of one training step at the same batch")
-    p.add_argument("--algos", default=",".join(TRAIN_ALGOS), metavar="A,B,...",
-                   help="with --report-memory: the methods, comma-separated (';'-separated when a spec carries "
-                        "options) (default all: %(default)s)")
-    p.add_argument("--json", action="store_true", help="with --report-memory: print the rows as JSON")
+                   help="instead of training: for every method (or every --estimator given; repeatable here), the "
+                        "models it holds (parameter counts) and the measured peak memory of one training step at "
+                        f"the same batch (default methods: {', '.join(TRAIN_ALGOS)})")
+    add_json_arg(p, MEMORY_SCHEMA, "with --report-memory: print the table as one JSON document")
+    p.add_argument("--algo", action=DeprecatedFlag, dest="estimator", new="--estimator", append=True)
+    p.add_argument("--algos", action=DeprecatedFlag, dest="estimator", new="--estimator (repeated)", append=True,
+                   convert=_split_methods)
     p.set_defaults(func=cmd_train)
+
+
+def _check_train_specs(args) -> None:
+    """The problem and estimator specs, before torch loads (a mistyped one answers at once)."""
+    from ..cli import check_problem_specs
+    from ..estimators.names import check_estimator_spec
+
+    check_problem_specs(args)
+    for spec in args.estimator or ():
+        check_estimator_spec(spec, training=True)
 
 
 def cmd_train(args) -> int:
     """The handler of ``tpg train``; returns the exit status."""
+    _check_train_specs(args)
     if args.report_memory:
+        specs = list(args.estimator or TRAIN_ALGOS)
+        cfg = config_from_args(args, estimator=specs[0], progress=False)
         from .report import format_memory_table, memory_report
 
-        cfg = config_from_args(args, progress=False)
-        algos = [a.strip() for a in args.algos.split(";" if ":" in args.algos else ",") if a.strip()]
-        rows = memory_report(cfg, algos)
-        print(json.dumps(rows) if args.json else format_memory_table(rows))
+        rows = memory_report(cfg, specs)
+        print(json.dumps({"schema": MEMORY_SCHEMA, "rows": rows}) if args.json else format_memory_table(rows))
         return 0
+    if args.json:
+        raise ValueError("--json goes with --report-memory (a training run writes its log with --out)")
+    cfg = config_from_args(args)
     from .trainer import TrainingInterrupted, train
 
-    cfg = config_from_args(args)
     try:
         df = train(cfg, handle_signals=True)
     except TrainingInterrupted as stop:
         print(f"tpg train: {stop.message()}", file=sys.stderr)
         return stop.exit_status
     first, last = df.iloc[0], df.iloc[-1]
-    print(f"{last['algo']} on {last['problem']} ({cfg.reward} reward), seed {cfg.seed}: "
+    print(f"{last['method']} on {last['problem']} ({cfg.reward} reward), seed {cfg.seed}: "
           f"J {first['J']:.6g} -> {last['J']:.6g} in {int(last['iter'])} iterations, "
           f"KL to reference {last['kl_ref']:.4g}, {int(last['tokens_total']):,} policy tokens")
     if cfg.out:
@@ -78,8 +105,9 @@ def _add_compare(sub) -> None:
     p.add_argument("--out", required=True, metavar="FILE.png", help="the PNG to write")
     p.add_argument("--x", choices=("iter", "tokens"), default="iter",
                    help="x axis: iteration, or cumulative policy forward tokens (default iter)")
-    p.add_argument("--label-by", default="algo,reward", metavar="COL,COL",
-                   help="log columns whose values name a curve (default algo,reward)")
+    p.add_argument("--label-by", default="method,reward", metavar="COL,COL",
+                   help="log columns whose values name a curve (default method,reward; a log of an earlier "
+                        "release has its algo column read as method)")
     p.add_argument("--y", default="J", metavar="COLUMN", help="the log column to plot (default J)")
     p.add_argument("--band", choices=("minmax", "std"), default="minmax",
                    help="seed band: min-max over the runs, or mean +/- 1 std (default minmax)")

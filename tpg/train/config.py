@@ -34,9 +34,11 @@ def _f(default, help: str, **kw):
 class TrainConfig:
     """A training run. Every field has a help line; ``tpg train --help`` prints them."""
 
-    algo: str = _f("grpo", "method: " + " | ".join(TRAIN_ALGOS) + ", or any estimator spec NAME[:key=value,...] "
-                   "of the catalog (e.g. trepo:K=8,anchors=every:2); agg defaults to the method's customary mode",
-                   metavar="NAME")
+    estimator: str = _f("grpo", "the estimator to train with: a method " + " | ".join(TRAIN_ALGOS) + ", any "
+                        "estimator spec NAME[:key=value,...] of the catalog (e.g. trepo:K=8,anchors=every:2; the "
+                        "specs of tpg verify --estimator) or a plug-in FILE.py:FUNCTION; agg defaults to the "
+                        "method's customary mode; the KL is set by --kl and --kl-beta (kl=, kl_beta= in the spec)",
+                        metavar="SPEC", action="append")
     task: str | None = _f(None, "a transformer task TASK[:key=value,...] (see tpg.mdp.tasks; the policy is a "
                           "TinyTransformerPolicy)", group="problem", metavar="SPEC")
     mdp: str | None = _f(None, "a tabular MDP FAMILY:key=value,... with its seeded policy (the specs of tpg exact)",
@@ -57,8 +59,9 @@ class TrainConfig:
     adam_eps: float = _f(1e-8, "Adam epsilon")
     max_grad_norm: float = _f(1.0, "clip the policy gradient's global norm to this (0 = no clipping)")
     kl: str = _f("none", "KL to the frozen reference (a copy of the initial policy): none, k1_reward "
-                 "(in the reward) or k1 | k2 | k3 (low_var_kl) as a loss term", choices=KL_CHOICES)
-    kl_beta: float = _f(0.05, "KL coefficient beta")
+                 "(in the reward) or k1 | k2 | k3 (low_var_kl) as a loss term; an estimator spec's kl= option",
+                 choices=KL_CHOICES)
+    kl_beta: float = _f(0.05, "KL coefficient beta; an estimator spec's kl_beta= option", metavar="BETA")
     critic_model: str = _f("auto", "ppo's learned critic: table (one value per tree state), transformer (the "
                            "policy's architecture with a value head), auto (transformer for --task, else table)",
                            choices=CRITIC_MODELS)
@@ -73,8 +76,8 @@ class TrainConfig:
                           "built-in PPO clip (which is ppo_clip:CLIP_EPS with pi_old = the sampler): pg, is_token, "
                           "is_seq, tis:C, mis:lo,hi, ppo_clip:eps[,...], gspo[:eps], cispo:eps, or a plug-in "
                           "FILE.py:FUNCTION (tpg offpolicy-help); --clip-eps then does not apply", metavar="SPEC")
-    threads: int = _f(1, "torch CPU threads during the run (tiny models run fastest, and reproducibly, on one; "
-                      "results may differ bitwise between thread counts)")
+    threads: int = _f(1, "torch intra-op CPU threads of this process during the run (tiny models run fastest, "
+                      "and reproducibly, on one; results may differ bitwise between thread counts)", metavar="N")
     seed: int = _f(0, "training seed in [0, 2^32 - 1]: sampling, continuations, minibatch order (the problem's "
                    "own seeds are in its spec)", metavar="S")
     out: str | None = _f(None, "write the log here: .parquet (.pq) or .csv (rewritten atomically at every "
@@ -88,7 +91,8 @@ class TrainConfig:
     resume: bool = _f(False, "continue from the checkpoint (its log, policy, optimiser, critic and RNG states)")
     force: bool = _f(False, "start afresh even when the log or the checkpoint exists, overwriting them "
                             "(without --resume or --force an existing one stops the run)")
-    progress: bool = _f(True, "show a progress bar on stderr")
+    progress: bool | None = _f(None, "a progress bar on stderr (--no-progress: none; default: only when stderr "
+                               "is a terminal)")
     measure_memory: bool = _f(True, "measure each step's peak tensor memory (a dispatch-mode allocation count)")
 
     def __post_init__(self):
@@ -142,8 +146,10 @@ class TrainConfig:
         for name, choices in (("reward", REWARD_MODES), ("kl", KL_CHOICES), ("critic_model", CRITIC_MODELS)):
             if getattr(self, name) not in choices:
                 bad(name, f"must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
-        if not isinstance(self.algo, str) or not self.algo.strip():
-            bad("algo", f"must be a method name or estimator spec, got {self.algo!r}")
+        if not isinstance(self.estimator, str) or not self.estimator.strip():
+            bad("estimator", f"must be a method name or estimator spec, got {self.estimator!r}")
+        if self.progress is not None and not isinstance(self.progress, bool):
+            bad("progress", f"must be true, false or None (auto: when stderr is a terminal), got {self.progress!r}")
         self._validate_offpolicy(bad)
         given = [n for n in ("task", "mdp", "case") if getattr(self, n) is not None]
         if len(given) != 1:
@@ -229,12 +235,15 @@ def add_config_args(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> N
         default = f.default if f.default is not MISSING else None
         target = problem if meta.get("group") == "problem" else p
         help_ = meta["help"]
-        if f.type in (bool, "bool"):
+        if f.type in (bool, "bool", "bool | None"):
+            shown = "" if default is None else f" (default {str(default).lower()})"
             target.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"{help_} (default {str(default).lower()})")
+                                help=help_ + shown)
             continue
         kind = {"int": int, "float": float, "float | None": float, "int | None": int}.get(str(f.type), str)
         kw = dict(dest=f.name, type=kind, default=None, metavar=meta.get("metavar", f.name.upper()))
+        if "action" in meta:  # a repeatable flag (--estimator: several only where a command takes several)
+            kw["action"] = meta["action"]
         if "choices" in meta:
             kw["choices"] = meta["choices"]
             kw.pop("metavar")
@@ -242,12 +251,44 @@ def add_config_args(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> N
 
 
 def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
-    """The :class:`TrainConfig` of parsed arguments (unset flags keep the dataclass defaults)."""
-    kw = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
-          if getattr(args, f.name, None) is not None}
+    """The :class:`TrainConfig` of parsed arguments (unset flags keep the dataclass defaults); a repeatable
+    flag given more than once is refused with a ``ValueError`` naming it (a run trains one estimator)."""
+    kw = {}
+    for f in fields(TrainConfig):
+        if f.name in overrides:
+            continue
+        value = getattr(args, f.name, None)
+        if isinstance(value, list):
+            if len(value) != 1:
+                raise ValueError(f"{_flag(f.name)}: a training run takes one, got {len(value)} ({', '.join(value)}); "
+                                 f"several only with --report-memory")
+            value = value[0]
+        if value is not None:
+            kw[f.name] = value
     kw.update(overrides)
     return TrainConfig(**kw)
 
 
+#: TrainConfig fields renamed since earlier releases: old name -> new name (checkpoints and dicts keep working)
+RENAMED_FIELDS = {"algo": "estimator"}
+
+
+def config_from_dict(values: dict) -> TrainConfig:
+    """A :class:`TrainConfig` from a dict (a checkpoint's saved ``config``), with the fields of
+    :data:`RENAMED_FIELDS` under their new names."""
+    return TrainConfig(**renamed_fields(values))
+
+
+def renamed_fields(values: dict) -> dict:
+    """``values`` with every old field name of :data:`RENAMED_FIELDS` replaced by its new name."""
+    out = dict(values)
+    for old, new in RENAMED_FIELDS.items():
+        if old in out:
+            value = out.pop(old)
+            out.setdefault(new, value)
+    return out
+
+
 __all__ = ["TrainConfig", "TRAIN_ALGOS", "REWARD_MODES", "KL_CHOICES", "CRITIC_MODELS", "add_config_args",
+           "config_from_dict", "renamed_fields", "RENAMED_FIELDS",
            "config_from_args", "RESUME_FREE_FIELDS"]

@@ -45,8 +45,13 @@ def write_log(df, path: str, quiet: bool = False) -> str:
     return str(p)
 
 
+#: log columns renamed since earlier releases, old -> new (old logs here, old checkpoints' rows in the trainer)
+RENAMED_COLUMNS = {"algo": "method"}
+
+
 def read_log(path: str):
-    """A run log written by :func:`write_log` (Parquet or CSV)."""
+    """A run log written by :func:`write_log` (Parquet or CSV); a log of an earlier release gets the
+    current column names (``algo`` is ``method``)."""
     import pandas as pd
 
     p = Path(path)
@@ -57,11 +62,11 @@ def read_log(path: str):
         else:
             raise ValueError(f"no run log at {path!r}")
     try:
-        if p.suffix.lower() == ".csv":
-            return pd.read_csv(p)
-        return pd.read_parquet(p)
+        df = pd.read_csv(p) if p.suffix.lower() == ".csv" else pd.read_parquet(p)
     except Exception as exc:
         raise ValueError(f"cannot read run log {str(p)!r}: {exc}") from None
+    return df.rename(columns={old: new for old, new in RENAMED_COLUMNS.items()
+                              if old in df.columns and new not in df.columns})
 
 
-__all__ = ["write_log", "read_log"]
+__all__ = ["write_log", "read_log", "RENAMED_COLUMNS"]

@@ -36,7 +36,7 @@ def load_runs(paths) -> "object":
     return pd.concat(frames, ignore_index=True)
 
 
-def curve_table(df, x: str = "iter", label_by=("algo", "reward"), y: str = "J", band: str = "minmax"):
+def curve_table(df, x: str = "iter", label_by=("method", "reward"), y: str = "J", band: str = "minmax"):
     """Per label and iteration: ``x`` (iteration or mean cumulative tokens), mean, low, high of ``y``
     and the number of runs, as a DataFrame."""
     import pandas as pd
@@ -63,7 +63,7 @@ def curve_table(df, x: str = "iter", label_by=("algo", "reward"), y: str = "J", 
     return pd.concat(out, ignore_index=True)
 
 
-def compare_runs(paths, out: str, x: str = "iter", label_by=("algo", "reward"), y: str = "J",
+def compare_runs(paths, out: str, x: str = "iter", label_by=("method", "reward"), y: str = "J",
                  band: str = "minmax", title: str | None = None) -> list[dict]:
     """Plot the runs of ``paths`` into the PNG ``out``; a summary row per label (final mean, low, high, runs)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg

@@ -21,19 +21,20 @@ from __future__ import annotations
 import copy
 from dataclasses import replace
 
+from .._tables import legend_lines
 from .config import TRAIN_ALGOS, TrainConfig
 from .trainer import Trainer, torch_threads
 
 
-def memory_report(config: TrainConfig, algos=TRAIN_ALGOS) -> list[dict]:
-    """One row per method (see the module docstring), in the order of ``algos``."""
-    algos = list(algos)
-    if not algos:
-        raise ValueError("report-memory needs at least one method")
+def memory_report(config: TrainConfig, estimators=TRAIN_ALGOS) -> list[dict]:
+    """One row per method or estimator spec (see the module docstring), in the order of ``estimators``."""
+    estimators = list(estimators)
+    if not estimators:
+        raise ValueError("report-memory needs at least one estimator")
     rows = []
     with torch_threads(config.threads):
-        for algo in algos:
-            cfg = replace(config, algo=algo, out=None, checkpoint=None, checkpoint_every=0, resume=False,
+        for spec in estimators:
+            cfg = replace(config, estimator=spec, out=None, checkpoint=None, checkpoint_every=0, resume=False,
                           progress=False, measure_memory=True, iters=2)
             tr = Trainer(cfg)
             gen_state = tr.gen.get_state()
@@ -79,11 +80,23 @@ def format_memory_table(rows: list[dict]) -> str:
     widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
     fmt = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
     out = [fmt(head), fmt(tuple("-" * w for w in widths))] + [fmt(l) for l in lines]
+    out += legend_lines({
+        "method": "the method (or estimator spec) trained",
+        "models held": "the models a step of the method needs",
+        "policy": "parameters of the policy",
+        "critic": "parameters of its learned critic (table: one value per tree state; transformer: a value network)",
+        "ref": "parameters of the frozen reference policy (held only with a KL term)",
+        "RM": "parameters of the reward model (rule: a rule, 0; table: the MDP's reward table)",
+        "held KiB": "tensor bytes held between steps: parameters, optimiser states, tables",
+        "step KiB": "the measured transient peak of new tensor storage in one step (a TorchDispatchMode "
+                    "allocation count)",
+        "peak KiB": "held + step",
+        "peak/GRPO": "peak relative to GRPO's at the same batch (empty without a grpo row)",
+        "tokens": "policy tokens the step sampled (continuations included)",
+    })
     if rows:
         r = rows[0]
-        out.append(f"\nproblem {r['problem']}, batch {r['batch']} responses; parameter counts per model; held = "
-                   "parameters + optimiser state between steps; step = measured transient peak of new tensor "
-                   "storage in one step (a TorchDispatchMode allocation count); peak = held + step")
+        out.append(f"problem {r['problem']}, batch {r['batch']} responses")
     return "\n".join(out)
 
 

@@ -62,7 +62,9 @@ Log columns (one row per iteration; row 0 is the initial policy, before any upda
 * ``peak_mem_bytes`` — ``held_bytes`` (tensor bytes held when the step starts: the policy and
   its Adam state, the critic and its optimiser, the reference when a KL term is on, the reward
   model) plus the measured transient peak of the step (:mod:`tpg.train.memory`);
-* ``algo``, ``spec`` (the estimator's canonical spec), ``behaviour`` (the behaviour's spec, ``pi``
+* ``method`` (the method name of ``--estimator``; earlier logs and checkpoints call it
+  ``algo``, and :func:`~tpg.train.logio.read_log` and :meth:`Trainer.load` rename it), ``spec`` (the
+  estimator's canonical spec), ``behaviour`` (the behaviour's spec, ``pi``
   on-policy), ``policy_loss`` (the loss's spec; the built-in loss is ``ppo_clip:<clip_eps>``), ``critic`` (``none``, ``table`` or
   ``transformer``: PPO's learned critic), ``seed``, ``reward``, ``problem``.
 """
@@ -74,7 +76,6 @@ import errno
 import math
 import os
 import signal
-import sys
 import threading
 import time
 from contextlib import contextmanager, nullcontext
@@ -90,8 +91,9 @@ from ..offpolicy.behaviour import resolve_behaviour
 from ..offpolicy.losses import LossInputs, get_loss
 from ..rollouts import check_batches_fit, sample
 from ..verify.context import MonteCarloContext, node_paths
-from .config import RESUME_FREE_FIELDS, TrainConfig
+from .config import RESUME_FREE_FIELDS, TrainConfig, renamed_fields
 from .critic import make_critic
+from .logio import RENAMED_COLUMNS
 from .memory import TensorMemoryMeter, optimizer_tensors, param_count, reward_model_tensors, tensor_bytes
 from .methods import build_estimator, needs_learned_critic
 from .offpolicy import behaviour_table, parse_train_behaviour
@@ -103,10 +105,17 @@ CHECKPOINT_ENVELOPE = "tpg-train-checkpoint-sha256/1"
 UNREPRODUCIBLE_COLUMNS = ("wall_s", "eval_s", "peak_mem_bytes")
 LOG_COLUMNS = ("iter", "J", "kl_ref", "entropy", "entropy_token", "length", "grad_norm", "loss", "clip_frac",
                "rm_mean", "critic_loss", "kl_mu_pi", "tokens", "tokens_sampled", "tokens_extra", "tokens_total",
-               "wall_s", "eval_s", "held_bytes", "peak_mem_bytes", "algo", "spec", "behaviour", "policy_loss",
+               "wall_s", "eval_s", "held_bytes", "peak_mem_bytes", "method", "spec", "behaviour", "policy_loss",
                "critic", "seed", "reward", "problem")
 #: values of the off-policy columns in the rows of a checkpoint written before they existed (on-policy runs)
 _OFFPOLICY_DEFAULTS = {"kl_mu_pi": math.nan, "behaviour": "pi", "policy_loss": None}
+
+
+def _renamed_columns(row: dict) -> dict:
+    """A log row with the old column names of :data:`~tpg.train.logio.RENAMED_COLUMNS` replaced by the new ones."""
+    if not any(old in row for old in RENAMED_COLUMNS):
+        return row
+    return {RENAMED_COLUMNS.get(k, k): v for k, v in row.items()}
 
 
 @contextmanager
@@ -184,7 +193,7 @@ class Trainer:
         self.ref = copy.deepcopy(self.policy)
         for p in self.ref.parameters():
             p.requires_grad_(False)
-        self.method, self.estimator = build_estimator(cfg.algo, cfg.kl, cfg.kl_beta)
+        self.method, self.estimator = build_estimator(cfg.estimator, cfg.kl, cfg.kl_beta)
         self.kl_kind = canonical_kl_kind(cfg.kl)
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
         self.opt = torch.optim.Adam(self.params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
@@ -396,7 +405,7 @@ class Trainer:
                "rm_mean": math.nan, "critic_loss": math.nan, "kl_mu_pi": math.nan, "tokens": 0, "tokens_sampled": 0, "tokens_extra": 0,
                "wall_s": 0.0, "held_bytes": self.held_bytes(), "peak_mem_bytes": math.nan}
         row.update(stats)
-        row.update(tokens_total=self.tokens_total, algo=self.method, spec=self.estimator.spec,
+        row.update(tokens_total=self.tokens_total, method=self.method, spec=self.estimator.spec,
                    behaviour="pi" if self.behaviour is None else self.behaviour.spec, policy_loss=self.loss_spec,
                    critic=self.critic.kind if self.critic is not None else "none", seed=cfg.seed,
                    reward=cfg.reward, problem=self.problem_spec)
@@ -418,16 +427,16 @@ class Trainer:
         with torch_threads(cfg.threads), _deferred_signals(handle_signals) as received:
             return self._run(cfg.progress if progress is None else progress, received)
 
-    def _run(self, show: bool, received: list):
-        from tqdm import tqdm
+    def _run(self, show: bool | None, received: list):
+        from .._progress import progress_bar
 
         cfg = self.config
         if not self.rows:
             self.rows.append(self._row(0, {}))
         self.save_progress()  # at the start: an unwritable --out or checkpoint fails now, not after the run
         last_save = time.monotonic()
-        bar = tqdm(total=cfg.iters, initial=self.iteration, file=sys.stderr, disable=not show,
-                   desc=f"{self.method} seed {cfg.seed}", dynamic_ncols=True, leave=True)
+        bar = progress_bar(show, total=cfg.iters, initial=self.iteration, desc=f"{self.method} seed {cfg.seed}",
+                           leave=True)
         bar.set_postfix(J=f"{self.rows[-1]['J']:.4f}")
         try:
             while self.iteration < cfg.iters:
@@ -495,7 +504,7 @@ class Trainer:
             raise ValueError(f"TrainConfig.checkpoint: no checkpoint at {str(path)!r} to resume from")
         state = read_checkpoint(path)
         trainer = cls(config)
-        saved = state["config"]
+        saved = renamed_fields(state["config"])  # a checkpoint of an earlier release: its field names
         for f in fields(TrainConfig):
             if f.name in RESUME_FREE_FIELDS:
                 continue
@@ -525,7 +534,7 @@ class Trainer:
             part = "log rows"
             defaults = {**_OFFPOLICY_DEFAULTS, "policy_loss": trainer.loss_spec}
             rows = [{k: (r[k] if k in r or k not in defaults else defaults[k]) for k in LOG_COLUMNS}
-                    for r in state["rows"]]
+                    for r in map(_renamed_columns, state["rows"])]
         except Exception as exc:  # wrong shapes, missing keys, wrong types: the file is not this run's state
             raise ValueError(f"{where} is damaged: its {part} cannot be restored ({_one_line(exc)})") from None
         trainer.iteration = state["iteration"]

@@ -3,7 +3,7 @@
     tpg verify (--case FILE | --mdp SPEC | --task SPEC | --suite standard) [--estimator SPEC ...] [--group-size G]
                [--mode exact|mc] [--samples N] [--seed S] [--alpha A] [--dtype float64|float32] [--target-reward SPEC]
                [--max-rows N] [--plugin-timeout SECONDS] [--json] [--fail-on-bias] [--behaviour SPEC] [--loss SPEC]
-               [--hooks-from behaviour|policy] [--engine auto|tree|markov]
+               [--hooks-from behaviour|policy] [--engine auto|tree|markov] [--threads N] [--progress | --no-progress]
     tpg probe FILE.py:FUNCTION [--dtype float64|float32] [--plugin-timeout SECONDS] [--json]
     tpg offpolicy-help
 
@@ -30,6 +30,9 @@ import sys
 _DTYPES = ("float64", "float32")
 #: ``tpg verify``'s exit statuses.
 VERIFY_EXIT = {"ok": 0, "biased": 1, "bad_input": 2, "errored": 3}
+#: the JSON documents of ``tpg verify --json`` and ``tpg verify --suite NAME --json`` (docs/JSON.md)
+VERIFY_SCHEMA = "tpg-verify/1"
+SUITE_SCHEMA = "tpg-suite/1"
 _VERIFY_EPILOG = ("Exit status: 0 every estimator got a verdict (with --fail-on-bias: and none is biased); 1 with "
                   "--fail-on-bias, an estimator is biased; 2 bad input; 3 an estimator errored (a row with verdict "
                   "'error': an estimator expanded from 'all' that could not run, or a plug-in that raised, called "
@@ -59,7 +62,7 @@ def _add_timeout(p) -> None:
 
 
 def _add_verify(sub) -> None:
-    from ..cli import add_problem_args
+    from ..cli import add_json_arg, add_problem_args, add_progress_arg, add_threads_arg
     from .defaults import DEFAULT_ALPHA, DEFAULT_MAX_ROWS, DEFAULT_SAMPLES, MODES, SUITES
 
     p = sub.add_parser("verify", help="verdicts of estimators against the exact gradient: unbiased, scaled or biased "
@@ -103,10 +106,12 @@ def _add_verify(sub) -> None:
                    help="where the exact target comes from: tree (the stored response tree; exact and mc modes); "
                         "markov (policy=shared with compact=true at any horizon: the Markov engine's exact grad J, "
                         "--mode mc only); auto (default): tree when it fits, else markov")
-    p.add_argument("--json", action="store_true", help="print the records as JSON (a list; the suite: an object)")
+    add_json_arg(p, VERIFY_SCHEMA, f"print the run and its records (with --suite: schema {SUITE_SCHEMA})")
     p.add_argument("--fail-on-bias", action="store_true", help="exit with status 1 when any estimator is biased "
                                                                "(3 if any errored)")
     _add_timeout(p)
+    add_threads_arg(p)
+    add_progress_arg(p)
     _add_offpolicy_args(p)
     p.set_defaults(func=cmd_verify)
 
@@ -131,22 +136,24 @@ def _add_offpolicy_args(p) -> None:
 
 
 def _check_specs(args) -> None:
-    """Parse the spec strings before anything imports torch, so that a mistyped key or value is
-    refused at once (the ranges that need the MDP are checked when it is built)."""
-    from ..cli import check_problem_specs
+    """Parse the spec strings before anything imports torch, so that a mistyped key, value or range, an
+    unknown estimator or option, or a missing plug-in file is refused at once (:mod:`tpg.mdp.specs`,
+    :mod:`tpg.estimators.names`; option values are checked by the estimators themselves)."""
+    from ..cli import check_problem_specs, check_threads
+    from ..estimators.names import check_estimator_spec
 
     check_problem_specs(args)
     if getattr(args, "target_reward", None):
         from ..mdp.specs import parse_target_reward
         parse_target_reward(args.target_reward)
+    for spec in getattr(args, "estimator", None) or ():
+        check_estimator_spec(spec)
+    check_threads(getattr(args, "threads", None))
 
 
 def cmd_verify(args) -> int:
     """The handler of ``tpg verify``; returns the exit status."""
     _check_specs(args)
-    from .harness import format_records, verify
-    from .suite import format_suite, run_suite
-
     if args.suite:
         if args.estimator:
             raise ValueError("--suite runs its own estimators; do not combine it with --estimator")
@@ -156,12 +163,16 @@ def cmd_verify(args) -> int:
             raise ValueError("--suite runs on-policy; do not combine it with --behaviour or --loss")
         if args.engine != "auto":
             raise ValueError("--suite runs its own problems on the tree; do not combine it with --engine")
-        result = run_suite(args.suite, progress=not args.json)
+        from .suite import format_suite, run_suite
+
+        with _torch_threads(args.threads):
+            result = run_suite(args.suite, progress=args.progress)
+        status = 1 if result["disagreements"] else 0
         if args.json:
-            print(json.dumps(result))
+            print(json.dumps({"schema": SUITE_SCHEMA, **result, "exit_status": status}))
         else:
             print(format_suite(result))
-        return 1 if result["disagreements"] else 0
+        return status
     if not args.estimator:
         raise ValueError("give at least one --estimator SPEC (a catalog name, 'all', or FILE.py:FUNCTION)")
     if args.samples < 8:
@@ -172,10 +183,29 @@ def cmd_verify(args) -> int:
         raise ValueError(f"--group-size must be >= 1, got {args.group_size}")
     timeout = _plugin_timeout(args.plugin_timeout)
     from .._guards import check_seed
-    from ..rollouts import check_batches_fit
     for name in ("seed", "reward_seed", "lm_seed"):  # one line naming the flag, before torch sees a seed
         if getattr(args, name, None) is not None:
             check_seed(getattr(args, name), "--" + name.replace("_", "-"))
+    with _torch_threads(args.threads):
+        return _verify_records(args, timeout)
+
+
+def _torch_threads(threads: int | None):
+    """``--threads``: torch's intra-op threads inside the block (None: leave torch's setting)."""
+    import contextlib
+
+    if threads is None:
+        return contextlib.nullcontext()
+    from .._threads import intra_op_threads
+
+    return intra_op_threads(threads)
+
+
+def _verify_records(args, timeout) -> int:
+    """``tpg verify`` on a problem (not the suite), once the flags are checked: build it, verify, print."""
+    from ..rollouts import check_batches_fit
+    from .harness import format_records, verify
+
     mc_groups = dict(num_groups=args.samples, groups_flag="--samples") if args.mode == "mc" else {}
     check_batches_fit(None, args.group_size, **mc_groups)  # O(1), before the problem is built
     if getattr(args, "lm", None):
@@ -191,11 +221,18 @@ def cmd_verify(args) -> int:
         goal = resolve_target_reward(args.target_reward, timeout)  # a FILE.py:FUNCTION is imported once
     records = verify(mdp, policy, args.estimator, group_size=args.group_size, mode=args.mode, samples=args.samples,
                      seed=args.seed, dtype=_torch_dtype(args.dtype), alpha=args.alpha, max_rows=args.max_rows,
-                     progress=not args.json, on_error="record_all", plugin_timeout=timeout,
+                     progress=args.progress, on_error="record_all", plugin_timeout=timeout,
                      behaviour=args.behaviour, loss=args.loss, hooks=args.hooks_from, target_reward=goal,
                      engine=args.engine)
+    errored = [r["spec"] for r in records if r["verdict"] == "error"]
+    if errored:
+        status = VERIFY_EXIT["errored"]
+    elif args.fail_on_bias and any(r["verdict"] == "biased" for r in records):
+        status = VERIFY_EXIT["biased"]
+    else:
+        status = VERIFY_EXIT["ok"]
     if args.json:
-        print(json.dumps(records))
+        print(json.dumps(verify_document(mdp.describe(), args, records, status)))
     else:
         print(mdp.describe())
         if goal is not None:
@@ -205,17 +242,33 @@ def cmd_verify(args) -> int:
             from ..offpolicy.record import format_offpolicy_header
             print(format_offpolicy_header(records))
         print(format_records(records))
-    errored = [r["spec"] for r in records if r["verdict"] == "error"]
     if errored:
         print(f"tpg: {len(errored)} of {len(records)} estimators errored ({', '.join(errored)}): exit status "
-              f"{VERIFY_EXIT['errored']}", file=sys.stderr)
-        return VERIFY_EXIT["errored"]
-    if args.fail_on_bias and any(r["verdict"] == "biased" for r in records):
-        return VERIFY_EXIT["biased"]
-    return VERIFY_EXIT["ok"]
+              f"{status}", file=sys.stderr)
+    return status
+
+
+def verify_document(problem: str, args, records: list[dict], status: int) -> dict:
+    """``tpg verify --json``'s document (schema :data:`VERIFY_SCHEMA`, docs/JSON.md): the run's settings, one
+    record per estimator (:func:`tpg.verify.verify`'s records), the Holm family of a Monte Carlo run and the
+    exit status."""
+    mc = args.mode == "mc"
+    holm = None
+    tested = [r for r in records if r["mode"] == "mc" and r["verdict"] != "error"]
+    if mc and tested:
+        holm = {"alpha": args.alpha, "family_size": max(r["holm_family"] for r in tested),
+                "rejections": sum(p is not None and p < args.alpha for r in tested
+                                  for p in (r["p_value_adjusted"], r["p_value_direction_adjusted"]))}
+    return {"schema": VERIFY_SCHEMA, "problem": problem, "mode": args.mode, "group_size": args.group_size,
+            "samples": args.samples if mc else None, "seed": args.seed, "alpha": args.alpha if mc else None,
+            "target_reward": args.target_reward, "behaviour": args.behaviour, "loss": args.loss,
+            "records": records, "holm": holm, "errored": [r["spec"] for r in records if r["verdict"] == "error"],
+            "exit_status": status}
 
 
 def _add_probe(sub) -> None:
+    from ..cli import add_json_arg
+
     p = sub.add_parser("probe", help="run a plug-in (or any estimator spec) on edge cases and print what it returns",
                        description="Run an advantage function FILE.py:FUNCTION (or a catalog spec) on edge cases: "
                                    "identical rewards, a singleton group, all-zero rewards, ragged lengths, reward "
@@ -225,9 +278,7 @@ def _add_probe(sub) -> None:
                               "a plug-in that fails to import).")
     p.add_argument("spec", metavar="FILE.py:FUNCTION")
     p.add_argument("--dtype", choices=_DTYPES, default="float64", help="dtype fed to the plug-in")
-    p.add_argument("--json", action="store_true",
-                   help='print one JSON document: {"schema": "tpg-probe/1", "spec", "dtype", "cases": [rows], '
-                        '"flagged": [{"case", "status", "flag"}], "ok"}')
+    add_json_arg(p, "tpg-probe/1", "print the cases and the flags")
     _add_timeout(p)
     p.set_defaults(func=cmd_probe)
 
@@ -276,4 +327,5 @@ def register(subparsers) -> None:
     _add_offpolicy_help(subparsers)
 
 
-__all__ = ["register", "cmd_verify", "cmd_probe", "cmd_offpolicy_help", "VERIFY_EXIT"]
+__all__ = ["register", "cmd_verify", "cmd_probe", "cmd_offpolicy_help", "verify_document", "VERIFY_EXIT",
+           "VERIFY_SCHEMA", "SUITE_SCHEMA"]

@@ -140,7 +140,7 @@ class _TreeContext:
         ``r'`` (``RM`` on the last token), minus ``beta Delta`` per token with ``kl=k1_reward``."""
         options = options or {}
         kl = str(options.get("kl", "none"))
-        beta = float(options.get("beta", 0.0)) if kl == "k1_reward" else 0.0
+        beta = float(options.get("kl_beta", 0.0)) if kl == "k1_reward" else 0.0
         key = ("exact", float(gamma), beta)
         if key not in self._critic_cache:
             tree = self.tree
@@ -174,7 +174,7 @@ class _TreeContext:
             if noise == "fresh":
                 return None
             seed = int(options.get("critic_seed", self.seed))
-            key = ("noisy", float(gamma), sigma, seed, str(options.get("kl", "none")), options.get("beta"))
+            key = ("noisy", float(gamma), sigma, seed, str(options.get("kl", "none")), options.get("kl_beta"))
             if key not in self._critic_cache:
                 gen = torch.Generator().manual_seed(seed)
                 eps = torch.randn(self.tree.num_nodes, generator=gen, dtype=torch.float64) * sigma

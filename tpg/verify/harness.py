@@ -53,10 +53,11 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 
 import torch
 
+from .._progress import progress_bar, show_progress
+from .._tables import legend_lines
 from ..estimators import Estimator, expand_spec, get_estimator
 from ..estimators.plugin import (DEFAULT_TIMEOUT, PluginError, callable_label, callable_source, load_function,
                                  load_plugin, plugin_from_callable)
@@ -151,7 +152,7 @@ def resolve_target_reward(target, timeout: float | None = DEFAULT_TIMEOUT):
 
 def _kl_of(est) -> tuple[str, float]:
     opts = getattr(est, "options", {}) or {}
-    return str(opts.get("kl", "none")), float(opts.get("beta", 0.0) or 0.0)
+    return str(opts.get("kl", "none")), float(opts.get("kl_beta", 0.0) or 0.0)
 
 
 def _json_options(est) -> dict:
@@ -341,7 +342,7 @@ def _error_record(spec_text: str, mode: str, group_size: int, dtype, mdp, exc: E
 
 def verify(mdp, policy, estimators, group_size: int = 2, mode: str = "exact", samples: int = DEFAULT_SAMPLES,
            seed: int = 0, dtype=torch.float64, alpha: float = DEFAULT_ALPHA, max_rows: int = DEFAULT_MAX_ROWS,
-           ref_policy=None, progress: bool = False, on_error: str = "raise",
+           ref_policy=None, progress: bool | None = False, on_error: str = "raise",
            plugin_timeout: float | None = DEFAULT_TIMEOUT, behaviour=None, loss=None,
            hooks: str = "behaviour", target_cosine: float = TARGET_COSINE, target_reward=None,
            engine: str = "auto") -> list[dict]:
@@ -361,7 +362,7 @@ def verify(mdp, policy, estimators, group_size: int = 2, mode: str = "exact", sa
         dtype: the dtype fed to plug-ins (built-ins always run in float64).
         max_rows: the exact mode's size guard (responses in the stacked sample space).
         ref_policy: the reference policy of KL options (default: a seeded perturbation of ``policy``).
-        progress: a tqdm bar on stderr (only when stderr is a terminal).
+        progress: a tqdm bar on stderr: True, False, or None (only when stderr is a terminal).
         on_error: ``raise`` (``ValueError``), ``record`` (a record with ``verdict = "error"``), or
             ``record_all`` (record errors of specs expanded from ``all`` and failures of a plug-in's
             own code, :class:`~tpg.estimators.plugin.PluginError`; raise the others).
@@ -424,9 +425,8 @@ def verify(mdp, policy, estimators, group_size: int = 2, mode: str = "exact", sa
         off = prepare_offpolicy(mdp, policy, prob.sol, behaviour, loss, hooks)
     records: list[dict] = []
     bar = None
-    if progress and sys.stderr.isatty() and len(specs) > 1:
-        from tqdm import tqdm
-        bar = tqdm(total=len(specs), desc="verify", unit="estimator", file=sys.stderr, leave=False)
+    if show_progress(progress) and len(specs) > 1:
+        bar = progress_bar(True, total=len(specs), desc="verify", unit="estimator", leave=False)
     try:
         for spec, from_all in specs:
             text = spec if isinstance(spec, str) else callable_label(spec) if _is_function(spec) \
@@ -537,7 +537,7 @@ def _power_line(r: dict) -> str | None:
     return line + f"N too small to detect cosine {target:g} with {r['power']:.0%} power; try N >= {_fmt_n(n_for)}"
 
 
-def _legend(records: list[dict]) -> list[str]:
+def _legend(records: list[dict], header: list[str]) -> list[str]:
     lines = []
     modes = {r["mode"] for r in records if r["verdict"] != "error"}
     if "exact" in modes:
@@ -555,22 +555,42 @@ def _legend(records: list[dict]) -> list[str]:
             lines.append(f"Holm: the {m} tests of this run (c = 1 and direction, for each of {n_est} estimator"
                          f"{'s' if n_est != 1 else ''}) form one family; p-values are shown Holm-adjusted (raw in "
                          f"parentheses) and P(any false alarm) <= alpha = {a:g}")
-    lines.append("columns: scale = <E g, target>/|target|^2 (best-fit c); cosine = cos(E g, target); "
-                 "rel_bias = |E g - target|/|target|; resid = |E g - scale target|/|E g|; tr Cov = tr Cov[g] "
-                 "of one batch; tokens/batch = response tokens plus tokens the hooks sample")
-    if mc:
-        power = mc[0]["power"]
-        levels = sorted({r["alpha"] / r["holm_family"] for r in mc})
-        lines.append("  Monte Carlo: E g is the sample mean (cosine, rel_bias, resid are noisy); scale = mean of "
-                     "c_i = <g_i, target>/|target|^2, its interval at the level Holm decided c = 1 at "
-                     "(it excludes 1 exactly when c = 1 is rejected); p(c=1): t test of c = 1; p(dir): Hotelling "
-                     "test of E[g] || target on held-out directions")
-        lines.append(f"  mde: the smallest effects detected with {power:.0%} power at level alpha/family = "
-                     + ", ".join(f"{x:.3g}" for x in levels) + ": mde b = |b|/|target| of a bias b orthogonal "
-                     "to the target, pointing like the gradient noise (variance tr(S^2)/tr(S) along it, "
-                     "S = Cov[g] orthogonal to the target), with the cosine it leaves; mde |c-1| = a scale error "
-                     "(see tpg.verify.montecarlo.PowerModel)")
+    lines += legend_lines(_column_meanings(records, header))
     return lines
+
+
+def _column_meanings(records: list[dict], header: list[str]) -> dict[str, str]:
+    """One line per column of :func:`format_records`' table (those in ``header``)."""
+    mc = [r for r in records if r["mode"] == "mc" and r["verdict"] != "error"]
+    power = mc[0]["power"] if mc else None
+    levels = ", ".join(f"{x:.3g}" for x in sorted({r["alpha"] / r["holm_family"] for r in mc}))
+    noisy = " (Monte Carlo: of the sample mean of g, so noisy)" if mc else ""
+    meanings = {
+        "estimator": "the estimator as named (catalog spec, FILE.py:FUNCTION, or a callable's module.qualname)",
+        "G": "--group-size: responses per prompt for group estimators (the batch size of batch-coupled ones)",
+        "layout": "how one batch is drawn: group (one prompt, G responses), independent (G prompt-response pairs), "
+                  "batch:PxN (P prompt draws of N responses each) or single (one pair); - when it errored",
+        "dtype": "the dtype the estimator was fed",
+        "verdict": "in the vocabulary above; error: the estimator could not run (the reason below)",
+        "scale": "best-fit c = <E g, target>/|target|^2" + (" (Monte Carlo: the mean of c_i = <g_i, target>/|target|^2)"
+                                                             if mc else ""),
+        "scale CI": "the scale's interval at the level Holm decided c = 1 at (it excludes 1 exactly when c = 1 is "
+                    "rejected), with that level",
+        "cosine": "cos(E g, target)" + noisy,
+        "rel_bias": "|E g - target|/|target|" + noisy,
+        "resid": "|E g - scale target|/|E g|: what a rescaling cannot remove" + noisy,
+        "p(c=1) adj (raw)": "t test of c = 1: Holm-adjusted p-value (raw)",
+        "p(dir) adj (raw)": "Hotelling test of E[g] || target on held-out directions: Holm-adjusted p-value (raw)",
+        "mde b (cos)": (f"the smallest bias |b|/|target| detected with {power:.0%} power at level alpha/family = "
+                        f"{levels}, b orthogonal to the target and pointing like the gradient noise (variance "
+                        "tr(S^2)/tr(S) along it, S = Cov[g] orthogonal to the target), with the cosine it leaves "
+                        "(tpg.verify.montecarlo.PowerModel)") if mc else "",
+        "mde |c-1|": (f"the smallest scale error |c - 1| detected with {power:.0%} power at the same level"
+                      if mc else ""),
+        "tr Cov": "tr Cov[g], the variance of one batch's gradient (summed over the parameters)",
+        "tokens/batch": "response tokens of one batch plus tokens the hooks sample (~: measured on sampled batches)",
+    }
+    return {name: meanings[name] for name in header}
 
 
 def format_records(records: list[dict]) -> str:
@@ -607,7 +627,7 @@ def format_records(records: list[dict]) -> str:
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(),
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    lines += _legend(records)
+    lines += _legend(records, header)
     power = [line for line in map(_power_line, records) if line]
     if power:
         lines.append("power (what a non-rejection could have missed):")

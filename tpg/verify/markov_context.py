@@ -156,7 +156,7 @@ class _MarkovContext:
         """``(D, F, penalty)`` flattened to ``[H R]`` (``penalty`` ``None`` without ``kl=k1_reward``):
         the exact critic at a state is ``c D + gamma_mdp^t F - beta penalty`` (module docstring)."""
         kl = str(options.get("kl", "none"))
-        beta = float(options.get("beta", 0.0)) if kl == "k1_reward" else 0.0
+        beta = float(options.get("kl_beta", 0.0)) if kl == "k1_reward" else 0.0
         key = ("markov", float(gamma), beta != 0.0)
         if key not in self._critic_cache:
             mdp = self.mdp
@@ -192,7 +192,7 @@ class _MarkovContext:
             earned[:, 1:] = torch.cumsum(r * disc, 1)[:, :-1]  # c(s_t) = sum_{k<t} gamma^k r_k
         value = earned * D[states] + disc * F[states]
         if penalty is not None:
-            value -= float(options.get("beta", 0.0)) * penalty[states]
+            value -= float(options.get("kl_beta", 0.0)) * penalty[states]
         return torch.where(live, value, torch.zeros((), dtype=torch.float64))
 
     def _state_noise(self, gamma: float, options: dict) -> torch.Tensor:

@@ -34,11 +34,12 @@ and the disagreements; :func:`format_suite` prints the verdict matrix.
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
+from .._progress import progress_bar, show_progress
+from .._tables import legend_lines
 from .harness import verify
 
 from .defaults import SUITES  # noqa: E402  (torch-free home: tpg verify --help)
@@ -209,11 +210,12 @@ def agrees(rec: dict) -> bool:
 
 
 def run_suite(name: str = "standard", settings: tuple[Setting, ...] | None = None,
-              entries: tuple[Entry, ...] | None = None, progress: bool = False) -> dict:
+              entries: tuple[Entry, ...] | None = None, progress: bool | None = False) -> dict:
     """Run a suite in exact mode; ``{"suite", "settings", "records", "disagreements", "wall_s"}``.
 
     Every record carries ``setting``, ``expected``, ``expected_scale``, ``why`` and ``agrees``.
-    ``settings`` and ``entries`` default to :data:`SETTINGS` and :data:`ENTRIES`."""
+    ``settings`` and ``entries`` default to :data:`SETTINGS` and :data:`ENTRIES`. ``progress``: a bar on
+    stderr (True, False, or None: only when stderr is a terminal)."""
     from ..cases import mdp_from_spec
 
     settings = SETTINGS if settings is None else settings
@@ -223,10 +225,9 @@ def run_suite(name: str = "standard", settings: tuple[Setting, ...] | None = Non
     t0 = time.perf_counter()
     records: list[dict] = []
     bar = None
-    if progress and sys.stderr.isatty():
-        from tqdm import tqdm
-        bar = tqdm(total=len(settings) * len(entries), desc=f"suite {name}", unit="check", file=sys.stderr,
-                   leave=False)
+    if show_progress(progress):
+        bar = progress_bar(True, total=len(settings) * len(entries), desc=f"suite {name}", unit="check",
+                           leave=False)
     try:
         for setting in settings:
             mdp, policy = mdp_from_spec(setting.mdp)
@@ -293,9 +294,14 @@ def format_suite(result: dict) -> str:
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.append("")
-    lines.append("cells: verdict in exact mode; 'scaled c' gives the scale, 'biased x' the cosine with the target; "
-                 "'!' marks a disagreement with docs/THEORY.md's expectation")
-    lines.append("settings: " + "; ".join(f"{s['name']} = {s['mdp']} G={s['group_size']}" for s in result["settings"]))
+    columns = {"estimator": "the estimator spec; an off-policy row reads SPEC | BEHAVIOUR | LOSS (tpg verify "
+                            "--behaviour --loss)"}
+    columns.update((s["name"], f"the setting --mdp {s['mdp']} with --group-size {s['group_size']}")
+                   for s in result["settings"])
+    lines += legend_lines(columns)
+    lines.append("cells: the verdict in exact mode (proofs by enumeration); 'unbiased': E[g] = target; 'scaled c': "
+                 "E[g] = c target, c given; 'biased x': x is cos(E[g], target); '!' marks a disagreement with "
+                 "docs/THEORY.md's expectation; the target is grad J, or grad J - beta grad KL with a KL option")
     bad = result["disagreements"]
     n = len(result["records"])
     lines.append(f"{n - len(bad)} of {n} verdicts as expected; wall time {result['wall_s']:.1f} s")

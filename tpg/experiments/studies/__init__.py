@@ -2,7 +2,7 @@
 
 Every study module has ``NAME``, ``TITLE``, ``COLUMNS`` (documented output columns), a frozen
 dataclass ``Cell``, ``cells(quick) -> list[Cell]``, ``run_cell(cell) -> DataFrame``,
-``claim_rows(df) -> list[dict]`` and ``FIGURES`` (the ``paper_repro`` scripts that plot it).
+``claim_rows(df) -> list[dict]`` and ``FIGURES`` (the ``tpg.paper_repro`` scripts that plot it).
 Modules are found by name and imported only when asked for (:func:`load_study`).
 """
 

@@ -129,7 +129,7 @@ def _kl_rows(mdp, policy, sol, cell: Cell) -> list[dict]:
         m0 = exact_moments(mdp, policy, base, cell.group_size, with_cov=False, ref_policy=ref, context=ctx,
                            param_map=pmap).mean
         for kind in KL_KINDS:
-            est = get_estimator(f"{e}:kl={kind},beta={cell.beta:g}")
+            est = get_estimator(f"{e}:kl={kind},kl_beta={cell.beta:g}")
             m = exact_moments(mdp, policy, est, cell.group_size, with_cov=False, ref_policy=ref, context=ctx,
                               param_map=pmap).mean
             k_hat = (m0 - m) / cell.beta

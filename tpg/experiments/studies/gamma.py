@@ -12,7 +12,7 @@ rewards, which keep ``RM``) and each GAE discount of :data:`GAMMAS`, the study c
 bias ``|E g - grad J| / |grad J|`` twice, independently:
 
 * ``method = "eq26"``: the closed form above by enumeration
-  (:func:`proofs_checks.eq26_gamma.mismatch_bias`);
+  (:func:`tpg.proofs_checks.eq26_gamma.mismatch_bias`);
 * ``method = "ppo_gae"`` with ``lambda = 1`` and ``0.95``: the verifier's exact mode on
   ``ppo_gae:gamma=g,lambda=l,critic=exact`` (the critic is the exact discounted ZRA value).
 
@@ -89,7 +89,7 @@ def run_cell(cell: Cell) -> pd.DataFrame:
 
 def _run_cell(cell: Cell) -> pd.DataFrame:
     """Rows per (method, gamma, lambda); see :data:`COLUMNS`."""
-    from proofs_checks.eq26_gamma import mismatch_bias
+    from tpg.proofs_checks.eq26_gamma import mismatch_bias
     from tpg.verify import verify
 
     mdp, policy, sol = solved_cell(cell)

@@ -118,7 +118,7 @@ def _problem_kw(problem: str) -> dict:
 
 
 def _config(cell: Cell, **kw) -> TrainConfig:
-    base = dict(algo=cell.algo or "grpo", reward=cell.reward, iters=cell.iters, prompts=cell.prompts,
+    base = dict(estimator=cell.algo or "grpo", reward=cell.reward, iters=cell.iters, prompts=cell.prompts,
                 group_size=cell.group_size, seed=cell.seed, progress=False, measure_memory=False)
     return TrainConfig(**{**base, **_problem_kw(cell.problem), **kw})
 
@@ -166,7 +166,7 @@ def _update(cell: Cell) -> pd.DataFrame:
 
 def _memory(cell: Cell) -> pd.DataFrame:
     cfg = _config(cell, iters=2)
-    rows = memory_report(cfg, algos=TRAIN_ALGOS)
+    rows = memory_report(cfg, estimators=TRAIN_ALGOS)
     kind = load_train_problem(cfg.task, cfg.mdp, cfg.case, cfg.reward).kind
     out = [{"problem_kind": kind, "method": r["method"], "spec": r["spec"], "reward": cell.reward,
             "models": "+".join(r["models"]), "policy_params": r["policy"], "critic_params": r["critic"],

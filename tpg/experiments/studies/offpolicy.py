@@ -317,9 +317,9 @@ def _curve_rows(cell: Cell) -> pd.DataFrame:
     from .learning import j_bounds
 
     kind, _, spec = cell.problem.partition(":")
-    cfg = TrainConfig(algo=cell.estimator, **{kind: spec}, behaviour=cell.behaviour, loss=cell.loss, seed=cell.seed,
-                      iters=cell.iters, prompts=cell.prompts, group_size=cell.group_size, epochs=1, minibatches=1,
-                      progress=False, measure_memory=False)
+    cfg = TrainConfig(estimator=cell.estimator, **{kind: spec}, behaviour=cell.behaviour, loss=cell.loss,
+                      seed=cell.seed, iters=cell.iters, prompts=cell.prompts, group_size=cell.group_size, epochs=1,
+                      minibatches=1, progress=False, measure_memory=False)
     prob = load_train_problem(cfg.task, cfg.mdp, cfg.case, cfg.reward)
     lo, hi = j_bounds(prob.mdp, prob.policy)
     log = train(cfg)

@@ -15,9 +15,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from paper_repro import style  # noqa: E402
+from tpg.paper_repro import style  # noqa: E402
 from tpg.experiments.runner import load_results  # noqa: E402
 
 NAME = "zero_groups"

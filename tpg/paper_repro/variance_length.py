@@ -18,11 +18,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np  # noqa: E402
 
-from paper_repro import style  # noqa: E402
+from tpg.paper_repro import style  # noqa: E402
 from tpg.experiments.runner import load_results  # noqa: E402
 from tpg.experiments.studies.long_horizon import METHODS  # noqa: E402
 

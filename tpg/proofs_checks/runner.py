@@ -1,15 +1,15 @@
 """Run every proof check and its negative control on a set of small MDPs; print a table.
 
-``python -m proofs_checks.runner`` prints the table for :func:`default_cases` and exits with
+``python -m tpg.proofs_checks.runner`` prints the table for :func:`default_cases` and exits with
 status 1 if a statement is violated or a negative control goes unflagged.
 """
 
 from __future__ import annotations
 
-import sys
-import time
 from types import ModuleType
 
+from tpg._progress import progress_bar
+from tpg._tables import legend_lines
 from tpg.cases import mdp_from_spec
 
 from . import STATEMENTS
@@ -57,13 +57,14 @@ def _resolve(statements) -> list[ModuleType]:
     return out
 
 
-def run_checks(cases=None, statements=None, progress: bool = False) -> list[dict]:
+def run_checks(cases=None, statements=None, progress: bool | None = False) -> list[dict]:
     """Every statement's check and negative control on every case.
 
     Args:
         cases: ``(label, mdp, policy)`` triples (default :func:`default_cases`).
         statements: statement modules or their ``NAME`` s (default all, in docs/THEORY.md order).
-        progress: print one line per statement to stderr as it finishes.
+        progress: a progress bar on stderr over the statements and cases: True, False, or None (only
+            when stderr is a terminal).
 
     Returns:
         One row per (statement, case, kind) with keys ``statement``, ``case``, ``kind``
@@ -72,9 +73,11 @@ def run_checks(cases=None, statements=None, progress: bool = False) -> list[dict
         (``difference > 1e-6``).
     """
     cases = default_cases() if cases is None else cases
+    mods = _resolve(statements)
     rows = []
-    for mod in _resolve(statements):
-        start = time.perf_counter()
+    bar = progress_bar(progress, total=len(mods) * len(cases), desc="prove", unit="case", leave=False)
+    for mod in mods:
+        bar.set_postfix_str(mod.NAME)
         for label, mdp, policy in cases:
             diff = float(mod.check(mdp, policy))
             rows.append({"statement": mod.NAME, "case": label, "kind": "statement", "difference": diff,
@@ -82,8 +85,8 @@ def run_checks(cases=None, statements=None, progress: bool = False) -> list[dict
             diff = float(mod.negative_control(mdp, policy))
             rows.append({"statement": mod.NAME, "case": label, "kind": "negative control", "difference": diff,
                          "threshold": NEGATIVE_TOL, "passed": diff > NEGATIVE_TOL})
-        if progress:
-            print(f"{mod.NAME}: {len(cases)} cases in {time.perf_counter() - start:.2f} s", file=sys.stderr)
+            bar.update(1)
+    bar.close()
     return rows
 
 
@@ -108,9 +111,26 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *(fmt(line) for line in body)])
 
 
+#: the meaning of each column of :func:`format_table` (printed under it by ``tpg prove``)
+COLUMNS = {
+    "statement": "the statement of docs/THEORY.md section 2 (one module of tpg.proofs_checks)",
+    "case": "the MDP and policy it is checked on (tpg.proofs_checks.runner.DEFAULT_SPECS)",
+    "kind": "statement: the identity itself; negative control: a deliberately wrong variant that must fail",
+    "difference": "max |lhs - rhs| / max(1, max |rhs|), both sides computed exactly in float64",
+    "threshold": "a statement holds at <= 1e-10; a negative control must exceed 1e-6",
+    "verdict": "holds / fails as it must (as expected), VIOLATED / NOT FLAGGED (not as expected)",
+}
+
+
+def format_legend() -> str:
+    """The legend of :func:`format_table`'s columns."""
+    return "\n".join(legend_lines(COLUMNS))
+
+
 def main() -> int:
-    rows = run_checks(progress=True)
+    rows = run_checks(progress=None)
     print(format_table(rows))
+    print(format_legend())
     failed = [r for r in rows if not r["passed"]]
     print(f"\n{len(rows) - len(failed)}/{len(rows)} rows as expected")
     return 1 if failed else 0

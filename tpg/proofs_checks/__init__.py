@@ -5,7 +5,7 @@ control, one line), ``check(mdp, policy)`` and ``negative_control(mdp, policy)``
 the two sides of an identity exactly in float64 (enumeration of every response against the
 dynamic programme or autograd; no sampling) and return
 ``max |lhs - ref| / max(1, max |ref|)``. A statement holds when ``check <= 1e-10``; a negative
-control fails as it must when ``negative_control > 1e-6``. :mod:`proofs_checks.runner` runs them
+control fails as it must when ``negative_control > 1e-6``. :mod:`tpg.proofs_checks.runner` runs them
 all on a default set of small MDPs.
 """
 

@@ -1,7 +1,7 @@
 """(tpg) GAE(lambda) at the response level equals GAE at the token level, and is unbiased
 with an exact critic for every ``lambda``.
 
-Per response, with the TD errors of :mod:`proofs_checks.td_identity`,
+Per response, with the TD errors of :mod:`tpg.proofs_checks.td_identity`,
 
     A'_t = sum_l lambda^l delta'_{t+l}            (response level, ZRA rewards, no discount)
     A_t  = sum_l (gamma lambda)^l delta_{t+l}     (token level, true rewards, discount gamma)

@@ -19,11 +19,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np  # noqa: E402
 
-from paper_repro import style  # noqa: E402
+from tpg.paper_repro import style  # noqa: E402
 from tpg.experiments.runner import load_results  # noqa: E402
 from tpg.experiments.studies.critic import (CLAIM1_LAMBDA, GOOD_CRITIC_ERROR, claim1_curves,  # noqa: E402
                                             claim1_table, claim2_table)

@@ -1,10 +1,11 @@
 """The one look of every tpg figure: Agg backend, one rc dict, the names users know methods by.
 
-Every ``paper_repro`` script starts with::
+Every ``tpg.paper_repro`` script starts with (the path line lets ``python tpg/paper_repro/NAME.py``
+run from a checkout)::
 
     import sys; from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from paper_repro import style          # selects Agg and applies RC
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from tpg.paper_repro import style          # selects Agg and applies RC
 
 and ends with ``style.save(fig, NAME, out_dir)`` (writes ``NAME.png`` and ``NAME.pdf``);
 ``if __name__ == "__main__": style.cli(main)`` gives it ``--cache-dir`` / ``--out-dir``. A script
@@ -140,7 +141,7 @@ def save(fig, name: str, out_dir: str | Path = "figures") -> list[Path]:
 
 
 def cli(main) -> None:
-    """``python paper_repro/NAME.py [--cache-dir DIR] [--out-dir DIR]``: run a script's ``main`` and
+    """``python -m tpg.paper_repro.NAME [--cache-dir DIR] [--out-dir DIR]``: run a script's ``main`` and
     print the files it wrote; a missing study is one line on stderr and exit status 1."""
     import argparse
     import sys

@@ -1,0 +1,131 @@
+"""The estimator catalog's names and option names, free of torch.
+
+``tpg verify --estimator grpx`` and ``tpg train --estimator grpo:std=1`` must be refused at once, but
+the catalog's classes live in modules that import torch (about two seconds). This module holds the
+names only: every catalog name, in catalog order, with its option names in the order the classes
+declare them (:meth:`~tpg.estimators.Estimator.all_options`), the training methods' aliases and the
+renamed options. A test checks all of it against the real registry, so the two cannot drift;
+option *values* are checked by the estimators themselves, once torch is loaded.
+
+:func:`check_estimator_spec` raises the ``ValueError`` the real code would raise for an unknown
+name, an unknown option, a malformed option list or a missing plug-in file, with the same words.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+#: every catalog estimator's options, in the registry's order (:data:`tpg.estimators.CATALOG`)
+_COMMON = ("agg", "kl", "kl_beta")
+OPTION_NAMES: dict[str, tuple[str, ...]] = {
+    "reinforce": _COMMON,
+    "reward_to_go": _COMMON,
+    "reinforce_baseline": ("baseline", *_COMMON),
+    "rloo": _COMMON,
+    "remax": _COMMON,
+    "grpo": ("std_norm", "eps", *_COMMON),
+    "dr_grpo": _COMMON,
+    "opo": _COMMON,
+    "reinforce_pp": ("gamma", *_COMMON),
+    "reinforce_pp_baseline": _COMMON,
+    "ppo_gae": ("gamma", "lambda", "critic", "sigma", "noise", "steps", "samples", "lr", *_COMMON),
+    "trepo": ("anchors", "fill", "K", *_COMMON),
+}
+CATALOG: tuple[str, ...] = tuple(OPTION_NAMES)
+#: the options every estimator (and every plug-in) takes
+COMMON_OPTION_NAMES = _COMMON
+#: option names of earlier releases, still accepted (with a FutureWarning): old -> new
+RENAMED_OPTIONS = {"beta": "kl_beta"}
+#: ``tpg train``'s method aliases: alias -> the catalog estimator it builds (:data:`tpg.train.methods.ALIASES`)
+TRAIN_ALIASES = {"ppo": "ppo_gae"}
+
+_PLUGIN = re.compile(r"^(?P<path>.+?\.py):(?P<fn>[A-Za-z_]\w*)(?::(?P<opts>.*))?$")
+
+
+def is_plugin_spec(spec: str) -> bool:
+    """True for ``FILE.py:FUNCTION[:options]`` (the registry's rule)."""
+    return bool(_PLUGIN.match(spec.strip()))
+
+
+def _option_keys(text: str, where: str) -> list[str]:
+    """The keys of ``key=value,...`` with the registry's errors (:func:`tpg.estimators.registry.parse_options`)."""
+    keys: list[str] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        key, eq, _ = part.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise ValueError(f"{where}: option {part!r} is not key=value")
+        if key in keys:
+            raise ValueError(f"{where}: option {key!r} given twice")
+        keys.append(key)
+    return keys
+
+
+def _check_catalog_spec(spec: str, training: bool) -> None:
+    name, _, rest = spec.strip().partition(":")
+    name = name.strip()
+    keys = _option_keys(rest, spec)
+    base = TRAIN_ALIASES.get(name, name) if training else name
+    if base not in OPTION_NAMES:
+        if training:
+            raise ValueError(f"unknown method {name!r}; use one of {', '.join((*TRAIN_ALIASES, *CATALOG))}")
+        raise ValueError(f"unknown estimator {name!r}; the catalog has {', '.join(CATALOG)} "
+                         f"(or give a plug-in as FILE.py:FUNCTION)")
+    if training and {"kl", "kl_beta", "beta"} & set(keys):
+        raise ValueError("set the KL with --kl and --kl-beta (TrainConfig.kl, kl_beta), not in the spec: "
+                         "training adds the KL loss term itself")
+    allowed = OPTION_NAMES[base]
+    for key in keys:
+        if key not in allowed and RENAMED_OPTIONS.get(key) not in allowed:
+            raise ValueError(f"{base}: unknown option {key!r}; allowed options: {', '.join(allowed)}")
+
+
+def _check_plugin_file(spec: str) -> None:
+    m = _PLUGIN.match(spec.strip())
+    label = f"{m['path']}:{m['fn']}"
+    _option_keys(m["opts"] or "", label)
+    if not os.path.isfile(m["path"]):
+        raise ValueError(f"plug-in {label}: file not found: {m['path']!r} (relative to {os.getcwd()})")
+
+
+def check_estimator_spec(spec: str, training: bool = False) -> None:
+    """Refuse, without importing torch, what :func:`tpg.verify` (or, with ``training``, ``tpg train``)
+    would refuse by name: an unknown estimator or method, an option it does not have, a malformed option
+    list, a plug-in file that does not exist, and (training) KL options in the spec. The message is the
+    real one, with the prefix the command line adds (the spec, or ``TrainConfig.estimator``); values
+    are left to the estimators. ``all``, ``all:OPTIONS`` and ``;``-separated lists are checked item by
+    item, as :func:`~tpg.estimators.expand_spec` does."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"an estimator spec must be a non-empty string, got {spec!r}")
+    text = spec.strip()
+    try:
+        if training:
+            if is_plugin_spec(text):
+                _check_plugin_file(text)
+            else:
+                _check_catalog_spec(text, training=True)
+            return
+        head, sep, opts = text.partition(":")
+        if head.strip() == "all":
+            items = [n + (":" + opts if sep and opts.strip() else "") for n in CATALOG]
+        elif ";" in text:
+            items = [s.strip() for s in text.split(";") if s.strip()]
+            if not items:
+                raise ValueError(f"empty estimator spec {spec!r}")
+        else:
+            items = [text]
+        for item in items:
+            if is_plugin_spec(item):
+                _check_plugin_file(item)
+            else:
+                _check_catalog_spec(item, training=False)
+    except ValueError as exc:
+        raise ValueError(f"{'TrainConfig.estimator' if training else text}: {exc}") from None
+
+
+__all__ = ["CATALOG", "OPTION_NAMES", "COMMON_OPTION_NAMES", "RENAMED_OPTIONS", "TRAIN_ALIASES",
+           "is_plugin_spec", "check_estimator_spec"]
