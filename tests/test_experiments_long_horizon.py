@@ -34,7 +34,7 @@ def tiny(tmp_path_factory):
 def test_module_contract():
     assert lh.NAME == "long_horizon" and lh.NAME in STUDIES and load_study(lh.NAME) is lh
     assert lh.TITLE and lh.COLUMNS and all(isinstance(v, str) and v for v in lh.COLUMNS.values())
-    assert all((ROOT / "paper_repro" / f"{f}.py").is_file() for f in lh.FIGURES)
+    assert all((ROOT / "tpg" / "paper_repro" / f"{f}.py").is_file() for f in lh.FIGURES)
     quick, full = lh.cells(True), lh.cells(False)
     assert 0 < len(quick) < len(full) and len({cache_key(c) for c in full}) == len(full)
     assert {c.horizon for c in full} == {64, 128, 256, 512, 1024} and {c.eos_rate for c in full} == {0.0, 2.0}
@@ -70,12 +70,12 @@ def test_tiny_grid_has_the_documented_columns_and_hits_the_cache(tiny):
 
 def test_figure_writes_images(tiny, tmp_path):
     d, _ = tiny
-    spec = importlib.util.spec_from_file_location("fig_variance_length", ROOT / "paper_repro" / "variance_length.py")
+    spec = importlib.util.spec_from_file_location("fig_variance_length", ROOT / "tpg" / "paper_repro" / "variance_length.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     paths = mod.main(cache_dir=str(d), out_dir=str(tmp_path))
     assert {p.suffix for p in paths} == {".png", ".pdf"} and all(p.stat().st_size > 1000 for p in paths)
-    from paper_repro.style import MissingResults
+    from tpg.paper_repro.style import MissingResults
 
     with pytest.raises(MissingResults, match="tpg study long_horizon"):
         mod.main(cache_dir=str(tmp_path / "empty"), out_dir=str(tmp_path))

@@ -46,7 +46,7 @@ def long_problem(family="terminal", vocab=3, horizon=256, eos=0, eos_prob=1 / 32
 
 
 SPECS = [("reinforce", 1), ("rloo", 3), ("grpo", 3), ("ppo_gae:critic=exact,lambda=0.9,gamma=0.8", 1),
-         ("trepo:anchors=random:1,K=2", 1), ("reinforce:kl=k1_reward,beta=0.2", 1), ("reward_to_go", 1),
+         ("trepo:anchors=random:1,K=2", 1), ("reinforce:kl=k1_reward,kl_beta=0.2", 1), ("reward_to_go", 1),
          ("ppo_gae:critic=noisy,noise=fresh,sigma=0.3", 1), ("remax", 1)]
 CASES = [dict(family="dense", eos=0, gamma=1.0), dict(family="terminal", eos=None, gamma=0.9, horizon=3, prompts=1),
          dict(family="length", eos=2, gamma=1.0, vocab=4, horizon=3)]
@@ -82,7 +82,7 @@ def test_row_space_verdicts_equal_the_tree_path():
     same draws, targets equal to 1e-10), negative controls included. (Fixed critic noise is drawn per
     tree node on the tree and per state (t, prev) here: different critics by design, left out.)"""
     mdp, pol = small("dense", eos=0, horizon=4, seed=1)
-    ests = ["reinforce", "rloo", "grpo", "ppo_gae:critic=exact,gamma=0.9,lambda=0.5", "reinforce:kl=k1_reward,beta=0.2",
+    ests = ["reinforce", "rloo", "grpo", "ppo_gae:critic=exact,gamma=0.9,lambda=0.5", "reinforce:kl=k1_reward,kl_beta=0.2",
             SampledTokenBaseline()]
     kw = dict(group_size=3, mode="mc", samples=1500, seed=2)
     t = verify(mdp, pol, ests, engine="tree", **kw)
@@ -218,7 +218,7 @@ def test_cli_at_h1024(capsys):
     rc = main(["verify", "--mdp", "dense:compact=true,policy=shared,horizon=1024,vocab=8", "--estimator", "rloo",
                "--group-size", "4", "--mode", "mc", "--samples", "200", "--json"])
     assert rc == 0
-    rec = json.loads(capsys.readouterr().out)[0]
+    rec = json.loads(capsys.readouterr().out)["records"][0]
     assert rec["engine"] == "markov" and rec["verdict"] in ("consistent", "consistent-scaled", "biased")
     assert rec["tokens_per_batch"] == 4 * 1024
     rc = main(["verify", "--mdp", "dense:compact=true,policy=shared,horizon=1024,vocab=8", "--estimator", "rloo"])
