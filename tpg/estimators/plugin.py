@@ -102,8 +102,8 @@ from .._tables import legend_lines
 from .base import ResponseBatch
 from .estimator import COMMON_OPTIONS, Estimator, Option, tokens_between, tokens_counter
 from .functional import dense_ids
+from .names import PLUGIN_SPEC, parse_options
 
-_SPEC = re.compile(r"^(?P<path>.+?\.py):(?P<fn>[A-Za-z_]\w*)(?::(?P<opts>.*))?$")
 FORMS = ("verl", "simple")
 #: Seconds a plug-in's import or one call may take (``tpg verify --plugin-timeout``).
 from .defaults import DEFAULT_TIMEOUT  # noqa: E402  (torch-free home: tpg verify --help)
@@ -552,9 +552,7 @@ def load_plugin(spec: str, dtype: torch.dtype = torch.float64,
     ``timeout``: seconds for the import and for each call (``None``: no limit). Raises
     ``ValueError`` for a bad spec and :class:`PluginError` when importing the file fails (raises
     anything but ``KeyboardInterrupt``, ``SystemExit`` included, or runs past the limit)."""
-    from .registry import parse_options
-
-    match = _SPEC.match(spec.strip()) if isinstance(spec, str) else None
+    match = PLUGIN_SPEC.match(spec.strip()) if isinstance(spec, str) else None
     if not match:
         raise ValueError(f"a plug-in spec is FILE.py:FUNCTION[:key=value,...], got {spec!r}")
     path, fn_name = match["path"], match["fn"]

@@ -92,17 +92,16 @@ import hashlib
 import importlib.util
 import inspect
 import os
-import re
 import sys
 from dataclasses import dataclass
 
 import torch
 
 from ..estimators.estimator import Option
+from ..estimators.names import PLUGIN_SPEC, parse_options
 from ._spec import bind_args, canonical, split_head, split_top
 
 FILTER_MODES = ("false", "new_prompts", "same_prompt")
-_PLUGIN = re.compile(r"^(?P<path>.+?\.py):(?P<fn>[A-Za-z_]\w*)(?::(?P<opts>.*))?$")
 
 
 def _parse_filter(value) -> str:
@@ -531,9 +530,7 @@ class PluginLoss(Loss):
 def load_loss_plugin(spec: str) -> PluginLoss:
     """The :class:`PluginLoss` of ``FILE.py:FUNCTION[:key=value,...]`` (``old`` and
     ``filter_degenerate_groups`` are tpg's; other options go to the function)."""
-    from ..estimators.registry import parse_options
-
-    match = _PLUGIN.match(spec.strip())
+    match = PLUGIN_SPEC.match(spec.strip())
     if not match:
         raise ValueError(f"a loss plug-in spec is FILE.py:FUNCTION[:key=value,...], got {spec!r}")
     path, fn_name = match["path"], match["fn"]
@@ -572,7 +569,7 @@ def get_loss(spec) -> Loss:
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"a loss spec must be a non-empty string, got {spec!r}")
     text = spec.strip()
-    if _PLUGIN.match(text):
+    if PLUGIN_SPEC.match(text):
         return load_loss_plugin(text)
     name, rest = split_head(text, "loss")
     if name not in LOSSES:
