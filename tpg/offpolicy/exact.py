@@ -55,9 +55,9 @@ import torch
 
 from ..exact.engine import solve
 from ..verify.context import ExactContext
-from ..verify.exact_moments import (DEFAULT_MAX_ROWS, _calls_since, _space_chunks, _take, batch_layout,
-                                    checked_coef, exact_supported, leaf_rollouts, make_batch, ref_log_probs,
-                                    sample_space_size)
+from ..verify.exact_moments import (DEFAULT_MAX_ROWS, ExactMoments, _calls_since, _space_chunks, _take, batch_layout,
+                                    checked_coef, checked_space_size, layout_shape, leaf_rollouts, make_batch,
+                                    ref_log_probs, refuse_inexact, run_exact)
 from ..verify.score import ParamMap, batch_logit_gradients, token_nt
 from .behaviour import Behaviour, resolve_behaviour
 from .losses import LossInputs, get_loss, loss_coefficients
@@ -68,8 +68,9 @@ _CHUNK_ENTRIES = 4_000_000
 
 
 @dataclass
-class OffPolicyMoments:
-    """Exact moments of one estimator + loss under a behaviour policy.
+class OffPolicyMoments(ExactMoments):
+    """Exact moments of one estimator + loss under a behaviour policy (the fields of
+    :class:`~tpg.verify.exact_moments.ExactMoments`, then the off-policy ones).
 
     Attributes:
         mean: ``E_mu[g]`` in parameter space; cov: ``Cov_mu[g]`` (``None`` unless requested);
@@ -86,40 +87,11 @@ class OffPolicyMoments:
         behaviour, loss: canonical specs; mismatch: the behaviour's mismatch report.
     """
 
-    mean: torch.Tensor
-    cov: torch.Tensor | None
-    variance_trace: float
-    num_batches: int
-    num_rows: int
-    tokens_per_batch: float
-    hook_calls: dict = field(default_factory=dict)
-    total_prob: float = 1.0
     kept_prob: float = 1.0
     keep_prob_per_prompt: list | None = None
     behaviour: str = "pi"
     loss: str = "pg"
     mismatch: dict = field(default_factory=dict)
-
-
-def layout_shape(layout: str, G: int) -> tuple[int, int, int]:
-    """``(rows per batch, groups per batch, rows per group)`` of a batch layout: ``group`` ``(G, 1, G)``,
-    ``independent`` ``(G, G, 1)``, ``single`` ``(1, 1, 1)``, ``batch:PxN`` ``(P N, P, N)`` (verl's batch of
-    ``P`` prompt draws with ``N`` responses each, where the verifier has that layout)."""
-    if layout.startswith("batch:"):
-        P, _, N = layout.split(":", 1)[1].lower().partition("x")
-        return int(P) * int(N), int(P), int(N)
-    if layout == "group":
-        return G, 1, G
-    if layout == "independent":
-        return G, G, 1
-    return 1, 1, 1
-
-
-def _plugin_error():
-    """The plug-in failure class whose errors pass through unchanged, where the estimators define one."""
-    from ..estimators import plugin
-
-    return getattr(plugin, "PluginError", ())
 
 
 def keep_probabilities(mdp, response_prob_l: torch.Tensor, rm_l: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -208,19 +180,12 @@ def offpolicy_moments(mdp, policy, estimator, behaviour="pi", loss=None, group_s
     name = getattr(estimator, "name", type(estimator).__name__)
     if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
         raise ValueError(f"group_size must be an integer >= 1, got {group_size!r}")
-    ok, why = exact_supported(estimator)
-    if not ok:
-        raise ValueError(f"exact mode refused for {name!r}: {why or 'its expectation cannot be made exact'}; "
-                         f"use Monte Carlo mode (--mode mc)")
+    refuse_inexact(estimator, name)
     loss = get_loss(loss)
     sol_pi = sol if sol is not None else solve(mdp, policy)
     beh = resolve_behaviour(behaviour, mdp, policy, sol_pi=sol_pi)
     layout, G = batch_layout(estimator, group_size)
-    n_batches, n_rows = sample_space_size(mdp, layout, G)
-    if n_rows > max_rows:
-        raise ValueError(f"the exact sample space of {name!r} has {n_batches:,} batches ({n_rows:,} responses), above "
-                         f"max_rows={max_rows:,}: use a smaller MDP or group size, raise max_rows, or use Monte Carlo "
-                         f"mode (--mode mc)")
+    checked_space_size(mdp, name, layout, G, max_rows)
     tree = mdp.tree
     ctx = context if context is not None else hooks_context(mdp, policy, sol_pi, beh, hooks, seed, ref_policy)
     calls_before = dict(ctx.hook_calls)
@@ -273,12 +238,7 @@ def offpolicy_moments(mdp, policy, estimator, behaviour="pi", loss=None, group_s
         ro = _take(leaves_ro, rows)
         ro.group = torch.arange(rows.numel()) // per_group  # group, one per prompt draw, or one per row
         rb = make_batch(estimator, ro, batch_b, dtype, None if ref_all is None else ref_all[rows])
-        try:
-            out = estimator(rb, ctx)
-        except _plugin_error():  # the plug-in's own failure, not a refusal of exact mode
-            raise
-        except ValueError as exc:
-            raise ValueError(f"exact mode refused for {name!r}: {exc}") from exc
+        out = run_exact(estimator, name, rb, ctx)
         coef = checked_coef(estimator, out, ro.tokens.shape)
         if not loss.is_pg:
             inp = LossInputs(logp_mu_bt=logp_mu_l[rows], advantages_bt=out.advantages.detach().to(torch.float64),

@@ -20,11 +20,11 @@ import torch
 from ..exact.engine import solve
 from ..rollouts import Rollouts, sample
 from ..verify.context import MonteCarloContext
-from ..verify.exact_moments import batch_layout, checked_coef, make_batch, ref_log_probs
+from ..verify.exact_moments import batch_layout, checked_coef, layout_shape, make_batch, ref_log_probs
 from ..verify.montecarlo import CHUNK_ROWS, GradientSamples
 from ..verify.score import token_nt
 from .behaviour import Behaviour, resolve_behaviour
-from .exact import HOOKS, keep_probabilities, layout_shape
+from .exact import HOOKS, keep_probabilities
 from .losses import LossInputs, get_loss, loss_coefficients
 
 #: Rounds of rejection sampling before dynamic sampling gives up.
