@@ -179,14 +179,8 @@ def sample_offpolicy_terms(mdp, policy, estimator, behaviour="pi", loss=None, nu
             toks.append(ro.tokens)
             bids.append(batch_b + done)
         done += n
-    hook = float(ctx.tokens_sampled - hook_before)
-    H = mdp.horizon
-    empty = torch.zeros(0, H, dtype=torch.long)
-    return GradientSamples(coef_bt=torch.cat(coefs) if coefs else torch.zeros(0, H, dtype=torch.float64),
-                           nt_bt=torch.cat(nts) if nts else empty, tok_bt=torch.cat(toks) if toks else empty,
-                           batch_b=torch.cat(bids) if bids else torch.zeros(0, dtype=torch.long),
-                           num_batches=num_batches, tokens_per_batch=(tokens + hook) / num_batches,
-                           hook_tokens_per_batch=hook / num_batches)
+    return GradientSamples.from_chunks(coefs, nts, toks, bids, num_batches, mdp.horizon, tokens,
+                                       float(ctx.tokens_sampled - hook_before))
 
 
 __all__ = ["sample_offpolicy_terms", "draw_groups", "MAX_ROUNDS"]

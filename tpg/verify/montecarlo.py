@@ -82,6 +82,20 @@ class GradientSamples:
     tokens_per_batch: float
     hook_tokens_per_batch: float
 
+    @classmethod
+    def from_chunks(cls, coefs: list, nts: list, toks: list, bids: list, num_batches: int, horizon: int,
+                    tokens: float, hook_tokens: float) -> "GradientSamples":
+        """The chunks of a sampler (per-token coefficients, rows, tokens ``[B_i, H]`` and batch ids ``[B_i]``,
+        ids non-decreasing across chunks) as one :class:`GradientSamples` (empty tensors when no chunk
+        has a row); ``tokens`` and ``hook_tokens`` are the run's totals (response tokens of the batches,
+        tokens the hooks sampled), reported per batch."""
+        empty = torch.zeros(0, horizon, dtype=torch.long)
+        return cls(coef_bt=torch.cat(coefs) if coefs else torch.zeros(0, horizon, dtype=torch.float64),
+                   nt_bt=torch.cat(nts) if nts else empty, tok_bt=torch.cat(toks) if toks else empty,
+                   batch_b=torch.cat(bids) if bids else torch.zeros(0, dtype=torch.long), num_batches=num_batches,
+                   tokens_per_batch=(tokens + hook_tokens) / num_batches,
+                   hook_tokens_per_batch=hook_tokens / num_batches)
+
 
 def sample_gradient_terms(mdp, policy, estimator, num_batches: int, group_size: int = 1, *,
                           generator: torch.Generator | None = None, seed: int = 0, dtype=torch.float64,
@@ -147,10 +161,8 @@ def sample_gradient_terms(mdp, policy, estimator, num_batches: int, group_size: 
         bids.append(batch_b + done)
         tokens += ro.num_tokens
         done += n
-    hook = float(ctx.tokens_sampled - hook_before)
-    return GradientSamples(coef_bt=torch.cat(coefs), nt_bt=torch.cat(nts), tok_bt=torch.cat(toks),
-                           batch_b=torch.cat(bids), num_batches=num_batches,
-                           tokens_per_batch=(tokens + hook) / num_batches, hook_tokens_per_batch=hook / num_batches)
+    return GradientSamples.from_chunks(coefs, nts, toks, bids, num_batches, H, tokens,
+                                       float(ctx.tokens_sampled - hook_before))
 
 
 def _rows_of(samples: GradientSamples, lo: int, hi: int) -> slice:
