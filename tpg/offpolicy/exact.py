@@ -116,6 +116,29 @@ def keep_probabilities(mdp, response_prob_l: torch.Tensor, rm_l: torch.Tensor, g
     return q
 
 
+def dynamic_sampling(mdp, beh: Behaviour, loss, layout: str, G: int) -> tuple[str, torch.Tensor | None, float]:
+    """``(mode, q_x, Z)`` of ``loss``'s dynamic sampling for batches of ``layout``: ``mode`` is the loss's
+    ``filter`` when the layout's groups have two rows or more, else ``"false"`` (``q_x = None``, ``Z = 1``);
+    ``q_x`` per prompt under the behaviour (:func:`keep_probabilities`), ``Z = sum_x rho(x) q_x``.
+    ``ValueError`` when no group can ever be kept, and under ``same_prompt`` when a prompt can never
+    be kept but a batch holds several groups (the batch has no defined value without it)."""
+    _, n_groups, per_group = layout_shape(layout, G)
+    mode = loss.filter if per_group >= 2 else "false"
+    if mode == "false":
+        return mode, None, 1.0
+    rho = mdp.prompt_weights
+    q_x = keep_probabilities(mdp, beh.sol.response_prob, beh.sol.response_rm, per_group)
+    Z = float((rho * q_x).sum())
+    if Z <= 0.0:
+        raise ValueError(f"dynamic sampling: every group of {per_group} responses has identical rewards under the "
+                         f"behaviour {beh.spec!r} (P(non-degenerate) = 0), so no batch is ever filled")
+    never = [x for x in range(mdp.num_prompts) if float(rho[x]) > 0 and float(q_x[x]) <= 0]
+    if mode == "same_prompt" and never and n_groups > 1:
+        raise ValueError(f"dynamic sampling same_prompt: prompt(s) {never} only ever give degenerate groups, and a "
+                         f"{layout} batch has no defined value without them; use new_prompts")
+    return mode, q_x, Z
+
+
 def _group_factors(rm_b: torch.Tensor, batch_b: torch.Tensor, group_b: torch.Tensor, prompt_b: torch.Tensor,
                    n_batches: int, mode: str, q_x: torch.Tensor, Z: float) -> torch.Tensor:
     """Per batch, ``prod_groups 1[kept] / q`` (``q = Z`` or ``q_x``); groups of one are kept with ``q = 1``."""
@@ -199,16 +222,7 @@ def offpolicy_moments(mdp, policy, estimator, behaviour="pi", loss=None, group_s
 
     rho = mdp.prompt_weights
     per_batch, n_groups, per_group = layout_shape(layout, G)
-    mode = loss.filter if per_group >= 2 else "false"
-    q_x = keep_probabilities(mdp, beh.sol.response_prob, leaves_ro.rm, per_group) if mode != "false" else None
-    Z = float((rho * q_x).sum()) if q_x is not None else 1.0
-    if mode != "false" and Z <= 0.0:
-        raise ValueError(f"dynamic sampling: every group of {per_group} responses has identical rewards under the "
-                         f"behaviour {beh.spec!r} (P(non-degenerate) = 0), so no batch is ever filled")
-    never = [] if q_x is None else [x for x in range(mdp.num_prompts) if float(rho[x]) > 0 and float(q_x[x]) <= 0]
-    if mode == "same_prompt" and never and n_groups > 1:
-        raise ValueError(f"dynamic sampling same_prompt: prompt(s) {never} only ever give degenerate groups, and a "
-                         f"{layout} batch has no defined value without them; use new_prompts")
+    mode, q_x, Z = dynamic_sampling(mdp, beh, loss, layout, G)
     # the expected mass of the kept batches: 1, or the weight of the prompts that can be kept (same_prompt)
     expected_total = 1.0 if mode != "same_prompt" else float(rho[q_x > 0].sum())
 
@@ -290,4 +304,5 @@ def _sampled_tokens(mdp, beh: Behaviour, G: int, mode: str, q_x: torch.Tensor, Z
     return float((G * per_prompt[live] / q_x[live]).sum())
 
 
-__all__ = ["OffPolicyMoments", "offpolicy_moments", "keep_probabilities", "hooks_context", "layout_shape", "HOOKS"]
+__all__ = ["OffPolicyMoments", "offpolicy_moments", "keep_probabilities", "dynamic_sampling", "hooks_context",
+           "layout_shape", "HOOKS"]

@@ -24,7 +24,7 @@ from ..verify.exact_moments import batch_layout, checked_coef, layout_shape, mak
 from ..verify.montecarlo import CHUNK_ROWS, GradientSamples
 from ..verify.score import token_nt
 from .behaviour import Behaviour, resolve_behaviour
-from .exact import HOOKS, keep_probabilities
+from .exact import HOOKS, dynamic_sampling
 from .losses import LossInputs, get_loss, loss_coefficients
 
 #: Rounds of rejection sampling before dynamic sampling gives up.
@@ -127,19 +127,8 @@ def sample_offpolicy_terms(mdp, policy, estimator, behaviour="pi", loss=None, nu
     ctx = context
     layout, G = batch_layout(estimator, group_size)
     tree = mdp.tree
-    rho = mdp.prompt_weights
     per_batch, n_groups, per_group = layout_shape(layout, G)
-    mode = loss.filter if per_group >= 2 else "false"
-    q_x = None
-    if mode != "false":
-        q_x = keep_probabilities(mdp, beh.sol.response_prob, beh.sol.response_rm, per_group)
-        if float((rho * q_x).sum()) <= 0:
-            raise ValueError(f"dynamic sampling: every group of {per_group} responses has identical rewards under "
-                             f"the behaviour {beh.spec!r}, so no batch is ever filled")
-        never = [x for x in range(mdp.num_prompts) if float(rho[x]) > 0 and float(q_x[x]) <= 0]
-        if mode == "same_prompt" and never and n_groups > 1:
-            raise ValueError(f"dynamic sampling same_prompt: prompt(s) {never} only ever give degenerate groups, and "
-                             f"a {layout} batch has no defined value without them; use new_prompts")
+    mode, q_x, _ = dynamic_sampling(mdp, beh, loss, layout, G)
     per_chunk = max(1, CHUNK_ROWS // per_batch)
     zero = torch.zeros((), dtype=torch.float64)
     lpi = sol_pi.logp
