@@ -267,32 +267,56 @@ def _verify_one(prob: _Problem, est, spec_text: str, mode: str, group_size: int,
         ctx = prob.exact_context(ref)
         mom = exact_moments(prob.mdp, prob.policy, est, group_size, dtype=torch.float64, with_cov=False,
                             max_rows=max_rows, ref_policy=ref, context=ctx, param_map=prob.pmap)
-        v = exact_verdict(mom.mean, target, dtype=dtype)
-        hook_tokens, tokens_exact = 0.0, True
-        if any(h in mom.hook_calls for h in _SAMPLING_HOOKS):
-            if hasattr(est, "reset"):
-                est.reset()
-            gen = torch.Generator().manual_seed(int(seed) + 1)
-            gs = sample_gradient_terms(prob.mdp, prob.policy, est, TOKEN_PROBE_BATCHES, group_size, generator=gen,
-                                       ref_policy=ref, context=prob.mc_context(gen, ref))
-            hook_tokens, tokens_exact = gs.hook_tokens_per_batch, False
-        rec.update(v.as_dict())
-        rec.update({"alpha": None, "n_samples": mom.num_batches, "variance_trace": mom.variance_trace,
-                    "tokens_per_batch": mom.tokens_per_batch + hook_tokens, "hook_tokens_per_batch": hook_tokens,
-                    "tokens_exact": tokens_exact})
+
+        def probe(gen, batches):
+            return sample_gradient_terms(prob.mdp, prob.policy, est, batches, group_size, generator=gen,
+                                         ref_policy=ref, context=prob.mc_context(gen, ref))
+        rec.update(exact_record_fields(mom, target, dtype, *probe_hook_tokens(mom.hook_calls, est, seed, probe)))
     else:
         gen = torch.Generator().manual_seed(int(seed))
         ctx = prob.mc_context(gen, ref)
         gs = sample_gradient_terms(prob.mdp, prob.policy, est, samples, group_size, generator=gen, ref_policy=ref,
                                    context=ctx, engine=prob.engine)
-        res = mc_test(gs, target, prob.pi, prob.pmap, alpha=alpha, seed=seed, target_cosine=target_cosine)
-        rec.update(res.verdict.as_dict())
-        rec["_mc"] = res
-        rec.update({"alpha": alpha, "n_samples": samples, "variance_trace": res.variance_trace,
-                    "tokens_per_batch": gs.tokens_per_batch, "hook_tokens_per_batch": gs.hook_tokens_per_batch,
-                    "tokens_exact": False})
+        rec.update(mc_record_fields(gs, target, prob, alpha, seed, target_cosine))
     rec["error"] = None
     return _clean(rec)
+
+
+def probe_hook_tokens(hook_calls: dict, est, seed: int, sample_terms) -> tuple[float, bool]:
+    """``(hook_tokens_per_batch, tokens_exact)`` of an exact-mode record: ``(0, True)`` unless the estimator
+    called a hook that samples (continuations, greedy responses), whose tokens exact mode does not count;
+    then measured on :data:`TOKEN_PROBE_BATCHES` batches, ``sample_terms(generator, batches)`` (a
+    :class:`~tpg.verify.montecarlo.GradientSamples`) with a generator seeded ``seed + 1``."""
+    if not any(h in hook_calls for h in _SAMPLING_HOOKS):
+        return 0.0, True
+    if hasattr(est, "reset"):
+        est.reset()
+    gen = torch.Generator().manual_seed(int(seed) + 1)
+    return sample_terms(gen, TOKEN_PROBE_BATCHES).hook_tokens_per_batch, False
+
+
+def exact_record_fields(mom, target: torch.Tensor, dtype, hook_tokens: float, tokens_exact: bool) -> dict:
+    """The verdict and the counts of an exact-mode record, from the moments ``mom`` (``mean``,
+    ``num_batches``, ``variance_trace``, ``tokens_per_batch``) and :func:`probe_hook_tokens`."""
+    out = exact_verdict(mom.mean, target, dtype=dtype).as_dict()
+    out.update({"alpha": None, "n_samples": mom.num_batches, "variance_trace": mom.variance_trace,
+                "tokens_per_batch": mom.tokens_per_batch + hook_tokens, "hook_tokens_per_batch": hook_tokens,
+                "tokens_exact": tokens_exact})
+    return out
+
+
+def mc_record_fields(gs, target: torch.Tensor, prob, alpha: float, seed: int,
+                     target_cosine: float = TARGET_COSINE) -> dict:
+    """The verdict and the counts of a Monte Carlo record: :func:`~tpg.verify.montecarlo.mc_test` of the
+    samples ``gs`` against ``target`` (``prob``'s ``pi`` and parameter map), whose result rides along under
+    ``"_mc"`` until :func:`_family` decides the run's verdicts together."""
+    res = mc_test(gs, target, prob.pi, prob.pmap, alpha=alpha, seed=seed, target_cosine=target_cosine)
+    out = res.verdict.as_dict()
+    out["_mc"] = res
+    out.update({"alpha": alpha, "n_samples": gs.num_batches, "variance_trace": res.variance_trace,
+                "tokens_per_batch": gs.tokens_per_batch, "hook_tokens_per_batch": gs.hook_tokens_per_batch,
+                "tokens_exact": False})
+    return out
 
 
 #: The record fields that hold floats (``None`` for missing and non-finite values in JSON).
