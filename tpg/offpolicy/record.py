@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from ..verify.exact_moments import batch_layout
-from ..verify.harness import exact_record_fields, mc_record_fields, probe_hook_tokens
 from ..verify.montecarlo import TARGET_COSINE
+from ..verify.record_fields import exact_record_fields, mc_record_fields, probe_hook_tokens
 from .behaviour import Behaviour, resolve_behaviour
 from .exact import HOOKS, dynamic_sampling, offpolicy_moments
 from .losses import Loss, get_loss

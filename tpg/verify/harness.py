@@ -67,15 +67,13 @@ from ..exact.markov import choose_engine, markov_kl, solve_markov
 from .context import ExactContext, MonteCarloContext
 from .markov_context import MarkovMonteCarloContext
 from .exact_moments import DEFAULT_MAX_ROWS, batch_layout, exact_moments
-from .montecarlo import (CALIBRATED_FROM_N, DEFAULT_POWER, TARGET_COSINE, family_verdicts, mc_test,
-                         sample_gradient_terms)
+from .montecarlo import CALIBRATED_FROM_N, DEFAULT_POWER, TARGET_COSINE, family_verdicts, sample_gradient_terms
+from .record_fields import (TOKEN_PROBE_BATCHES, exact_record_fields, mc_record_fields,  # noqa: F401 (re-exported)
+                            probe_hook_tokens)
 from .score import ParamMap, RowParamMap
-from .verdict import EXACT_VERDICTS, MC_VERDICTS, Verdict, exact_verdict
+from .verdict import EXACT_VERDICTS, MC_VERDICTS, Verdict
 
 from .defaults import DEFAULT_ALPHA, DEFAULT_SAMPLES, MODES  # noqa: E402  (torch-free home: tpg verify --help)
-#: Batches sampled to measure the tokens that hooks spend, in exact mode.
-TOKEN_PROBE_BATCHES = 256
-_SAMPLING_HOOKS = ("continuation_values", "greedy_rm")
 
 
 def default_reference(policy, seed: int = 0, scale: float = 0.5):
@@ -280,43 +278,6 @@ def _verify_one(prob: _Problem, est, spec_text: str, mode: str, group_size: int,
         rec.update(mc_record_fields(gs, target, prob, alpha, seed, target_cosine))
     rec["error"] = None
     return _clean(rec)
-
-
-def probe_hook_tokens(hook_calls: dict, est, seed: int, sample_terms) -> tuple[float, bool]:
-    """``(hook_tokens_per_batch, tokens_exact)`` of an exact-mode record: ``(0, True)`` unless the estimator
-    called a hook that samples (continuations, greedy responses), whose tokens exact mode does not count;
-    then measured on :data:`TOKEN_PROBE_BATCHES` batches, ``sample_terms(generator, batches)`` (a
-    :class:`~tpg.verify.montecarlo.GradientSamples`) with a generator seeded ``seed + 1``."""
-    if not any(h in hook_calls for h in _SAMPLING_HOOKS):
-        return 0.0, True
-    if hasattr(est, "reset"):
-        est.reset()
-    gen = torch.Generator().manual_seed(int(seed) + 1)
-    return sample_terms(gen, TOKEN_PROBE_BATCHES).hook_tokens_per_batch, False
-
-
-def exact_record_fields(mom, target: torch.Tensor, dtype, hook_tokens: float, tokens_exact: bool) -> dict:
-    """The verdict and the counts of an exact-mode record, from the moments ``mom`` (``mean``,
-    ``num_batches``, ``variance_trace``, ``tokens_per_batch``) and :func:`probe_hook_tokens`."""
-    out = exact_verdict(mom.mean, target, dtype=dtype).as_dict()
-    out.update({"alpha": None, "n_samples": mom.num_batches, "variance_trace": mom.variance_trace,
-                "tokens_per_batch": mom.tokens_per_batch + hook_tokens, "hook_tokens_per_batch": hook_tokens,
-                "tokens_exact": tokens_exact})
-    return out
-
-
-def mc_record_fields(gs, target: torch.Tensor, prob, alpha: float, seed: int,
-                     target_cosine: float = TARGET_COSINE) -> dict:
-    """The verdict and the counts of a Monte Carlo record: :func:`~tpg.verify.montecarlo.mc_test` of the
-    samples ``gs`` against ``target`` (``prob``'s ``pi`` and parameter map), whose result rides along under
-    ``"_mc"`` until :func:`_family` decides the run's verdicts together."""
-    res = mc_test(gs, target, prob.pi, prob.pmap, alpha=alpha, seed=seed, target_cosine=target_cosine)
-    out = res.verdict.as_dict()
-    out["_mc"] = res
-    out.update({"alpha": alpha, "n_samples": gs.num_batches, "variance_trace": res.variance_trace,
-                "tokens_per_batch": gs.tokens_per_batch, "hook_tokens_per_batch": gs.hook_tokens_per_batch,
-                "tokens_exact": False})
-    return out
 
 
 #: The record fields that hold floats (``None`` for missing and non-finite values in JSON).
