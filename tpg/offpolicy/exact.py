@@ -60,7 +60,7 @@ from ..verify.exact_moments import (DEFAULT_MAX_ROWS, ExactMoments, _calls_since
                                     ref_log_probs, refuse_inexact, run_exact)
 from ..verify.score import ParamMap, batch_logit_gradients, token_nt
 from .behaviour import Behaviour, resolve_behaviour
-from .losses import LossInputs, get_loss, loss_coefficients
+from .losses import get_loss, output_coefficients
 
 HOOKS = ("behaviour", "policy")
 #: Entries of a dense chunk of per-batch logit gradients (as the on-policy engine).
@@ -255,11 +255,8 @@ def offpolicy_moments(mdp, policy, estimator, behaviour="pi", loss=None, group_s
         out = run_exact(estimator, name, rb, ctx)
         coef = checked_coef(estimator, out, ro.tokens.shape)
         if not loss.is_pg:
-            inp = LossInputs(logp_mu_bt=logp_mu_l[rows], advantages_bt=out.advantages.detach().to(torch.float64),
-                             weights_bt=out.weights.detach().to(torch.float64), mask_bt=ro.mask, batch_b=batch_b,
-                             rows_per_batch=rows.numel() // nb, agg=getattr(estimator, "agg", "seq-mean-token-sum"))
-            kl = None if out.kl_coef is None else out.kl_coef.detach().to(torch.float64)
-            coef = loss_coefficients(loss, ro.logp, inp, kl)
+            coef = output_coefficients(loss, estimator, out, ro.logp, logp_mu_l[rows], ro.mask, batch_b,
+                                       rows.numel() // nb)
         nt = token_nt(tree, ro.nodes)
         d = batch_logit_gradients(coef, nt, ro.tokens, pi, batch_b, nb) - shift
         pd = p_n.unsqueeze(1) * d

@@ -615,6 +615,18 @@ def loss_coefficients(loss: Loss, logp_bt: torch.Tensor, inp: LossInputs,
     return coef
 
 
+def output_coefficients(loss: Loss, estimator, out, logp_bt: torch.Tensor, logp_mu_bt: torch.Tensor,
+                        mask_bt: torch.Tensor, batch_b: torch.Tensor, rows_per_batch: int) -> torch.Tensor:
+    """:func:`loss_coefficients` of an estimator's output ``out`` (its advantages, weights and KL loss
+    coefficients, detached, in float64; its aggregation mode ``agg``) on a batch with ``log pi`` =
+    ``logp_bt`` and ``log mu`` = ``logp_mu_bt`` (0 on padding)."""
+    inp = LossInputs(logp_mu_bt=logp_mu_bt, advantages_bt=out.advantages.detach().to(torch.float64),
+                     weights_bt=out.weights.detach().to(torch.float64), mask_bt=mask_bt, batch_b=batch_b,
+                     rows_per_batch=rows_per_batch, agg=getattr(estimator, "agg", "seq-mean-token-sum"))
+    kl = None if out.kl_coef is None else out.kl_coef.detach().to(torch.float64)
+    return loss_coefficients(loss, logp_bt, inp, kl)
+
+
 def describe_losses() -> str:
     """One line per loss: its spec form and formula."""
     lines = []
@@ -627,4 +639,5 @@ def describe_losses() -> str:
 
 
 __all__ = ["Loss", "LossInputs", "LOSSES", "PluginLoss", "get_loss", "load_loss_plugin", "loss_coefficients",
+           "output_coefficients",
            "describe_losses", "FILTER_MODES", "COMMON_OPTIONS"]

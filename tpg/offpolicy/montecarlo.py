@@ -25,7 +25,7 @@ from ..verify.montecarlo import CHUNK_ROWS, GradientSamples
 from ..verify.score import token_nt
 from .behaviour import Behaviour, resolve_behaviour
 from .exact import HOOKS, dynamic_sampling
-from .losses import LossInputs, get_loss, loss_coefficients
+from .losses import get_loss, output_coefficients
 
 #: Rounds of rejection sampling before dynamic sampling gives up.
 MAX_ROUNDS = 10_000
@@ -156,13 +156,8 @@ def sample_offpolicy_terms(mdp, policy, estimator, behaviour="pi", loss=None, nu
             out = estimator(rb, ctx)
             coef = checked_coef(estimator, out, ro.tokens.shape)
             if not loss.is_pg:
-                inp = LossInputs(logp_mu_bt=torch.where(ro.mask, logp_mu, zero),
-                                 advantages_bt=out.advantages.detach().to(torch.float64),
-                                 weights_bt=out.weights.detach().to(torch.float64), mask_bt=ro.mask, batch_b=nb,
-                                 rows_per_batch=per_batch,
-                                 agg=getattr(estimator, "agg", "seq-mean-token-sum"))
-                kl = None if out.kl_coef is None else out.kl_coef.detach().to(torch.float64)
-                coef = loss_coefficients(loss, ro.logp, inp, kl)
+                coef = output_coefficients(loss, estimator, out, ro.logp, torch.where(ro.mask, logp_mu, zero),
+                                           ro.mask, nb, per_batch)
             coefs.append(coef)
             nts.append(nt)
             toks.append(ro.tokens)
