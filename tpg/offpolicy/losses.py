@@ -88,17 +88,14 @@ signature:
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import inspect
-import os
-import sys
 from dataclasses import dataclass
 
 import torch
 
 from ..estimators.estimator import Option
 from ..estimators.names import PLUGIN_SPEC, parse_options
+from ..estimators.plugin import load_function
 from ._spec import bind_args, canonical, split_head, split_top
 
 FILTER_MODES = ("false", "new_prompts", "same_prompt")
@@ -529,29 +526,15 @@ class PluginLoss(Loss):
 
 def load_loss_plugin(spec: str) -> PluginLoss:
     """The :class:`PluginLoss` of ``FILE.py:FUNCTION[:key=value,...]`` (``old`` and
-    ``filter_degenerate_groups`` are tpg's; other options go to the function)."""
+    ``filter_degenerate_groups`` are tpg's; other options go to the function). The file is imported as
+    an estimator plug-in's is (:func:`tpg.estimators.plugin.load_function`, no time limit)."""
     match = PLUGIN_SPEC.match(spec.strip())
     if not match:
         raise ValueError(f"a loss plug-in spec is FILE.py:FUNCTION[:key=value,...], got {spec!r}")
     path, fn_name = match["path"], match["fn"]
     label = f"{path}:{fn_name}"
     options = parse_options(match["opts"] or "", label)
-    if not os.path.isfile(path):
-        raise ValueError(f"loss plug-in {label}: file not found: {path!r} (relative to {os.getcwd()})")
-    module_name = "tpg_loss_plugin_" + hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:12]
-    mod_spec = importlib.util.spec_from_file_location(module_name, path)
-    if mod_spec is None or mod_spec.loader is None:
-        raise ValueError(f"loss plug-in {label}: cannot load {path!r} as a Python module")
-    module = importlib.util.module_from_spec(mod_spec)
-    sys.modules[module_name] = module
-    try:
-        mod_spec.loader.exec_module(module)
-    except Exception as e:  # the user's module
-        sys.modules.pop(module_name, None)
-        raise ValueError(f"loss plug-in {label}: importing {path!r} raised {type(e).__name__}: {e}") from e
-    fn = getattr(module, fn_name, None)
-    if fn is None or not callable(fn):
-        raise ValueError(f"loss plug-in {label}: function {fn_name!r} not found (or not callable) in {path!r}")
+    fn = load_function(path, fn_name, timeout=None, what="loss plug-in")
     ours = {k: options.pop(k) for k in list(options) if k in PluginLoss.all_options()}
     return PluginLoss(fn, label, extra=options, **ours)
 
