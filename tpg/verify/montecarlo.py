@@ -54,7 +54,7 @@ from .context import MonteCarloContext, node_paths
 from .exact_moments import batch_layout, checked_coef, make_batch, ref_log_probs, rows_per_batch
 from .markov_context import MarkovMonteCarloContext, ref_row_log_probs, token_rows
 from .score import (ParamMap, RowParamMap, batch_logit_gradients, batch_projections, batch_sq_norms,
-                    centered_directions, logit_gradient)
+                    centered_directions, logit_gradient, token_nt)
 from .verdict import (Verdict, cosine_of_rel_bias, f_noncentrality_for_power, holm_adjust, holm_levels, hotelling_test,
                       mc_verdict, rel_bias_of_cosine, scale_test, t_shift_for_power)
 
@@ -131,9 +131,8 @@ def sample_gradient_terms(mdp, policy, estimator, num_batches: int, group_size: 
         def rows_and_ref(ro):
             if ro.nodes is None:  # the sampler stores node ids only when it walks the tree
                 ro.nodes = torch.where(ro.mask, node_paths(tree, ro.prompt, ro.tokens, ro.mask)[:, :H], -1)
-            nodes = ro.nodes
             ref = ref_log_probs(ref_policy, tree, ro) if ref_policy is not None else None
-            return torch.where(nodes >= 0, tree.nt_index_n[nodes.clamp(min=0)], torch.full_like(nodes, -1)), ref
+            return token_nt(tree, ro.nodes), ref
     layout, G = batch_layout(estimator, group_size)
     per_batch = rows_per_batch(layout, G)
     per_chunk = max(1, CHUNK_ROWS // per_batch)
