@@ -146,10 +146,6 @@ def rows_per_batch(layout: str, G: int) -> int:
     return layout_shape(layout, G)[0]
 
 
-#: Sample-space sizes above this are reported as ``inf`` (never materialised as huge integers).
-_HUGE = 10 ** 30
-
-
 def _power(base: int, exp: int):
     """``base ** exp`` as an int, or ``math.inf`` when it exceeds 1e30 (decided from logarithms)."""
     if base <= 1:
