@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from . import _guards
 from ._guards import check_fits
 from ._threads import intra_op_threads as _intra_op_threads
 from .mdp.mdp import TokenMDP, checked_prefixes
@@ -105,6 +106,10 @@ def check_batches_fit(horizon: int | None, group_size: int, num_groups: int = 1,
     ``ValueError`` names ``group_flag`` when one group alone does not fit, else ``groups_flag``
     (the number of groups: ``--prompts``, ``--samples``); ``groups_flag=None`` checks one group only."""
     cells = 1 if horizon is None else horizon
+    budget = _guards.memory_budget_bytes() if budget is None else budget
+    rows = float(group_size) * (max(1.0, float(num_groups)) if groups_flag is not None else 1.0)
+    if sampled_batch_bytes(rows, cells) <= budget:  # the usual case (sample() calls this): no message to format
+        return
     shape = "" if horizon is None else f" x {horizon:,} positions"
     check_fits(sampled_batch_bytes(group_size, cells), f"{group_flag} {group_size}",
                f"one group of {group_size:,} responses{shape}", f"lower {group_flag}", budget)
