@@ -55,16 +55,14 @@ import torch
 
 from ..exact.engine import solve
 from ..verify.context import ExactContext
-from ..verify.exact_moments import (DEFAULT_MAX_ROWS, ExactMoments, _calls_since, _space_chunks, _take, batch_layout,
-                                    checked_coef, checked_space_size, layout_shape, leaf_rollouts, make_batch,
-                                    ref_log_probs, refuse_inexact, run_exact)
-from ..verify.score import ParamMap, batch_logit_gradients, token_nt
+from ..verify.exact_moments import (_CHUNK_ENTRIES, DEFAULT_MAX_ROWS, ExactMoments, _calls_since, _MomentSums,
+                                    _space_chunks, _take, batch_layout, checked_coef, checked_space_size, layout_shape,
+                                    leaf_rollouts, make_batch, ref_log_probs, refuse_inexact, run_exact)
+from ..verify.score import ParamMap, token_nt
 from .behaviour import Behaviour, resolve_behaviour
 from .losses import get_loss, output_coefficients
 
 HOOKS = ("behaviour", "policy")
-#: Entries of a dense chunk of per-batch logit gradients (as the on-policy engine).
-_CHUNK_ENTRIES = 4_000_000
 
 
 @dataclass
@@ -226,14 +224,9 @@ def offpolicy_moments(mdp, policy, estimator, behaviour="pi", loss=None, group_s
     # the expected mass of the kept batches: 1, or the weight of the prompts that can be kept (same_prompt)
     expected_total = 1.0 if mode != "same_prompt" else float(rho[q_x > 0].sum())
 
-    D = pmap.logit_dim
-    chunk_batches = max(1, _CHUNK_ENTRIES // max(D * per_batch, 1))
-    shift = sol_pi.grad_logits.reshape(-1).to(torch.float64)
-    s1 = torch.zeros(D, dtype=torch.float64)
-    s2 = torch.zeros(D, D, dtype=torch.float64)
-    total_p = 0.0
+    chunk_batches = max(1, _CHUNK_ENTRIES // max(pmap.logit_dim * per_batch, 1))
+    sums = _MomentSums(sol_pi.grad_logits.reshape(-1).to(torch.float64))
     kept_mass = 0.0
-    tokens = 0.0
     kept_batches = kept_rows = 0
     for rows, batch_b, p_n in _space_chunks(mdp, beh.sol, layout, G, chunk_batches):
         if mode != "false":
@@ -257,33 +250,25 @@ def offpolicy_moments(mdp, policy, estimator, behaviour="pi", loss=None, group_s
         if not loss.is_pg:
             coef = output_coefficients(loss, estimator, out, ro.logp, logp_mu_l[rows], ro.mask, batch_b,
                                        rows.numel() // nb)
-        nt = token_nt(tree, ro.nodes)
-        d = batch_logit_gradients(coef, nt, ro.tokens, pi, batch_b, nb) - shift
-        pd = p_n.unsqueeze(1) * d
-        s1 += pd.sum(0)
-        s2 += d.T @ pd
-        total_p += float(p_n.sum())
-        tokens += float((p_n[batch_b] * ro.length.to(torch.float64)).sum())
+        sums.add(coef, token_nt(tree, ro.nodes), ro, pi, batch_b, p_n)
         kept_batches += nb
         kept_rows += rows.numel()
-    if abs(total_p - expected_total) > 1e-9:
-        raise ValueError(f"the sample space's probabilities under the behaviour sum to {total_p!r}, not "
+    if abs(sums.total_p - expected_total) > 1e-9:
+        raise ValueError(f"the sample space's probabilities under the behaviour sum to {sums.total_p!r}, not "
                          f"{expected_total!r}")
     if mode == "new_prompts" and abs(kept_mass - Z ** n_groups) > 1e-9:
         raise ValueError(f"dynamic sampling: the enumerated kept mass {kept_mass!r} disagrees with the closed form "
                          f"Z^{n_groups} = {Z ** n_groups!r}")
     null = 1.0 - expected_total  # batches with g = 0 (same_prompt: prompts that are never kept)
     if null > 0:  # they sit at -shift in the centred coordinates
-        s1 -= null * shift
-        s2 += null * torch.outer(shift, shift)
-    cov_logit = s2 - torch.outer(s1, s1)
-    if mode != "false":
-        tokens = n_groups * _sampled_tokens(mdp, beh, per_group, mode, q_x, Z)
+        sums.s1 -= null * sums.shift
+        sums.s2 += null * torch.outer(sums.shift, sums.shift)
+    mean, cov, trace = sums.moments(pmap, with_cov)
+    tokens = n_groups * _sampled_tokens(mdp, beh, per_group, mode, q_x, Z) if mode != "false" else sums.tokens
     kept_prob = Z if mode != "false" else 1.0
-    return OffPolicyMoments(mean=pmap.to_params(shift + s1), cov=pmap.param_cov(cov_logit) if with_cov else None,
-                            variance_trace=max(pmap.param_trace(cov_logit), 0.0), num_batches=kept_batches,
+    return OffPolicyMoments(mean=mean, cov=cov, variance_trace=trace, num_batches=kept_batches,
                             num_rows=kept_rows, tokens_per_batch=tokens,
-                            hook_calls=_calls_since(calls_before, ctx.hook_calls), total_prob=total_p,
+                            hook_calls=_calls_since(calls_before, ctx.hook_calls), total_prob=sums.total_p,
                             kept_prob=kept_prob, keep_prob_per_prompt=None if q_x is None else q_x.tolist(),
                             behaviour=beh.spec, loss=loss.spec, mismatch=dict(beh.mismatch))
 

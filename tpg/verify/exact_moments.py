@@ -333,6 +333,38 @@ def exact_supported(estimator) -> tuple[bool, str]:
     return bool(flag), ""
 
 
+class _MomentSums:
+    """Probability-weighted sums over a sample space's batches of the centred logit gradients
+    ``d_b = g_b - shift`` (``shift = grad J``'s logits, for numerical stability): ``s1 = sum p_b d_b``,
+    ``s2 = sum p_b d_b d_b^T``, ``total_p = sum p_b`` and the expected response tokens
+    ``sum p_b T_b``. Then ``E[g] = shift + s1`` and ``Cov[g] = s2 - s1 s1^T`` (:meth:`moments`)."""
+
+    def __init__(self, shift: torch.Tensor):
+        D = shift.numel()
+        self.shift = shift
+        self.s1 = torch.zeros(D, dtype=torch.float64)
+        self.s2 = torch.zeros(D, D, dtype=torch.float64)
+        self.total_p = 0.0
+        self.tokens = 0.0
+
+    def add(self, coef: torch.Tensor, nt: torch.Tensor, ro: Rollouts, pi: torch.Tensor, batch_b: torch.Tensor,
+            p_n: torch.Tensor) -> None:
+        """One chunk: per-token coefficients ``coef``, rows ``nt`` and tokens of ``ro``, each row's batch
+        id ``batch_b`` and each batch's probability ``p_n``."""
+        d = batch_logit_gradients(coef, nt, ro.tokens, pi, batch_b, p_n.numel()) - self.shift
+        pd = p_n.unsqueeze(1) * d
+        self.s1 += pd.sum(0)
+        self.s2 += d.T @ pd
+        self.total_p += float(p_n.sum())
+        self.tokens += float((p_n[batch_b] * ro.length.to(torch.float64)).sum())
+
+    def moments(self, pmap: ParamMap, with_cov: bool) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+        """``(E[g], Cov[g] or None, tr Cov[g])`` in parameter space."""
+        cov_logit = self.s2 - torch.outer(self.s1, self.s1)
+        return (pmap.to_params(self.shift + self.s1), pmap.param_cov(cov_logit) if with_cov else None,
+                max(pmap.param_trace(cov_logit), 0.0))
+
+
 def exact_moments(mdp, policy, estimator, group_size: int = 1, *, dtype=torch.float64, with_cov: bool = True,
                   max_rows: int = DEFAULT_MAX_ROWS, ref_policy=None, context: ExactContext | None = None,
                   param_map: ParamMap | None = None) -> ExactMoments:
@@ -367,34 +399,21 @@ def exact_moments(mdp, policy, estimator, group_size: int = 1, *, dtype=torch.fl
     pi = sol.logp.exp()
     leaves_ro = leaf_rollouts(mdp, sol)
     ref_all = ref_log_probs(ref_policy, tree, leaves_ro) if ref_policy is not None else None
-    D = pmap.logit_dim
     per_batch, _, per_group = layout_shape(layout, G)
-    chunk_batches = max(1, _CHUNK_ENTRIES // max(D * per_batch, 1))
-    shift = sol.grad_logits.reshape(-1).to(torch.float64)
-    s1 = torch.zeros(D, dtype=torch.float64)
-    s2 = torch.zeros(D, D, dtype=torch.float64)
-    total_p = 0.0
-    tokens = 0.0
+    chunk_batches = max(1, _CHUNK_ENTRIES // max(pmap.logit_dim * per_batch, 1))
+    sums = _MomentSums(sol.grad_logits.reshape(-1).to(torch.float64))
     for rows, batch_b, p_n in _space_chunks(mdp, sol, layout, G, chunk_batches):
         ro = _take(leaves_ro, rows)
         ro.group = torch.arange(rows.numel()) // per_group  # the group, one per prompt draw (verl's uid), or the row
         rb = make_batch(estimator, ro, batch_b, dtype, None if ref_all is None else ref_all[rows])
         out = run_exact(estimator, name, rb, ctx)
-        coef = checked_coef(estimator, out, ro.tokens.shape)
-        nt = token_nt(tree, ro.nodes)
-        d = batch_logit_gradients(coef, nt, ro.tokens, pi, batch_b, p_n.numel()) - shift
-        pd = p_n.unsqueeze(1) * d
-        s1 += pd.sum(0)
-        s2 += d.T @ pd
-        total_p += float(p_n.sum())
-        tokens += float((p_n[batch_b] * ro.length.to(torch.float64)).sum())
-    if abs(total_p - 1.0) > 1e-9:
-        raise ValueError(f"the sample space's probabilities sum to {total_p!r}, not 1")
-    cov_logit = s2 - torch.outer(s1, s1)
-    return ExactMoments(mean=pmap.to_params(shift + s1), cov=pmap.param_cov(cov_logit) if with_cov else None,
-                        variance_trace=max(pmap.param_trace(cov_logit), 0.0), num_batches=n_batches,
-                        num_rows=n_rows, tokens_per_batch=tokens,
-                        hook_calls=_calls_since(calls_before, ctx.hook_calls), total_prob=total_p)
+        sums.add(checked_coef(estimator, out, ro.tokens.shape), token_nt(tree, ro.nodes), ro, pi, batch_b, p_n)
+    if abs(sums.total_p - 1.0) > 1e-9:
+        raise ValueError(f"the sample space's probabilities sum to {sums.total_p!r}, not 1")
+    mean, cov, trace = sums.moments(pmap, with_cov)
+    return ExactMoments(mean=mean, cov=cov, variance_trace=trace, num_batches=n_batches, num_rows=n_rows,
+                        tokens_per_batch=sums.tokens, hook_calls=_calls_since(calls_before, ctx.hook_calls),
+                        total_prob=sums.total_p)
 
 
 def _calls_since(before: dict, after: dict) -> dict:
