@@ -1,5 +1,6 @@
 """Helpers shared by test modules (the samplers' chi-square checks, the exact engine against the
-reference); pytest puts tests/ on sys.path, so a test module imports them as ``from _helpers import ...``."""
+reference, the command line's exit code and output); pytest puts tests/ on sys.path, so a test module
+imports them as ``from _helpers import ...``."""
 
 import pytest
 import torch
@@ -46,3 +47,14 @@ def assert_matches_reference_grad(mdp, sol, J_ref, grad_ref, tol):
         prompt, prefix = tree.prefix(int(tree.nt_node_k[k]))
         row = torch.tensor(grad_ref[(prompt, tuple(prefix))], dtype=torch.float64)
         assert float((sol.grad_logits[k] - row).abs().max()) < tol, (prompt, prefix)
+
+
+def run_cli(capsys, main, *argv):
+    """``(exit code, stdout, stderr)`` of ``main(argv)`` (``tpg.cli.main``), argparse's usage errors
+    (``SystemExit``) included."""
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:  # argparse's usage errors
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err

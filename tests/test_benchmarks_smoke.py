@@ -1,18 +1,10 @@
 """The benchmark scripts run end to end at a tiny size (so they cannot rot); no timing assertions."""
 
-import importlib
 import json
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-@pytest.fixture
-def bench(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))  # the scripts import each other by module name
-    return importlib.import_module
+# the ``bench`` fixture (importlib.import_module with benchmarks/ on the path) is in conftest.py
 
 
 def test_exact_bench_tiny(bench, tmp_path):

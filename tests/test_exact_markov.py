@@ -324,14 +324,10 @@ def test_cli_exact_engines(capsys):
     assert "policy=tabular needs the stored response tree" in capsys.readouterr().err
 
 
-def test_markov_bench_tiny(tmp_path, monkeypatch):
+def test_markov_bench_tiny(tmp_path, bench):
     """The benchmark script runs end to end at a tiny size (no timing assertions)."""
-    from pathlib import Path
-    bench = Path(__file__).resolve().parent.parent / "benchmarks"
-    monkeypatch.syspath_prepend(str(bench))
-    import importlib
     out = tmp_path / "markov.json"
-    assert importlib.import_module("markov_bench").main(["--tiny", "--out", str(out)]) == 0
+    assert bench("markov_bench").main(["--tiny", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["agreement_ok"] and result["tiny"] and result["target_met"] is None
     assert all(r["max_abs_err_grad"] <= TOL and r["ratio"] > 0 for r in result["side_by_side"])

@@ -9,16 +9,13 @@ import pytest
 from tpg.cases import mdp_from_spec, save_case
 from tpg.cli import main
 
+from _helpers import run_cli
+
 MDP = "dense:vocab=3,horizon=3,eos=0,prompts=2,seed=0"
 
 
 def run(capsys, *argv):
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:  # argparse's usage errors
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli(capsys, main, *argv)
 
 
 def test_the_issue_command_on_a_case_file(capsys, tmp_path):
@@ -97,14 +94,10 @@ def test_hooks_flag_needs_an_offpolicy_setting(capsys):
     assert code == 2 and "off-policy verification only" in err
 
 
-def test_offpolicy_bench_tiny(tmp_path, monkeypatch):
+def test_offpolicy_bench_tiny(tmp_path, bench):
     """The benchmark script runs end to end at a tiny size (no timing assertions)."""
-    from pathlib import Path
-
-    bench = Path(__file__).resolve().parent.parent / "benchmarks"
-    monkeypatch.syspath_prepend(str(bench))
     out = tmp_path / "offpolicy.json"
-    assert importlib.import_module("offpolicy_bench").main(["--tiny", "--out", str(out)]) == 0
+    assert bench("offpolicy_bench").main(["--tiny", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     row = result["rows"][0]
     assert row["on_batches"] == row["off_batches"] > 0 and row["on_s"] > 0 and row["off_s"] > 0

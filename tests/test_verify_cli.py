@@ -8,16 +8,13 @@ import pytest
 import tpg.verify.suite as suite
 from tpg.cli import main
 
+from _helpers import run_cli
+
 MDP = "dense:vocab=3,horizon=3,eos=0,prompts=2,seed=0"
 
 
 def run(capsys, *argv):
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:  # argparse's usage errors
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli(capsys, main, *argv)
 
 
 def test_verify_json_fields(capsys):

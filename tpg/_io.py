@@ -22,14 +22,21 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
 
 
-def ensure_parent(path: Path) -> None:
-    """Create ``path``'s missing parent directories; ``NotADirectoryError`` naming the ancestor when
-    one of them is a file (``mkdir`` would say only "File exists")."""
-    anc = path.parent
+def nearest_existing_dir(start: Path, path) -> Path:
+    """The nearest existing ancestor of ``start`` (``start`` itself included), which files for ``path``
+    would be created under; ``NotADirectoryError`` naming ``path`` when it is a file."""
+    anc = start
     while not anc.exists() and anc != anc.parent:
         anc = anc.parent
     if anc.exists() and not anc.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, f"{anc} is not a directory", str(path))
+    return anc
+
+
+def ensure_parent(path: Path) -> None:
+    """Create ``path``'s missing parent directories; ``NotADirectoryError`` naming the ancestor when
+    one of them is a file (``mkdir`` would say only "File exists")."""
+    nearest_existing_dir(path.parent, path)
     path.parent.mkdir(parents=True, exist_ok=True)
 
 
@@ -58,4 +65,4 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes, fsync: bool = True)
             pass
 
 
-__all__ = ["write_bytes_atomic", "temp_path", "ensure_parent"]
+__all__ = ["write_bytes_atomic", "temp_path", "ensure_parent", "nearest_existing_dir"]

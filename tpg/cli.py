@@ -289,6 +289,8 @@ def check_writable(path: str, is_dir: bool) -> None:
     import errno
     import tempfile
 
+    from ._io import nearest_existing_dir
+
     p = Path(path)
     if p.exists():
         if is_dir and not p.is_dir():
@@ -302,11 +304,7 @@ def check_writable(path: str, is_dir: bool) -> None:
             except OSError as exc:
                 raise OSError(exc.errno, exc.strerror, path) from None
             return
-    anc = p if p.is_dir() else p.parent
-    while not anc.exists() and anc != anc.parent:
-        anc = anc.parent
-    if not anc.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, f"{anc} is not a directory", path)
+    anc = nearest_existing_dir(p if p.is_dir() else p.parent, path)
     try:
         with tempfile.TemporaryFile(dir=anc, prefix=".tpg-write-check-"):
             pass

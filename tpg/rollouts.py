@@ -16,9 +16,10 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from . import _guards
 from ._guards import check_fits
 from ._threads import intra_op_threads as _intra_op_threads
-from .mdp.mdp import TokenMDP
+from .mdp.mdp import TokenMDP, checked_prefixes
 from .mdp.rewards import CompactRewards
 
 PAD_TOKEN = 0
@@ -105,6 +106,10 @@ def check_batches_fit(horizon: int | None, group_size: int, num_groups: int = 1,
     ``ValueError`` names ``group_flag`` when one group alone does not fit, else ``groups_flag``
     (the number of groups: ``--prompts``, ``--samples``); ``groups_flag=None`` checks one group only."""
     cells = 1 if horizon is None else horizon
+    budget = _guards.memory_budget_bytes() if budget is None else budget
+    rows = float(group_size) * (max(1.0, float(num_groups)) if groups_flag is not None else 1.0)
+    if sampled_batch_bytes(rows, cells) <= budget:  # the usual case (sample() calls this): no message to format
+        return
     shape = "" if horizon is None else f" x {horizon:,} positions"
     check_fits(sampled_batch_bytes(group_size, cells), f"{group_flag} {group_size}",
                f"one group of {group_size:,} responses{shape}", f"lower {group_flag}", budget)
@@ -178,27 +183,12 @@ def sample_continuations(mdp: TokenMDP, policy, prompt_b: torch.Tensor, prefix_b
     gen = _check_generator(generator, seed)
     policy_threads = torch.get_num_threads()
     with _intra_op_threads(1):
-        prompt_b = torch.as_tensor(prompt_b, dtype=torch.long).flatten()
-        prefix_bt = torch.as_tensor(prefix_bt, dtype=torch.long)
-        prefix_len_b = torch.as_tensor(prefix_len_b, dtype=torch.long).flatten()
-        B = prompt_b.numel()
-        H, V = mdp.horizon, mdp.vocab_size
-        if prefix_bt.dim() != 2 or prefix_bt.shape[0] != B or prefix_bt.shape[1] > H:
-            raise ValueError(f"prefix tokens must have shape [B, L] with B={B} and L <= horizon={H}, "
-                             f"got {list(prefix_bt.shape)}")
-        if prefix_len_b.numel() != B or bool(((prefix_len_b < 0) | (prefix_len_b > prefix_bt.shape[1])).any()):
-            raise ValueError(f"prefix lengths must be B={B} integers in [0, {prefix_bt.shape[1]}], "
-                             f"got {prefix_len_b.tolist()[:10]}")
-        if bool(((prompt_b < 0) | (prompt_b >= mdp.num_prompts)).any()):
-            raise ValueError(f"prompt ids must be in [0, {mdp.num_prompts - 1}]")
+        prompt_b, prefix_bt, prefix_len_b = checked_prefixes(mdp, prompt_b, prefix_bt, prefix_len_b)
+        B, H = prompt_b.numel(), mdp.horizon
         full = torch.zeros(B, H, dtype=torch.long)
         full[:, : prefix_bt.shape[1]] = prefix_bt
-        pos = torch.arange(H).expand(B, H)
-        given = pos < prefix_len_b.unsqueeze(1)
-        if bool(((full < 0) | (full >= V))[given].any()):
-            raise ValueError(f"prefix tokens must be in [0, {V - 1}]")
         if mdp.eos_token is not None:
-            early = given & (pos < (prefix_len_b - 1).unsqueeze(1)) & (full == mdp.eos_token)
+            early = (torch.arange(H).expand(B, H) < (prefix_len_b - 1).unsqueeze(1)) & (full == mdp.eos_token)
             if bool(early.any()):
                 row = int(torch.nonzero(early)[0, 0])
                 raise ValueError(f"prefix {row} contains the EOS token {mdp.eos_token} before its last position: "

@@ -50,6 +50,9 @@ import shlex
 import tempfile
 from pathlib import Path
 
+from .estimators.defaults import DEFAULT_TIMEOUT
+from .verify.defaults import DEFAULT_ALPHA, DEFAULT_SAMPLES
+
 #: Problems checked when no ``cases`` are given: dense token rewards with EOS (the Zero-Reward
 #: Assumption false), terminal rewards at a fixed length with two prompts, and a per-token cost (a
 #: reward that depends on the length). At ``G = 3`` their sample spaces hold 3375, 1024 and 125
@@ -76,8 +79,8 @@ class Verifier:
         mode, samples, seed, alpha, group_size: the defaults of every assertion (see :func:`assert_unbiased`).
     """
 
-    def __init__(self, case_dir: str | os.PathLike | None = None, mode: str = "exact", samples: int = 4000,
-                 seed: int = 0, alpha: float = 0.01, group_size: int = 3):
+    def __init__(self, case_dir: str | os.PathLike | None = None, mode: str = "exact", samples: int = DEFAULT_SAMPLES,
+                 seed: int = 0, alpha: float = DEFAULT_ALPHA, group_size: int = 3):
         self.case_dir = None if case_dir is None else Path(case_dir)
         self.defaults = dict(mode=mode, samples=samples, seed=seed, alpha=alpha, group_size=group_size)
 
@@ -103,9 +106,9 @@ class Verifier:
         return out
 
 
-def assert_unbiased(estimator, cases=None, *, group_size: int = 3, mode: str = "exact", samples: int = 4000,
-                    seed: int = 0, alpha: float = 0.01, target_reward=None, dtype="float64",
-                    case_dir: str | os.PathLike | None = None, plugin_timeout: float | None = 60.0,
+def assert_unbiased(estimator, cases=None, *, group_size: int = 3, mode: str = "exact", samples: int = DEFAULT_SAMPLES,
+                    seed: int = 0, alpha: float = DEFAULT_ALPHA, target_reward=None, dtype="float64",
+                    case_dir: str | os.PathLike | None = None, plugin_timeout: float | None = DEFAULT_TIMEOUT,
                     **options) -> list[dict]:
     """Assert that ``E[g] = grad J`` on every case; returns the records of :func:`tpg.verify` (one or two
     per case, with a ``case`` field).
@@ -134,9 +137,9 @@ def assert_unbiased(estimator, cases=None, *, group_size: int = 3, mode: str = "
 
 
 def assert_scaled(estimator, cases=None, *, scale: float | None = None, rel: float = 1e-6, group_size: int = 3,
-                  mode: str = "exact", samples: int = 4000, seed: int = 0, alpha: float = 0.01, target_reward=None,
-                  dtype="float64", case_dir: str | os.PathLike | None = None, plugin_timeout: float | None = 60.0,
-                  **options) -> list[dict]:
+                  mode: str = "exact", samples: int = DEFAULT_SAMPLES, seed: int = 0, alpha: float = DEFAULT_ALPHA,
+                  target_reward=None, dtype="float64", case_dir: str | os.PathLike | None = None,
+                  plugin_timeout: float | None = DEFAULT_TIMEOUT, **options) -> list[dict]:
     """Assert that ``E[g] = c grad J`` with ``c > 0`` on every case (``c`` may differ between cases unless
     ``scale`` is given); ``unbiased`` (``c = 1``) passes too.
 
@@ -155,9 +158,9 @@ def assert_scaled(estimator, cases=None, *, scale: float | None = None, rel: flo
                    scale=scale, rel=rel)
 
 
-def assert_biased(estimator, cases=None, *, group_size: int = 3, mode: str = "exact", samples: int = 4000,
-                  seed: int = 0, alpha: float = 0.01, target_reward=None, dtype="float64",
-                  case_dir: str | os.PathLike | None = None, plugin_timeout: float | None = 60.0,
+def assert_biased(estimator, cases=None, *, group_size: int = 3, mode: str = "exact", samples: int = DEFAULT_SAMPLES,
+                  seed: int = 0, alpha: float = DEFAULT_ALPHA, target_reward=None, dtype="float64",
+                  case_dir: str | os.PathLike | None = None, plugin_timeout: float | None = DEFAULT_TIMEOUT,
                   **options) -> list[dict]:
     """Assert that the estimator is ``biased`` on every case: a negative control, showing that the cases
     and settings can catch the bias you care about (in Monte Carlo mode, that the test rejects at this

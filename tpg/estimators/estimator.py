@@ -27,6 +27,9 @@ import torch
 
 from .base import AGG_MODES, EstimatorOutput, ResponseBatch, aggregation_weights
 from .kl import KL_ALIASES, KL_KINDS, KL_LOSS_KINDS, canonical_kl_kind, kl_loss_coef, kl_reward_penalty, log_ratio
+#: options renamed since earlier releases, old name -> new name (accepted with a FutureWarning for one release):
+#: defined in the torch-free .names, which checks the command line's specs
+from .names import RENAMED_OPTIONS
 
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
@@ -111,8 +114,6 @@ COMMON_OPTIONS: dict[str, Option] = {
                  parser=_parse_kl, allowed=" | ".join(KL_KINDS + tuple(KL_ALIASES))),
     "kl_beta": Option(0.1, "float", "KL coefficient beta", low=0.0),
 }
-#: options renamed since earlier releases: old name -> new name (accepted with a FutureWarning for one release)
-RENAMED_OPTIONS = {"beta": "kl_beta"}
 
 
 def _renamed_options(owner: str, options: dict) -> dict:

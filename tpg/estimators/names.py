@@ -40,35 +40,38 @@ RENAMED_OPTIONS = {"beta": "kl_beta"}
 #: ``tpg train``'s method aliases: alias -> the catalog estimator it builds (:data:`tpg.train.methods.ALIASES`)
 TRAIN_ALIASES = {"ppo": "ppo_gae"}
 
-_PLUGIN = re.compile(r"^(?P<path>.+?\.py):(?P<fn>[A-Za-z_]\w*)(?::(?P<opts>.*))?$")
+#: a plug-in spec ``FILE.py:FUNCTION[:key=value,...]`` (groups ``path``, ``fn``, ``opts``): the one rule
+#: for estimator and loss plug-ins alike
+PLUGIN_SPEC = re.compile(r"^(?P<path>.+?\.py):(?P<fn>[A-Za-z_]\w*)(?::(?P<opts>.*))?$")
 
 
 def is_plugin_spec(spec: str) -> bool:
-    """True for ``FILE.py:FUNCTION[:options]`` (the registry's rule)."""
-    return bool(_PLUGIN.match(spec.strip()))
+    """True for ``FILE.py:FUNCTION[:options]``."""
+    return bool(PLUGIN_SPEC.match(spec.strip()))
 
 
-def _option_keys(text: str, where: str) -> list[str]:
-    """The keys of ``key=value,...`` with the registry's errors (:func:`tpg.estimators.registry.parse_options`)."""
-    keys: list[str] = []
+def parse_options(text: str, where: str) -> dict[str, str]:
+    """``key=value,key=value`` -> dict (values kept as strings, keys in the order given); ``ValueError``
+    prefixed with ``where`` for a part without ``=`` or a key given twice."""
+    opts: dict[str, str] = {}
     for part in text.split(","):
         part = part.strip()
         if not part:
             continue
-        key, eq, _ = part.partition("=")
+        key, eq, value = part.partition("=")
         key = key.strip()
         if not eq or not key:
             raise ValueError(f"{where}: option {part!r} is not key=value")
-        if key in keys:
+        if key in opts:
             raise ValueError(f"{where}: option {key!r} given twice")
-        keys.append(key)
-    return keys
+        opts[key] = value.strip()
+    return opts
 
 
 def _check_catalog_spec(spec: str, training: bool) -> None:
     name, _, rest = spec.strip().partition(":")
     name = name.strip()
-    keys = _option_keys(rest, spec)
+    keys = list(parse_options(rest, spec))
     base = TRAIN_ALIASES.get(name, name) if training else name
     if base not in OPTION_NAMES:
         if training:
@@ -85,9 +88,9 @@ def _check_catalog_spec(spec: str, training: bool) -> None:
 
 
 def _check_plugin_file(spec: str) -> None:
-    m = _PLUGIN.match(spec.strip())
+    m = PLUGIN_SPEC.match(spec.strip())
     label = f"{m['path']}:{m['fn']}"
-    _option_keys(m["opts"] or "", label)
+    parse_options(m["opts"] or "", label)
     if not os.path.isfile(m["path"]):
         raise ValueError(f"plug-in {label}: file not found: {m['path']!r} (relative to {os.getcwd()})")
 
@@ -128,4 +131,4 @@ def check_estimator_spec(spec: str, training: bool = False) -> None:
 
 
 __all__ = ["CATALOG", "OPTION_NAMES", "COMMON_OPTION_NAMES", "RENAMED_OPTIONS", "TRAIN_ALIASES",
-           "is_plugin_spec", "check_estimator_spec"]
+           "PLUGIN_SPEC", "is_plugin_spec", "parse_options", "check_estimator_spec"]

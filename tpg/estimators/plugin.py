@@ -102,8 +102,9 @@ from .._tables import legend_lines
 from .base import ResponseBatch
 from .estimator import COMMON_OPTIONS, Estimator, Option, tokens_between, tokens_counter
 from .functional import dense_ids
+from .names import PLUGIN_SPEC, parse_options
+from .ppo import CRITIC_OPTIONS, CRITICS
 
-_SPEC = re.compile(r"^(?P<path>.+?\.py):(?P<fn>[A-Za-z_]\w*)(?::(?P<opts>.*))?$")
 FORMS = ("verl", "simple")
 #: Seconds a plug-in's import or one call may take (``tpg verify --plugin-timeout``).
 from .defaults import DEFAULT_TIMEOUT  # noqa: E402  (torch-free home: tpg verify --help)
@@ -111,7 +112,6 @@ from .defaults import DEFAULT_TIMEOUT  # noqa: E402  (torch-free home: tpg verif
 CONTEXT_KEYWORDS = ("reward_baselines", "values", "gamma", "lam", "old_log_prob")
 #: The layouts a plug-in may declare (``batch:PxN`` with integers ``P, N >= 1``).
 LAYOUTS = ("group", "independent", "batch:PxN")
-_CRITIC_KINDS = ("exact", "tabular", "zero", "noisy")
 _BATCH_LAYOUT = re.compile(r"^batch:\s*(\d+)\s*[x×X]\s*(\d+)$")
 #: Seconds between repeated alarms once a plug-in's time is up (in case it swallowed the first).
 _REFIRE = 0.1
@@ -471,15 +471,8 @@ def _plugin_options(context: tuple, defaults: dict) -> dict[str, Option]:
     if "lam" in context:
         table["lam"] = Option(defaults.get("lam", 1.0), "float", "GAE lambda passed as lam", low=0.0, high=1.0)
     if "values" in context:
-        table.update({
-            "critic": Option("exact", "choice", "where values come from", choices=_CRITIC_KINDS),
-            "sigma": Option(0.1, "float", "noise std of critic=noisy", low=0.0),
-            "noise": Option("fixed", "choice", "critic=noisy: a fixed perturbation or fresh noise per call",
-                            choices=("fixed", "fresh")),
-            "steps": Option(20, "int", "critic=tabular: fitting rounds", low=0),
-            "samples": Option(64, "int", "critic=tabular: sampled responses per round", low=1),
-            "lr": Option(0.5, "float", "critic=tabular: step size of the table update", low=0.0, high=1.0),
-        })
+        table.update({"critic": Option("exact", "choice", "where values come from", choices=CRITICS),
+                      **CRITIC_OPTIONS})
     return {**table, **COMMON_OPTIONS}
 
 
@@ -552,9 +545,7 @@ def load_plugin(spec: str, dtype: torch.dtype = torch.float64,
     ``timeout``: seconds for the import and for each call (``None``: no limit). Raises
     ``ValueError`` for a bad spec and :class:`PluginError` when importing the file fails (raises
     anything but ``KeyboardInterrupt``, ``SystemExit`` included, or runs past the limit)."""
-    from .registry import parse_options
-
-    match = _SPEC.match(spec.strip()) if isinstance(spec, str) else None
+    match = PLUGIN_SPEC.match(spec.strip()) if isinstance(spec, str) else None
     if not match:
         raise ValueError(f"a plug-in spec is FILE.py:FUNCTION[:key=value,...], got {spec!r}")
     path, fn_name = match["path"], match["fn"]

@@ -12,6 +12,16 @@ from .estimator import Estimator, Option
 from .functional import gae_advantages
 
 CRITICS = ("exact", "tabular", "zero", "noisy")
+#: The options of the critic's source (beside ``critic``), passed to ``ctx.critic_values``: shared by
+#: PPO/GAE and the plug-ins that take ``values`` (:mod:`tpg.estimators.plugin`).
+CRITIC_OPTIONS = {
+    "sigma": Option(0.1, "float", "noise std of critic=noisy", low=0.0),
+    "noise": Option("fixed", "choice", "critic=noisy: a fixed perturbation or fresh noise per call",
+                    choices=("fixed", "fresh")),
+    "steps": Option(20, "int", "critic=tabular: fitting rounds", low=0),
+    "samples": Option(64, "int", "critic=tabular: sampled responses per round", low=1),
+    "lr": Option(0.5, "float", "critic=tabular: step size of the table update", low=0.0, high=1.0),
+}
 
 
 class PPOGAE(Estimator):
@@ -45,12 +55,7 @@ class PPOGAE(Estimator):
         "gamma": Option(1.0, "float", "GAE discount", low=0.0, high=1.0),
         "lambda": Option(1.0, "float", "GAE lambda", low=0.0, high=1.0),
         "critic": Option("exact", "choice", "where V comes from", choices=CRITICS),
-        "sigma": Option(0.1, "float", "noise std of critic=noisy", low=0.0),
-        "noise": Option("fixed", "choice", "critic=noisy: a fixed perturbation or fresh noise per call",
-                        choices=("fixed", "fresh")),
-        "steps": Option(20, "int", "critic=tabular: fitting rounds", low=0),
-        "samples": Option(64, "int", "critic=tabular: sampled responses per round", low=1),
-        "lr": Option(0.5, "float", "critic=tabular: step size of the table update", low=0.0, high=1.0),
+        **CRITIC_OPTIONS,
     }
 
     def compute(self, batch, ctx, penalty_bt):
@@ -92,4 +97,4 @@ def ppo_clip_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: to
     return -(weights.detach() * surrogate).sum()
 
 
-__all__ = ["PPOGAE", "ppo_clip_loss", "CRITICS"]
+__all__ = ["PPOGAE", "ppo_clip_loss", "CRITICS", "CRITIC_OPTIONS"]

@@ -8,12 +8,11 @@ optional ``:key=value,...`` (see :mod:`.plugin`). Unknown names, options and val
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 from .estimator import Estimator
 from .group import GRPO, OPO, RLOO, DrGRPO
+from .names import is_plugin_spec, parse_options
 from .ppo import PPOGAE
 from .reinforce import Reinforce, ReinforceBaseline, ReMax, RewardToGo
 from .reinforce_pp import ReinforcePP, ReinforcePPBaseline
@@ -25,30 +24,6 @@ _CLASSES: tuple[type[Estimator], ...] = (
 )
 ESTIMATORS: dict[str, type[Estimator]] = {cls.name: cls for cls in _CLASSES}
 CATALOG: tuple[str, ...] = tuple(ESTIMATORS)
-
-_PLUGIN = re.compile(r"^(?P<path>.+?\.py):(?P<fn>[A-Za-z_]\w*)(?::(?P<opts>.*))?$")
-
-
-def is_plugin_spec(spec: str) -> bool:
-    """True for ``FILE.py:FUNCTION[:options]``."""
-    return bool(_PLUGIN.match(spec.strip()))
-
-
-def parse_options(text: str, where: str) -> dict[str, str]:
-    """``key=value,key=value`` -> dict (values kept as strings)."""
-    opts: dict[str, str] = {}
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        key, eq, value = part.partition("=")
-        key = key.strip()
-        if not eq or not key:
-            raise ValueError(f"{where}: option {part!r} is not key=value")
-        if key in opts:
-            raise ValueError(f"{where}: option {key!r} given twice")
-        opts[key] = value.strip()
-    return opts
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, str]]:

@@ -61,6 +61,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .._threads import intra_op_threads as _intra_op_threads
+from ..mdp.mdp import checked_prefixes
 from ..mdp.rewards import CompactRewards
 from ..policies.tabular import SharedSoftmax
 
@@ -490,24 +491,11 @@ def prefix_states(mdp, prompt_b: torch.Tensor, prefix_bt: torch.Tensor,
     whether it is complete (ends with EOS or has ``H`` tokens), as ``(t_b, prev_b, done_b)``.
 
     ``ValueError`` for a prompt, token or length out of range, or an EOS before the prefix's end."""
-    H, V, P, eos = mdp.horizon, mdp.vocab_size, mdp.num_prompts, mdp.eos_token
-    prompt_b = torch.as_tensor(prompt_b, dtype=torch.long).flatten()
-    prefix_bt = torch.as_tensor(prefix_bt, dtype=torch.long)
-    prefix_len_b = torch.as_tensor(prefix_len_b, dtype=torch.long).flatten()
-    B = prompt_b.numel()
-    if prefix_bt.dim() != 2 or prefix_bt.shape[0] != B or prefix_bt.shape[1] > H:
-        raise ValueError(f"prefix tokens must have shape [B, L] with B={B} and L <= horizon={H}, "
-                         f"got {list(prefix_bt.shape)}")
-    L = prefix_bt.shape[1]
-    if prefix_len_b.numel() != B or bool(((prefix_len_b < 0) | (prefix_len_b > L)).any()):
-        raise ValueError(f"prefix lengths must be B={B} integers in [0, {L}]")
-    if bool(((prompt_b < 0) | (prompt_b >= P)).any()):
-        raise ValueError(f"prompt ids must be in [0, {P - 1}]")
-    pos = torch.arange(L).expand(B, L)
-    given = pos < prefix_len_b.unsqueeze(1)
-    if bool(((prefix_bt < 0) | (prefix_bt >= V))[given].any()):
-        raise ValueError(f"prefix tokens must be in [0, {V - 1}]")
-    if eos is not None and bool((given & (pos < (prefix_len_b - 1).unsqueeze(1)) & (prefix_bt == eos)).any()):
+    H, V, eos = mdp.horizon, mdp.vocab_size, mdp.eos_token
+    prompt_b, prefix_bt, prefix_len_b = checked_prefixes(mdp, prompt_b, prefix_bt, prefix_len_b)
+    B, L = prefix_bt.shape
+    before_last = torch.arange(L).expand(B, L) < (prefix_len_b - 1).unsqueeze(1)
+    if eos is not None and bool((before_last & (prefix_bt == eos)).any()):
         raise ValueError("a continuation prefix runs past the end of its response (EOS before its last token)")
     last = prefix_bt.gather(1, (prefix_len_b - 1).clamp(min=0).unsqueeze(1)).squeeze(1) if L else prompt_b * 0
     prev_b = torch.where(prefix_len_b > 0, last, V + prompt_b)

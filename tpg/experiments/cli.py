@@ -15,7 +15,6 @@ runs them on their own.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import sys
 import time

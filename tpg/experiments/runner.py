@@ -41,6 +41,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
 
+from .._io import write_bytes_atomic
 from .._lazy import LazyModule
 from .._progress import progress_bar, show_progress
 
@@ -160,8 +161,6 @@ def quarantine_cell(path: Path, reason: str, consequence: str) -> Path | None:
     """Move a damaged cell file into ``quarantine/`` beside it (a unique name, so nothing there is
     ever overwritten) and print one line on stderr saying why and what follows; returns the new
     path, or ``None`` when it could not be moved (a read-only cache: the message says so)."""
-    import sys
-
     dest = path.parent / QUARANTINE / f"{path.stem}.{time.time_ns()}{path.suffix}"
     try:
         dest.parent.mkdir(exist_ok=True)
@@ -176,8 +175,6 @@ def quarantine_cell(path: Path, reason: str, consequence: str) -> Path | None:
 def _write_atomic(df: pd.DataFrame, path: Path) -> None:
     # serialised with its checksum, written to a dotted temporary file and renamed: a kill mid-write
     # leaves only the temporary, which no reader ever picks up
-    from tpg._io import write_bytes_atomic
-
     write_bytes_atomic(path, cell_bytes(df))
 
 
@@ -200,8 +197,7 @@ def compute_cell(run_cell: Callable, study_name: str, cell: Any, cache_dir: str 
     path = _cell_path(study_name, key, cache_dir)
     if not path.exists():
         df = _with_cell_columns(run_cell(cell), study_name, cell, key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(df, path)
+        _write_atomic(df, path)  # creates the study's directory when missing
     return key
 
 
@@ -251,8 +247,6 @@ def _read_cells(study_name: str, keys: list[str], cache_dir: str | Path, frames:
 def _read_manifest(d: Path) -> dict | None:
     """The latest run's manifest of a study directory, or ``None`` when there is none; a damaged
     one is reported on stderr and treated as absent (it never blocks ``study`` or ``report``)."""
-    import sys
-
     manifest = d / _MANIFEST
     if not manifest.exists():
         return None
@@ -660,7 +654,7 @@ def run_study(study: str | ModuleType, quick: bool = False, backend: str = "proc
     d = study_dir(name, cache_dir)
     d.mkdir(parents=True, exist_ok=True)
     manifest = {"study": name, "quick": bool(quick), "keys": keys, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    _write_text_atomic(d / _MANIFEST, json.dumps(manifest, indent=1))
+    write_bytes_atomic(d / _MANIFEST, json.dumps(manifest, indent=1).encode(), fsync=False)
 
     cached = _cached_frames(name, keys, cache_dir, "it will be recomputed")  # damaged cells: quarantined
     todo = [(c, k) for c, k in zip(grid, keys) if k not in cached]
@@ -688,12 +682,6 @@ def run_study(study: str | ModuleType, quick: bool = False, backend: str = "proc
         if bar is not None:
             bar.close()
     return _read_cells(name, keys, cache_dir, frames=cached)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 __all__ = ["BACKENDS", "CLUSTER_BACKENDS", "ClusterError", "ClusterSession", "cluster_session", "source_digest",

@@ -44,6 +44,30 @@ def validate_shape(vocab_size, horizon, eos_token, gamma, prompt_weights) -> tor
     return w
 
 
+def checked_prefixes(mdp, prompt_b, prefix_bt, prefix_len_b) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(prompt_b [B], prefix_bt [B, L], prefix_len_b [B])`` of continuation prefixes (each prompt's
+    first ``prefix_len`` tokens) as long tensors, checked against ``mdp``: ``L <= H``, lengths in
+    ``[0, L]``, prompt ids in ``[0, P - 1]``, the given tokens in ``[0, V - 1]``; ``ValueError`` saying
+    which. An EOS inside a prefix is for the caller to refuse (it knows its own words for it)."""
+    H, V, P = mdp.horizon, mdp.vocab_size, mdp.num_prompts
+    prompt_b = torch.as_tensor(prompt_b, dtype=torch.long).flatten()
+    prefix_bt = torch.as_tensor(prefix_bt, dtype=torch.long)
+    prefix_len_b = torch.as_tensor(prefix_len_b, dtype=torch.long).flatten()
+    B = prompt_b.numel()
+    if prefix_bt.dim() != 2 or prefix_bt.shape[0] != B or prefix_bt.shape[1] > H:
+        raise ValueError(f"prefix tokens must have shape [B, L] with B={B} and L <= horizon={H}, "
+                         f"got {list(prefix_bt.shape)}")
+    L = prefix_bt.shape[1]
+    if prefix_len_b.numel() != B or bool(((prefix_len_b < 0) | (prefix_len_b > L)).any()):
+        raise ValueError(f"prefix lengths must be B={B} integers in [0, {L}], got {prefix_len_b.tolist()[:10]}")
+    if bool(((prompt_b < 0) | (prompt_b >= P)).any()):
+        raise ValueError(f"prompt ids must be in [0, {P - 1}]")
+    given = torch.arange(L).expand(B, L) < prefix_len_b.unsqueeze(1)
+    if bool(((prefix_bt < 0) | (prefix_bt >= V))[given].any()):
+        raise ValueError(f"prefix tokens must be in [0, {V - 1}]")
+    return prompt_b, prefix_bt, prefix_len_b
+
+
 class TokenMDP:
     """A token-tree MDP with known token-level rewards.
 

@@ -55,21 +55,20 @@ import torch
 
 from ..exact.engine import solve
 from ..verify.context import ExactContext
-from ..verify.exact_moments import (DEFAULT_MAX_ROWS, _calls_since, _space_chunks, _take, batch_layout,
-                                    checked_coef, exact_supported, leaf_rollouts, make_batch, ref_log_probs,
-                                    sample_space_size)
-from ..verify.score import ParamMap, batch_logit_gradients, token_nt
+from ..verify.exact_moments import (_CHUNK_ENTRIES, DEFAULT_MAX_ROWS, ExactMoments, _calls_since, _MomentSums,
+                                    _space_chunks, _take, batch_layout, checked_coef, checked_space_size, layout_shape,
+                                    leaf_rollouts, make_batch, ref_log_probs, refuse_inexact, run_exact)
+from ..verify.score import ParamMap, token_nt
 from .behaviour import Behaviour, resolve_behaviour
-from .losses import LossInputs, get_loss, loss_coefficients
+from .losses import get_loss, output_coefficients
 
 HOOKS = ("behaviour", "policy")
-#: Entries of a dense chunk of per-batch logit gradients (as the on-policy engine).
-_CHUNK_ENTRIES = 4_000_000
 
 
 @dataclass
-class OffPolicyMoments:
-    """Exact moments of one estimator + loss under a behaviour policy.
+class OffPolicyMoments(ExactMoments):
+    """Exact moments of one estimator + loss under a behaviour policy (the fields of
+    :class:`~tpg.verify.exact_moments.ExactMoments`, then the off-policy ones).
 
     Attributes:
         mean: ``E_mu[g]`` in parameter space; cov: ``Cov_mu[g]`` (``None`` unless requested);
@@ -86,40 +85,11 @@ class OffPolicyMoments:
         behaviour, loss: canonical specs; mismatch: the behaviour's mismatch report.
     """
 
-    mean: torch.Tensor
-    cov: torch.Tensor | None
-    variance_trace: float
-    num_batches: int
-    num_rows: int
-    tokens_per_batch: float
-    hook_calls: dict = field(default_factory=dict)
-    total_prob: float = 1.0
     kept_prob: float = 1.0
     keep_prob_per_prompt: list | None = None
     behaviour: str = "pi"
     loss: str = "pg"
     mismatch: dict = field(default_factory=dict)
-
-
-def layout_shape(layout: str, G: int) -> tuple[int, int, int]:
-    """``(rows per batch, groups per batch, rows per group)`` of a batch layout: ``group`` ``(G, 1, G)``,
-    ``independent`` ``(G, G, 1)``, ``single`` ``(1, 1, 1)``, ``batch:PxN`` ``(P N, P, N)`` (verl's batch of
-    ``P`` prompt draws with ``N`` responses each, where the verifier has that layout)."""
-    if layout.startswith("batch:"):
-        P, _, N = layout.split(":", 1)[1].lower().partition("x")
-        return int(P) * int(N), int(P), int(N)
-    if layout == "group":
-        return G, 1, G
-    if layout == "independent":
-        return G, G, 1
-    return 1, 1, 1
-
-
-def _plugin_error():
-    """The plug-in failure class whose errors pass through unchanged, where the estimators define one."""
-    from ..estimators import plugin
-
-    return getattr(plugin, "PluginError", ())
 
 
 def keep_probabilities(mdp, response_prob_l: torch.Tensor, rm_l: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -142,6 +112,29 @@ def keep_probabilities(mdp, response_prob_l: torch.Tensor, rm_l: torch.Tensor, g
         mass = torch.zeros(int(inv.max()) + 1, dtype=torch.float64).index_add_(0, inv, p)
         q[x] = (1.0 - (mass ** group_size).sum()).clamp(min=0.0)
     return q
+
+
+def dynamic_sampling(mdp, beh: Behaviour, loss, layout: str, G: int) -> tuple[str, torch.Tensor | None, float]:
+    """``(mode, q_x, Z)`` of ``loss``'s dynamic sampling for batches of ``layout``: ``mode`` is the loss's
+    ``filter`` when the layout's groups have two rows or more, else ``"false"`` (``q_x = None``, ``Z = 1``);
+    ``q_x`` per prompt under the behaviour (:func:`keep_probabilities`), ``Z = sum_x rho(x) q_x``.
+    ``ValueError`` when no group can ever be kept, and under ``same_prompt`` when a prompt can never
+    be kept but a batch holds several groups (the batch has no defined value without it)."""
+    _, n_groups, per_group = layout_shape(layout, G)
+    mode = loss.filter if per_group >= 2 else "false"
+    if mode == "false":
+        return mode, None, 1.0
+    rho = mdp.prompt_weights
+    q_x = keep_probabilities(mdp, beh.sol.response_prob, beh.sol.response_rm, per_group)
+    Z = float((rho * q_x).sum())
+    if Z <= 0.0:
+        raise ValueError(f"dynamic sampling: every group of {per_group} responses has identical rewards under the "
+                         f"behaviour {beh.spec!r} (P(non-degenerate) = 0), so no batch is ever filled")
+    never = [x for x in range(mdp.num_prompts) if float(rho[x]) > 0 and float(q_x[x]) <= 0]
+    if mode == "same_prompt" and never and n_groups > 1:
+        raise ValueError(f"dynamic sampling same_prompt: prompt(s) {never} only ever give degenerate groups, and a "
+                         f"{layout} batch has no defined value without them; use new_prompts")
+    return mode, q_x, Z
 
 
 def _group_factors(rm_b: torch.Tensor, batch_b: torch.Tensor, group_b: torch.Tensor, prompt_b: torch.Tensor,
@@ -208,19 +201,12 @@ def offpolicy_moments(mdp, policy, estimator, behaviour="pi", loss=None, group_s
     name = getattr(estimator, "name", type(estimator).__name__)
     if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
         raise ValueError(f"group_size must be an integer >= 1, got {group_size!r}")
-    ok, why = exact_supported(estimator)
-    if not ok:
-        raise ValueError(f"exact mode refused for {name!r}: {why or 'its expectation cannot be made exact'}; "
-                         f"use Monte Carlo mode (--mode mc)")
+    refuse_inexact(estimator, name)
     loss = get_loss(loss)
     sol_pi = sol if sol is not None else solve(mdp, policy)
     beh = resolve_behaviour(behaviour, mdp, policy, sol_pi=sol_pi)
     layout, G = batch_layout(estimator, group_size)
-    n_batches, n_rows = sample_space_size(mdp, layout, G)
-    if n_rows > max_rows:
-        raise ValueError(f"the exact sample space of {name!r} has {n_batches:,} batches ({n_rows:,} responses), above "
-                         f"max_rows={max_rows:,}: use a smaller MDP or group size, raise max_rows, or use Monte Carlo "
-                         f"mode (--mode mc)")
+    checked_space_size(mdp, name, layout, G, max_rows)
     tree = mdp.tree
     ctx = context if context is not None else hooks_context(mdp, policy, sol_pi, beh, hooks, seed, ref_policy)
     calls_before = dict(ctx.hook_calls)
@@ -234,27 +220,13 @@ def offpolicy_moments(mdp, policy, estimator, behaviour="pi", loss=None, group_s
 
     rho = mdp.prompt_weights
     per_batch, n_groups, per_group = layout_shape(layout, G)
-    mode = loss.filter if per_group >= 2 else "false"
-    q_x = keep_probabilities(mdp, beh.sol.response_prob, leaves_ro.rm, per_group) if mode != "false" else None
-    Z = float((rho * q_x).sum()) if q_x is not None else 1.0
-    if mode != "false" and Z <= 0.0:
-        raise ValueError(f"dynamic sampling: every group of {per_group} responses has identical rewards under the "
-                         f"behaviour {beh.spec!r} (P(non-degenerate) = 0), so no batch is ever filled")
-    never = [] if q_x is None else [x for x in range(mdp.num_prompts) if float(rho[x]) > 0 and float(q_x[x]) <= 0]
-    if mode == "same_prompt" and never and n_groups > 1:
-        raise ValueError(f"dynamic sampling same_prompt: prompt(s) {never} only ever give degenerate groups, and a "
-                         f"{layout} batch has no defined value without them; use new_prompts")
+    mode, q_x, Z = dynamic_sampling(mdp, beh, loss, layout, G)
     # the expected mass of the kept batches: 1, or the weight of the prompts that can be kept (same_prompt)
     expected_total = 1.0 if mode != "same_prompt" else float(rho[q_x > 0].sum())
 
-    D = pmap.logit_dim
-    chunk_batches = max(1, _CHUNK_ENTRIES // max(D * per_batch, 1))
-    shift = sol_pi.grad_logits.reshape(-1).to(torch.float64)
-    s1 = torch.zeros(D, dtype=torch.float64)
-    s2 = torch.zeros(D, D, dtype=torch.float64)
-    total_p = 0.0
+    chunk_batches = max(1, _CHUNK_ENTRIES // max(pmap.logit_dim * per_batch, 1))
+    sums = _MomentSums(sol_pi.grad_logits.reshape(-1).to(torch.float64))
     kept_mass = 0.0
-    tokens = 0.0
     kept_batches = kept_rows = 0
     for rows, batch_b, p_n in _space_chunks(mdp, beh.sol, layout, G, chunk_batches):
         if mode != "false":
@@ -273,46 +245,30 @@ def offpolicy_moments(mdp, policy, estimator, behaviour="pi", loss=None, group_s
         ro = _take(leaves_ro, rows)
         ro.group = torch.arange(rows.numel()) // per_group  # group, one per prompt draw, or one per row
         rb = make_batch(estimator, ro, batch_b, dtype, None if ref_all is None else ref_all[rows])
-        try:
-            out = estimator(rb, ctx)
-        except _plugin_error():  # the plug-in's own failure, not a refusal of exact mode
-            raise
-        except ValueError as exc:
-            raise ValueError(f"exact mode refused for {name!r}: {exc}") from exc
+        out = run_exact(estimator, name, rb, ctx)
         coef = checked_coef(estimator, out, ro.tokens.shape)
         if not loss.is_pg:
-            inp = LossInputs(logp_mu_bt=logp_mu_l[rows], advantages_bt=out.advantages.detach().to(torch.float64),
-                             weights_bt=out.weights.detach().to(torch.float64), mask_bt=ro.mask, batch_b=batch_b,
-                             rows_per_batch=rows.numel() // nb, agg=getattr(estimator, "agg", "seq-mean-token-sum"))
-            kl = None if out.kl_coef is None else out.kl_coef.detach().to(torch.float64)
-            coef = loss_coefficients(loss, ro.logp, inp, kl)
-        nt = token_nt(tree, ro.nodes)
-        d = batch_logit_gradients(coef, nt, ro.tokens, pi, batch_b, nb) - shift
-        pd = p_n.unsqueeze(1) * d
-        s1 += pd.sum(0)
-        s2 += d.T @ pd
-        total_p += float(p_n.sum())
-        tokens += float((p_n[batch_b] * ro.length.to(torch.float64)).sum())
+            coef = output_coefficients(loss, estimator, out, ro.logp, logp_mu_l[rows], ro.mask, batch_b,
+                                       rows.numel() // nb)
+        sums.add(coef, token_nt(tree, ro.nodes), ro, pi, batch_b, p_n)
         kept_batches += nb
         kept_rows += rows.numel()
-    if abs(total_p - expected_total) > 1e-9:
-        raise ValueError(f"the sample space's probabilities under the behaviour sum to {total_p!r}, not "
+    if abs(sums.total_p - expected_total) > 1e-9:
+        raise ValueError(f"the sample space's probabilities under the behaviour sum to {sums.total_p!r}, not "
                          f"{expected_total!r}")
     if mode == "new_prompts" and abs(kept_mass - Z ** n_groups) > 1e-9:
         raise ValueError(f"dynamic sampling: the enumerated kept mass {kept_mass!r} disagrees with the closed form "
                          f"Z^{n_groups} = {Z ** n_groups!r}")
     null = 1.0 - expected_total  # batches with g = 0 (same_prompt: prompts that are never kept)
     if null > 0:  # they sit at -shift in the centred coordinates
-        s1 -= null * shift
-        s2 += null * torch.outer(shift, shift)
-    cov_logit = s2 - torch.outer(s1, s1)
-    if mode != "false":
-        tokens = n_groups * _sampled_tokens(mdp, beh, per_group, mode, q_x, Z)
+        sums.s1 -= null * sums.shift
+        sums.s2 += null * torch.outer(sums.shift, sums.shift)
+    mean, cov, trace = sums.moments(pmap, with_cov)
+    tokens = n_groups * _sampled_tokens(mdp, beh, per_group, mode, q_x, Z) if mode != "false" else sums.tokens
     kept_prob = Z if mode != "false" else 1.0
-    return OffPolicyMoments(mean=pmap.to_params(shift + s1), cov=pmap.param_cov(cov_logit) if with_cov else None,
-                            variance_trace=max(pmap.param_trace(cov_logit), 0.0), num_batches=kept_batches,
+    return OffPolicyMoments(mean=mean, cov=cov, variance_trace=trace, num_batches=kept_batches,
                             num_rows=kept_rows, tokens_per_batch=tokens,
-                            hook_calls=_calls_since(calls_before, ctx.hook_calls), total_prob=total_p,
+                            hook_calls=_calls_since(calls_before, ctx.hook_calls), total_prob=sums.total_p,
                             kept_prob=kept_prob, keep_prob_per_prompt=None if q_x is None else q_x.tolist(),
                             behaviour=beh.spec, loss=loss.spec, mismatch=dict(beh.mismatch))
 
@@ -330,4 +286,5 @@ def _sampled_tokens(mdp, beh: Behaviour, G: int, mode: str, q_x: torch.Tensor, Z
     return float((G * per_prompt[live] / q_x[live]).sum())
 
 
-__all__ = ["OffPolicyMoments", "offpolicy_moments", "keep_probabilities", "hooks_context", "layout_shape", "HOOKS"]
+__all__ = ["OffPolicyMoments", "offpolicy_moments", "keep_probabilities", "dynamic_sampling", "hooks_context",
+           "layout_shape", "HOOKS"]

@@ -88,21 +88,17 @@ signature:
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import inspect
-import os
-import re
-import sys
 from dataclasses import dataclass
 
 import torch
 
 from ..estimators.estimator import Option
+from ..estimators.names import PLUGIN_SPEC, parse_options
+from ..estimators.plugin import load_function
 from ._spec import bind_args, canonical, split_head, split_top
 
 FILTER_MODES = ("false", "new_prompts", "same_prompt")
-_PLUGIN = re.compile(r"^(?P<path>.+?\.py):(?P<fn>[A-Za-z_]\w*)(?::(?P<opts>.*))?$")
 
 
 def _parse_filter(value) -> str:
@@ -530,31 +526,15 @@ class PluginLoss(Loss):
 
 def load_loss_plugin(spec: str) -> PluginLoss:
     """The :class:`PluginLoss` of ``FILE.py:FUNCTION[:key=value,...]`` (``old`` and
-    ``filter_degenerate_groups`` are tpg's; other options go to the function)."""
-    from ..estimators.registry import parse_options
-
-    match = _PLUGIN.match(spec.strip())
+    ``filter_degenerate_groups`` are tpg's; other options go to the function). The file is imported as
+    an estimator plug-in's is (:func:`tpg.estimators.plugin.load_function`, no time limit)."""
+    match = PLUGIN_SPEC.match(spec.strip())
     if not match:
         raise ValueError(f"a loss plug-in spec is FILE.py:FUNCTION[:key=value,...], got {spec!r}")
     path, fn_name = match["path"], match["fn"]
     label = f"{path}:{fn_name}"
     options = parse_options(match["opts"] or "", label)
-    if not os.path.isfile(path):
-        raise ValueError(f"loss plug-in {label}: file not found: {path!r} (relative to {os.getcwd()})")
-    module_name = "tpg_loss_plugin_" + hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:12]
-    mod_spec = importlib.util.spec_from_file_location(module_name, path)
-    if mod_spec is None or mod_spec.loader is None:
-        raise ValueError(f"loss plug-in {label}: cannot load {path!r} as a Python module")
-    module = importlib.util.module_from_spec(mod_spec)
-    sys.modules[module_name] = module
-    try:
-        mod_spec.loader.exec_module(module)
-    except Exception as e:  # the user's module
-        sys.modules.pop(module_name, None)
-        raise ValueError(f"loss plug-in {label}: importing {path!r} raised {type(e).__name__}: {e}") from e
-    fn = getattr(module, fn_name, None)
-    if fn is None or not callable(fn):
-        raise ValueError(f"loss plug-in {label}: function {fn_name!r} not found (or not callable) in {path!r}")
+    fn = load_function(path, fn_name, timeout=None, what="loss plug-in")
     ours = {k: options.pop(k) for k in list(options) if k in PluginLoss.all_options()}
     return PluginLoss(fn, label, extra=options, **ours)
 
@@ -572,7 +552,7 @@ def get_loss(spec) -> Loss:
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"a loss spec must be a non-empty string, got {spec!r}")
     text = spec.strip()
-    if _PLUGIN.match(text):
+    if PLUGIN_SPEC.match(text):
         return load_loss_plugin(text)
     name, rest = split_head(text, "loss")
     if name not in LOSSES:
@@ -618,6 +598,18 @@ def loss_coefficients(loss: Loss, logp_bt: torch.Tensor, inp: LossInputs,
     return coef
 
 
+def output_coefficients(loss: Loss, estimator, out, logp_bt: torch.Tensor, logp_mu_bt: torch.Tensor,
+                        mask_bt: torch.Tensor, batch_b: torch.Tensor, rows_per_batch: int) -> torch.Tensor:
+    """:func:`loss_coefficients` of an estimator's output ``out`` (its advantages, weights and KL loss
+    coefficients, detached, in float64; its aggregation mode ``agg``) on a batch with ``log pi`` =
+    ``logp_bt`` and ``log mu`` = ``logp_mu_bt`` (0 on padding)."""
+    inp = LossInputs(logp_mu_bt=logp_mu_bt, advantages_bt=out.advantages.detach().to(torch.float64),
+                     weights_bt=out.weights.detach().to(torch.float64), mask_bt=mask_bt, batch_b=batch_b,
+                     rows_per_batch=rows_per_batch, agg=getattr(estimator, "agg", "seq-mean-token-sum"))
+    kl = None if out.kl_coef is None else out.kl_coef.detach().to(torch.float64)
+    return loss_coefficients(loss, logp_bt, inp, kl)
+
+
 def describe_losses() -> str:
     """One line per loss: its spec form and formula."""
     lines = []
@@ -630,4 +622,5 @@ def describe_losses() -> str:
 
 
 __all__ = ["Loss", "LossInputs", "LOSSES", "PluginLoss", "get_loss", "load_loss_plugin", "loss_coefficients",
+           "output_coefficients",
            "describe_losses", "FILTER_MODES", "COMMON_OPTIONS"]

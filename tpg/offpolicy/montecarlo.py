@@ -20,12 +20,12 @@ import torch
 from ..exact.engine import solve
 from ..rollouts import Rollouts, sample
 from ..verify.context import MonteCarloContext
-from ..verify.exact_moments import batch_layout, checked_coef, make_batch, ref_log_probs
+from ..verify.exact_moments import batch_layout, checked_coef, layout_shape, make_batch, ref_log_probs
 from ..verify.montecarlo import CHUNK_ROWS, GradientSamples
 from ..verify.score import token_nt
 from .behaviour import Behaviour, resolve_behaviour
-from .exact import HOOKS, keep_probabilities, layout_shape
-from .losses import LossInputs, get_loss, loss_coefficients
+from .exact import HOOKS, dynamic_sampling
+from .losses import get_loss, output_coefficients
 
 #: Rounds of rejection sampling before dynamic sampling gives up.
 MAX_ROUNDS = 10_000
@@ -127,19 +127,8 @@ def sample_offpolicy_terms(mdp, policy, estimator, behaviour="pi", loss=None, nu
     ctx = context
     layout, G = batch_layout(estimator, group_size)
     tree = mdp.tree
-    rho = mdp.prompt_weights
     per_batch, n_groups, per_group = layout_shape(layout, G)
-    mode = loss.filter if per_group >= 2 else "false"
-    q_x = None
-    if mode != "false":
-        q_x = keep_probabilities(mdp, beh.sol.response_prob, beh.sol.response_rm, per_group)
-        if float((rho * q_x).sum()) <= 0:
-            raise ValueError(f"dynamic sampling: every group of {per_group} responses has identical rewards under "
-                             f"the behaviour {beh.spec!r}, so no batch is ever filled")
-        never = [x for x in range(mdp.num_prompts) if float(rho[x]) > 0 and float(q_x[x]) <= 0]
-        if mode == "same_prompt" and never and n_groups > 1:
-            raise ValueError(f"dynamic sampling same_prompt: prompt(s) {never} only ever give degenerate groups, and "
-                             f"a {layout} batch has no defined value without them; use new_prompts")
+    mode, q_x, _ = dynamic_sampling(mdp, beh, loss, layout, G)
     per_chunk = max(1, CHUNK_ROWS // per_batch)
     zero = torch.zeros((), dtype=torch.float64)
     lpi = sol_pi.logp
@@ -167,26 +156,15 @@ def sample_offpolicy_terms(mdp, policy, estimator, behaviour="pi", loss=None, nu
             out = estimator(rb, ctx)
             coef = checked_coef(estimator, out, ro.tokens.shape)
             if not loss.is_pg:
-                inp = LossInputs(logp_mu_bt=torch.where(ro.mask, logp_mu, zero),
-                                 advantages_bt=out.advantages.detach().to(torch.float64),
-                                 weights_bt=out.weights.detach().to(torch.float64), mask_bt=ro.mask, batch_b=nb,
-                                 rows_per_batch=per_batch,
-                                 agg=getattr(estimator, "agg", "seq-mean-token-sum"))
-                kl = None if out.kl_coef is None else out.kl_coef.detach().to(torch.float64)
-                coef = loss_coefficients(loss, ro.logp, inp, kl)
+                coef = output_coefficients(loss, estimator, out, ro.logp, torch.where(ro.mask, logp_mu, zero),
+                                           ro.mask, nb, per_batch)
             coefs.append(coef)
             nts.append(nt)
             toks.append(ro.tokens)
             bids.append(batch_b + done)
         done += n
-    hook = float(ctx.tokens_sampled - hook_before)
-    H = mdp.horizon
-    empty = torch.zeros(0, H, dtype=torch.long)
-    return GradientSamples(coef_bt=torch.cat(coefs) if coefs else torch.zeros(0, H, dtype=torch.float64),
-                           nt_bt=torch.cat(nts) if nts else empty, tok_bt=torch.cat(toks) if toks else empty,
-                           batch_b=torch.cat(bids) if bids else torch.zeros(0, dtype=torch.long),
-                           num_batches=num_batches, tokens_per_batch=(tokens + hook) / num_batches,
-                           hook_tokens_per_batch=hook / num_batches)
+    return GradientSamples.from_chunks(coefs, nts, toks, bids, num_batches, mdp.horizon, tokens,
+                                       float(ctx.tokens_sampled - hook_before))
 
 
 __all__ = ["sample_offpolicy_terms", "draw_groups", "MAX_ROUNDS"]

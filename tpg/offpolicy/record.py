@@ -18,14 +18,13 @@ from dataclasses import dataclass
 
 import torch
 
+from ..verify.exact_moments import batch_layout
+from ..verify.montecarlo import TARGET_COSINE
+from ..verify.record_fields import exact_record_fields, mc_record_fields, probe_hook_tokens
 from .behaviour import Behaviour, resolve_behaviour
-from .exact import HOOKS, offpolicy_moments
+from .exact import HOOKS, dynamic_sampling, offpolicy_moments
 from .losses import Loss, get_loss
 from .montecarlo import sample_offpolicy_terms
-
-#: Batches sampled to measure the tokens that hooks spend, in exact mode (as on-policy).
-TOKEN_PROBE_BATCHES = 256
-_SAMPLING_HOOKS = ("continuation_values", "greedy_rm")
 
 
 @dataclass
@@ -70,9 +69,6 @@ def offpolicy_result(prob, est, setup: OffPolicySetup, mode: str, group_size: in
     verdicts of the whole run as one Holm family.
 
     ``prob`` is the harness's problem (``mdp``, ``policy``, ``sol``, ``pmap``, ``pi``, ``mc_context``)."""
-    from ..verify.montecarlo import mc_test
-    from ..verify.verdict import exact_verdict
-
     mdp, policy = prob.mdp, prob.policy
     beh, loss, hooks = setup.behaviour, setup.loss, setup.hooks
     out = offpolicy_fields(setup)
@@ -80,43 +76,20 @@ def offpolicy_result(prob, est, setup: OffPolicySetup, mode: str, group_size: in
         mom = offpolicy_moments(mdp, policy, est, beh, loss, group_size, dtype=torch.float64, with_cov=False,
                                 max_rows=max_rows, ref_policy=ref_policy, hooks=hooks, seed=seed, sol=prob.sol,
                                 param_map=prob.pmap)
-        v = exact_verdict(mom.mean, target, dtype=dtype)
-        hook_tokens, tokens_exact = 0.0, True
-        if any(h in mom.hook_calls for h in _SAMPLING_HOOKS):
-            if hasattr(est, "reset"):
-                est.reset()
-            gen = torch.Generator().manual_seed(int(seed) + 1)
-            gs = sample_offpolicy_terms(mdp, policy, est, beh, loss, TOKEN_PROBE_BATCHES, group_size, generator=gen,
-                                        seed=seed, ref_policy=ref_policy, hooks=hooks, sol=prob.sol)
-            hook_tokens, tokens_exact = gs.hook_tokens_per_batch, False
-        out.update(v.as_dict())
-        out.update({"alpha": None, "n_samples": mom.num_batches, "variance_trace": mom.variance_trace,
-                    "tokens_per_batch": mom.tokens_per_batch + hook_tokens, "hook_tokens_per_batch": hook_tokens,
-                    "tokens_exact": tokens_exact, "kept_prob": mom.kept_prob})
+
+        def probe(gen, batches):
+            return sample_offpolicy_terms(mdp, policy, est, beh, loss, batches, group_size, generator=gen, seed=seed,
+                                          ref_policy=ref_policy, hooks=hooks, sol=prob.sol)
+        out.update(exact_record_fields(mom, target, dtype, *probe_hook_tokens(mom.hook_calls, est, seed, probe)))
+        out["kept_prob"] = mom.kept_prob
         return out
     gen = torch.Generator().manual_seed(int(seed))
     gs = sample_offpolicy_terms(mdp, policy, est, beh, loss, samples, group_size, generator=gen, seed=seed,
                                 ref_policy=ref_policy, hooks=hooks, sol=prob.sol)
-    kw = {} if target_cosine is None else {"target_cosine": target_cosine}
-    res = mc_test(gs, target, prob.pi, prob.pmap, alpha=alpha, seed=seed, **kw)
-    out.update(res.verdict.as_dict())
-    out["_mc"] = res
-    out.update({"alpha": alpha, "n_samples": samples, "variance_trace": res.variance_trace,
-                "tokens_per_batch": gs.tokens_per_batch, "hook_tokens_per_batch": gs.hook_tokens_per_batch,
-                "tokens_exact": False, "kept_prob": _kept_prob(setup, mdp, est, group_size)})
+    out.update(mc_record_fields(gs, target, prob, alpha, seed,
+                                TARGET_COSINE if target_cosine is None else target_cosine))
+    out["kept_prob"] = dynamic_sampling(mdp, beh, loss, *batch_layout(est, group_size))[2]
     return out
-
-
-def _kept_prob(setup: OffPolicySetup, mdp, est, group_size: int) -> float:
-    from ..verify.exact_moments import batch_layout
-    from .exact import keep_probabilities, layout_shape
-
-    layout, G = batch_layout(est, group_size)
-    _, _, per_group = layout_shape(layout, G)
-    if setup.loss.filter == "false" or per_group < 2:
-        return 1.0
-    sol = setup.behaviour.sol
-    return float((mdp.prompt_weights * keep_probabilities(mdp, sol.response_prob, sol.response_rm, per_group)).sum())
 
 
 def format_offpolicy_header(records: list[dict]) -> str:

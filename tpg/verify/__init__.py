@@ -20,7 +20,8 @@ gradients from the analytic score, the logit-to-parameter map), :mod:`.exact_mom
 ``Cov[g]`` by enumerating the sample space), :mod:`.montecarlo` (sampled batches and the split
 Hotelling test, the power model, Holm across estimators), :mod:`.verdict` (the vocabularies: exact
 unbiased / scaled / biased, Monte Carlo consistent / consistent-scaled / biased), :mod:`.harness`
-(:func:`verify`), :mod:`.suite` (the standard suite), :mod:`.cli` (``tpg verify``, ``tpg probe``),
+(:func:`verify`), :mod:`.record_fields` (the verdict fields of a record, shared with :mod:`tpg.offpolicy`),
+:mod:`.suite` (the standard suite), :mod:`.cli` (``tpg verify``, ``tpg probe``),
 :mod:`.defaults` (the defaults and choices the command line shows, free of torch).
 
 The names below are imported on first use (:mod:`tpg._lazy`).

@@ -79,18 +79,19 @@ def prefix_nodes(tree, prompt_b: torch.Tensor, prefix_bt: torch.Tensor, prefix_l
     return node
 
 
-class _TreeContext:
-    """Hooks shared by both contexts: everything comes from the stored tree and the exact solution."""
+class _ContextBase:
+    """What the tree contexts and the Markov contexts (:mod:`tpg.verify.markov_context`) share: the
+    bookkeeping, the greedy response's cache and the tabular critic's fit, over the states a subclass
+    indexes (``_num_states()`` of them; ``_rollout_states(ro)``: the state before each token, ``[B, H]``)."""
 
     exact: bool = True
 
-    def __init__(self, mdp, policy, seed: int = 0, ref_policy=None, sol=None):
+    def __init__(self, mdp, policy, seed: int, ref_policy, sol):
         self.mdp = mdp
         self.policy = policy
         self.ref_policy = ref_policy
-        self.tree = mdp.tree
         self.seed = int(seed)
-        self.sol = sol if sol is not None else solve(mdp, policy, with_grad=False)
+        self.sol = sol
         self.tokens_sampled = 0
         self.critic_tokens = 0
         self.hook_calls: dict[str, int] = {}
@@ -102,6 +103,114 @@ class _TreeContext:
     def _called(self, name: str) -> None:
         self.hook_calls[name] = self.hook_calls.get(name, 0) + 1
 
+    # -------------------------------------------------------------- hooks
+    def greedy_rm(self, prompt_b: torch.Tensor) -> torch.Tensor:
+        """``RM`` of the argmax-decoded response to each prompt, ``[B]`` (deterministic in both modes)."""
+        self._called("greedy_rm")
+        if self._greedy is None:
+            self._greedy = self._greedy_responses()
+        prompt_b = torch.as_tensor(prompt_b, dtype=torch.long)
+        rm_p, len_p = self._greedy
+        self.tokens_sampled += int(len_p[prompt_b].sum())
+        return rm_p[prompt_b].clone()
+
+    # -------------------------------------------------------------- critics
+    def _tabular_critic(self, gamma: float, options: dict) -> torch.Tensor:
+        """A table over the states fitted to sampled returns ``g^(T-t) RM`` (the module docstring's rule)."""
+        steps = int(options.get("steps", 20))
+        samples = int(options.get("samples", 64))
+        lr = options.get("lr")
+        lr = None if lr is None else float(lr)
+        seed = int(options.get("critic_seed", self.seed))
+        if steps < 0 or samples < 1 or (lr is not None and not 0 < lr <= 1):
+            raise ValueError(f"tabular critic needs steps >= 0, samples >= 1 and lr in (0, 1]; "
+                             f"got steps={steps}, samples={samples}, lr={lr}")
+        key = ("tabular", float(gamma), steps, samples, lr, seed)
+        if key in self._critic_cache:
+            return self._critic_cache[key]
+        S = self._num_states()
+        table = torch.zeros(S, dtype=torch.float64)
+        seen_total = torch.zeros(S, dtype=torch.float64)
+        gen = torch.Generator().manual_seed(seed)
+        t_idx = torch.arange(1, self.mdp.horizon + 1, dtype=torch.float64)
+        for _ in range(steps):
+            ro = sample(self.mdp, self.policy, num_prompts=samples, generator=gen)
+            self.critic_tokens += ro.num_tokens
+            states = self._rollout_states(ro)
+            ret = ro.rm.unsqueeze(1) * float(gamma) ** (ro.length.unsqueeze(1).to(torch.float64) - t_idx)
+            n, g = states[ro.mask], ret[ro.mask]
+            visits = torch.zeros(S, dtype=torch.float64).index_add_(0, n, torch.ones_like(g))
+            err = torch.zeros(S, dtype=torch.float64).index_add_(0, n, g - table[n])
+            seen_total += visits
+            hit = visits > 0
+            # lr=None: step 1/(visits so far), the running mean, i.e. the least-squares fit of every
+            # return seen; a constant lr tracks the recent steps only. Only states a token is drawn
+            # from are visited, never a terminal one, so every other entry stays 0.
+            step = visits[hit] / seen_total[hit] if lr is None else torch.full_like(visits[hit], lr)
+            table[hit] += step * err[hit] / visits[hit]
+        self._critic_cache[key] = table
+        return table
+
+
+class _ExactMode:
+    """Exact mode's own hooks, mixed into the tree and the Markov exact contexts."""
+
+    exact = True
+
+    def _check_continuations(self, num_continuations: int) -> None:
+        self._called("continuation_values")
+        if int(num_continuations) < 1:
+            raise ValueError(f"num_continuations must be >= 1, got {num_continuations!r}")
+
+    def random_generator(self) -> torch.Generator:
+        self._called("random_generator")
+        raise ValueError("exact mode cannot take the expectation over an estimator's own random draws "
+                         "(random anchors); use Monte Carlo mode (--mode mc)")
+
+
+class _MonteCarloMode:
+    """Monte Carlo mode's own hooks, mixed into the tree and the Markov Monte Carlo contexts: one
+    generator drives continuations, fresh critic noise and the estimator's own draws."""
+
+    exact = False
+
+    def __init__(self, mdp, policy, generator: torch.Generator | None = None, seed: int = 0, ref_policy=None,
+                 sol=None):
+        super().__init__(mdp, policy, seed=seed, ref_policy=ref_policy, sol=sol)
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(int(seed))
+
+    def continuation_values(self, prompt_b, prefix_bt, prefix_len_b, num_continuations: int) -> torch.Tensor:
+        """Mean ``RM`` of ``K`` sampled continuations of each prefix, ``[B]``; counts their tokens."""
+        self._called("continuation_values")
+        prompt_b = torch.as_tensor(prompt_b, dtype=torch.long).flatten()
+        K = int(num_continuations)
+        if prompt_b.numel() == 0:
+            return torch.zeros(0, dtype=torch.float64)
+        ro = sample_continuations(self.mdp, self.policy, prompt_b, prefix_bt, prefix_len_b, K,
+                                  generator=self.generator)
+        self.tokens_sampled += ro.num_tokens
+        return ro.rm.view(-1, K).mean(1)
+
+    def random_generator(self) -> torch.Generator:
+        self._called("random_generator")
+        return self.generator
+
+
+class _TreeContext(_ContextBase):
+    """Hooks shared by both contexts: everything comes from the stored tree and the exact solution."""
+
+    def __init__(self, mdp, policy, seed: int = 0, ref_policy=None, sol=None):
+        super().__init__(mdp, policy, seed, ref_policy, sol if sol is not None else solve(mdp, policy, with_grad=False))
+        self.tree = mdp.tree
+
+    # -------------------------------------------------------------- states
+    def _num_states(self) -> int:
+        return self.tree.num_nodes
+
+    def _rollout_states(self, ro) -> torch.Tensor:
+        """The node of the state before each token of ``ro``, ``[B, H]`` (-1 on padding)."""
+        return node_paths(self.tree, ro.prompt, ro.tokens, ro.mask)[:, :self.tree.horizon]
+
     def remaining_length(self) -> torch.Tensor:
         """Expected number of tokens still to come from each node, ``E[T - d | s]``, per node."""
         if self._remaining_len is None:
@@ -111,24 +220,18 @@ class _TreeContext:
         return self._remaining_len
 
     # -------------------------------------------------------------- hooks
-    def greedy_rm(self, prompt_b: torch.Tensor) -> torch.Tensor:
-        """``RM`` of the argmax-decoded response to each prompt, ``[B]`` (deterministic in both modes)."""
-        self._called("greedy_rm")
-        if self._greedy is None:
-            tree, logp = self.tree, self.sol.logp
-            node = torch.arange(tree.num_prompts)
-            while True:
-                k = tree.nt_index_n[node]
-                live = k >= 0
-                if not bool(live.any()):
-                    break
-                tok = logp[k.clamp(min=0)].argmax(1)
-                node = torch.where(live, tree.num_prompts + k.clamp(min=0) * tree.vocab_size + tok, node)
-            self._greedy = (self.sol.past[node], tree.depth_n[node])
-        prompt_b = torch.as_tensor(prompt_b, dtype=torch.long)
-        rm_p, len_p = self._greedy
-        self.tokens_sampled += int(len_p[prompt_b].sum())
-        return rm_p[prompt_b].clone()
+    def _greedy_responses(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(RM, length)`` of the argmax-decoded response to each prompt, ``[P]`` each."""
+        tree, logp = self.tree, self.sol.logp
+        node = torch.arange(tree.num_prompts)
+        while True:
+            k = tree.nt_index_n[node]
+            live = k >= 0
+            if not bool(live.any()):
+                break
+            tok = logp[k.clamp(min=0)].argmax(1)
+            node = torch.where(live, tree.num_prompts + k.clamp(min=0) * tree.vocab_size + tok, node)
+        return self.sol.past[node], tree.depth_n[node]
 
     def prompt_values(self, prompt_b: torch.Tensor) -> torch.Tensor:
         """Exact ``V'(s_1) = E[RM(W) | x]`` of each prompt, ``[B]``."""
@@ -182,42 +285,6 @@ class _TreeContext:
             return self._critic_cache[key]
         return self._tabular_critic(gamma, options)
 
-    def _tabular_critic(self, gamma: float, options: dict) -> torch.Tensor:
-        steps = int(options.get("steps", 20))
-        samples = int(options.get("samples", 64))
-        lr = options.get("lr")
-        lr = None if lr is None else float(lr)
-        seed = int(options.get("critic_seed", self.seed))
-        if steps < 0 or samples < 1 or (lr is not None and not 0 < lr <= 1):
-            raise ValueError(f"tabular critic needs steps >= 0, samples >= 1 and lr in (0, 1]; "
-                             f"got steps={steps}, samples={samples}, lr={lr}")
-        key = ("tabular", float(gamma), steps, samples, lr, seed)
-        if key in self._critic_cache:
-            return self._critic_cache[key]
-        tree = self.tree
-        table = torch.zeros(tree.num_nodes, dtype=torch.float64)
-        seen_total = torch.zeros(tree.num_nodes, dtype=torch.float64)
-        gen = torch.Generator().manual_seed(seed)
-        H = tree.horizon
-        t_idx = torch.arange(1, H + 1, dtype=torch.float64)
-        for _ in range(steps):
-            ro = sample(self.mdp, self.policy, num_prompts=samples, generator=gen)
-            self.critic_tokens += ro.num_tokens
-            nodes = node_paths(tree, ro.prompt, ro.tokens, ro.mask)[:, :H]
-            ret = ro.rm.unsqueeze(1) * float(gamma) ** (ro.length.unsqueeze(1).to(torch.float64) - t_idx)
-            n, g = nodes[ro.mask], ret[ro.mask]
-            visits = torch.zeros(tree.num_nodes, dtype=torch.float64).index_add_(0, n, torch.ones_like(g))
-            err = torch.zeros(tree.num_nodes, dtype=torch.float64).index_add_(0, n, g - table[n])
-            seen_total += visits
-            hit = visits > 0
-            # lr=None: step 1/(visits so far), the running mean, i.e. the least-squares fit of every
-            # return seen; a constant lr tracks the recent steps only
-            step = visits[hit] / seen_total[hit] if lr is None else torch.full_like(visits[hit], lr)
-            table[hit] += step * err[hit] / visits[hit]
-        table[tree.nt_index_n < 0] = 0.0
-        self._critic_cache[key] = table
-        return table
-
     def critic_values(self, batch, kind: str, gamma: float, options: dict) -> torch.Tensor:
         """``V_hat(s_t)`` for ``t = 1 .. H + 1``, ``[B, H + 1]`` (0 from the complete response on)."""
         self._called("critic_values")
@@ -234,7 +301,7 @@ class _TreeContext:
         return torch.where(live, base, torch.zeros((), dtype=torch.float64))
 
 
-class ExactContext(_TreeContext):
+class ExactContext(_ExactMode, _TreeContext):
     """Expectations instead of samples (the verifier's exact mode); see the module docstring.
 
     Args:
@@ -245,51 +312,20 @@ class ExactContext(_TreeContext):
         sol: the exact solution of ``(mdp, policy)`` when already computed.
     """
 
-    exact = True
-
     def continuation_values(self, prompt_b, prefix_bt, prefix_len_b, num_continuations: int) -> torch.Tensor:
         """``E[RM(W) | prefix] = V'(prefix)`` exactly, ``[B]``; counts ``K E[remaining tokens]``."""
-        self._called("continuation_values")
-        if int(num_continuations) < 1:
-            raise ValueError(f"num_continuations must be >= 1, got {num_continuations!r}")
+        self._check_continuations(num_continuations)
         node = prefix_nodes(self.tree, prompt_b, prefix_bt, prefix_len_b)
         self.tokens_sampled += float(num_continuations) * float(self.remaining_length()[node].sum())
         return self.sol.value_resp[node].clone()
 
-    def random_generator(self) -> torch.Generator:
-        self._called("random_generator")
-        raise ValueError("exact mode cannot take the expectation over an estimator's own random draws "
-                         "(random anchors); use Monte Carlo mode (--mode mc)")
 
-
-class MonteCarloContext(_TreeContext):
+class MonteCarloContext(_MonteCarloMode, _TreeContext):
     """Samples (the verifier's Monte Carlo mode); see the module docstring.
 
     Args:
         mdp, policy: the problem.
         generator: drives continuations, fresh critic noise and the estimator's own draws.
         seed: default seed of the fixed critics (``noise=fixed``, ``tabular``).
+        ref_policy, sol: as for :class:`ExactContext`.
     """
-
-    exact = False
-
-    def __init__(self, mdp, policy, generator: torch.Generator | None = None, seed: int = 0, ref_policy=None,
-                 sol=None):
-        super().__init__(mdp, policy, seed=seed, ref_policy=ref_policy, sol=sol)
-        self.generator = generator if generator is not None else torch.Generator().manual_seed(int(seed))
-
-    def continuation_values(self, prompt_b, prefix_bt, prefix_len_b, num_continuations: int) -> torch.Tensor:
-        """Mean ``RM`` of ``K`` sampled continuations of each prefix, ``[B]``; counts their tokens."""
-        self._called("continuation_values")
-        prompt_b = torch.as_tensor(prompt_b, dtype=torch.long).flatten()
-        K = int(num_continuations)
-        if prompt_b.numel() == 0:
-            return torch.zeros(0, dtype=torch.float64)
-        ro = sample_continuations(self.mdp, self.policy, prompt_b, prefix_bt, prefix_len_b, K,
-                                  generator=self.generator)
-        self.tokens_sampled += ro.num_tokens
-        return ro.rm.view(-1, K).mean(1)
-
-    def random_generator(self) -> torch.Generator:
-        self._called("random_generator")
-        return self.generator

@@ -126,16 +126,24 @@ def batch_layout(estimator, group_size: int) -> tuple[str, int]:
     return "single", 1
 
 
-def rows_per_batch(layout: str, G: int) -> int:
-    """Responses in one batch of a layout: ``P N`` for ``batch:PxN``, else ``G``."""
+def layout_shape(layout: str, G: int) -> tuple[int, int, int]:
+    """``(rows per batch, groups per batch, rows per group)`` of a batch layout: ``group`` ``(G, 1, G)``,
+    ``independent`` ``(G, G, 1)``, ``single`` ``(1, 1, 1)``, ``batch:PxN`` ``(P N, P, N)`` (verl's batch of
+    ``P`` prompt draws with ``N`` responses each). Rows of one group are contiguous, so row ``i`` of a
+    batch is in its group ``i // (rows per group)``."""
     if layout.startswith("batch:"):
         _, P, n = parse_layout(layout)
-        return P * n
-    return G
+        return P * n, P, n
+    if layout == "group":
+        return G, 1, G
+    if layout == "independent":
+        return G, G, 1
+    return 1, 1, 1
 
 
-#: Sample-space sizes above this are reported as ``inf`` (never materialised as huge integers).
-_HUGE = 10 ** 30
+def rows_per_batch(layout: str, G: int) -> int:
+    """Responses in one batch of a layout: ``P N`` for ``batch:PxN``, else ``G`` (:func:`layout_shape`)."""
+    return layout_shape(layout, G)[0]
 
 
 def _power(base: int, exp: int):
@@ -261,6 +269,43 @@ def make_batch(estimator, ro: Rollouts, batch_b: torch.Tensor, dtype, ref_logp=N
                                        keep_token_rewards=bool(getattr(estimator, "uses_token_rewards", False)))
 
 
+def refuse_inexact(estimator, name: str) -> None:
+    """``ValueError`` unless the estimator's exact expectation can be computed (:func:`exact_supported`)."""
+    ok, why = exact_supported(estimator)
+    if not ok:
+        raise ValueError(f"exact mode refused for {name!r}: {why or 'its expectation cannot be made exact'}; "
+                         f"use Monte Carlo mode (--mode mc)")
+
+
+def checked_space_size(mdp, name: str, layout: str, G: int, max_rows: int) -> tuple[int, int]:
+    """``(batches, rows)`` of the sample space (:func:`sample_space_size`); ``ValueError`` saying what it
+    enumerates when it holds more than ``max_rows`` responses."""
+    n_batches, n_rows = sample_space_size(mdp, layout, G)
+    if n_rows > max_rows:
+        if layout.startswith("batch:"):
+            _, P, n = parse_layout(layout)
+            what = f", all {P}-tuples of prompt draws with all {n}-tuples of responses each"
+        else:
+            what = {"group": f", all {G}-tuples of responses per prompt", "independent": f", all {G}-tuples of "
+                    f"prompt-response pairs", "single": ""}[layout]
+        raise ValueError(f"the exact sample space of {name!r} has {_count(n_batches)} batches ({_count(n_rows)} "
+                         f"responses{what}), above max_rows={max_rows:,}: use a smaller MDP, group size or layout, "
+                         f"raise max_rows, or use Monte Carlo mode (--mode mc)")
+    return n_batches, n_rows
+
+
+def run_exact(estimator, name: str, rb, ctx):
+    """``estimator(rb, ctx)`` in exact mode: a ``ValueError`` it raises is a refusal of exact mode (e.g.
+    random anchors) and says so; a plug-in's own failure (:class:`~tpg.estimators.plugin.PluginError`)
+    passes through unchanged."""
+    try:
+        return estimator(rb, ctx)
+    except PluginError:  # the plug-in's own failure, not a refusal of exact mode
+        raise
+    except ValueError as exc:
+        raise ValueError(f"exact mode refused for {name!r}: {exc}") from exc
+
+
 def checked_coef(estimator, out, shape) -> torch.Tensor:
     """``score_coef()`` of an estimator's output as float64, checked for shape and finiteness."""
     name = getattr(estimator, "name", type(estimator).__name__)
@@ -288,6 +333,38 @@ def exact_supported(estimator) -> tuple[bool, str]:
     return bool(flag), ""
 
 
+class _MomentSums:
+    """Probability-weighted sums over a sample space's batches of the centred logit gradients
+    ``d_b = g_b - shift`` (``shift = grad J``'s logits, for numerical stability): ``s1 = sum p_b d_b``,
+    ``s2 = sum p_b d_b d_b^T``, ``total_p = sum p_b`` and the expected response tokens
+    ``sum p_b T_b``. Then ``E[g] = shift + s1`` and ``Cov[g] = s2 - s1 s1^T`` (:meth:`moments`)."""
+
+    def __init__(self, shift: torch.Tensor):
+        D = shift.numel()
+        self.shift = shift
+        self.s1 = torch.zeros(D, dtype=torch.float64)
+        self.s2 = torch.zeros(D, D, dtype=torch.float64)
+        self.total_p = 0.0
+        self.tokens = 0.0
+
+    def add(self, coef: torch.Tensor, nt: torch.Tensor, ro: Rollouts, pi: torch.Tensor, batch_b: torch.Tensor,
+            p_n: torch.Tensor) -> None:
+        """One chunk: per-token coefficients ``coef``, rows ``nt`` and tokens of ``ro``, each row's batch
+        id ``batch_b`` and each batch's probability ``p_n``."""
+        d = batch_logit_gradients(coef, nt, ro.tokens, pi, batch_b, p_n.numel()) - self.shift
+        pd = p_n.unsqueeze(1) * d
+        self.s1 += pd.sum(0)
+        self.s2 += d.T @ pd
+        self.total_p += float(p_n.sum())
+        self.tokens += float((p_n[batch_b] * ro.length.to(torch.float64)).sum())
+
+    def moments(self, pmap: ParamMap, with_cov: bool) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+        """``(E[g], Cov[g] or None, tr Cov[g])`` in parameter space."""
+        cov_logit = self.s2 - torch.outer(self.s1, self.s1)
+        return (pmap.to_params(self.shift + self.s1), pmap.param_cov(cov_logit) if with_cov else None,
+                max(pmap.param_trace(cov_logit), 0.0))
+
+
 def exact_moments(mdp, policy, estimator, group_size: int = 1, *, dtype=torch.float64, with_cov: bool = True,
                   max_rows: int = DEFAULT_MAX_ROWS, ref_policy=None, context: ExactContext | None = None,
                   param_map: ParamMap | None = None) -> ExactMoments:
@@ -311,22 +388,9 @@ def exact_moments(mdp, policy, estimator, group_size: int = 1, *, dtype=torch.fl
     name = getattr(estimator, "name", type(estimator).__name__)
     if not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be an integer >= 1, got {group_size!r}")
-    ok, why = exact_supported(estimator)
-    if not ok:
-        raise ValueError(f"exact mode refused for {name!r}: {why or 'its expectation cannot be made exact'}; "
-                         f"use Monte Carlo mode (--mode mc)")
+    refuse_inexact(estimator, name)
     layout, G = batch_layout(estimator, group_size)
-    n_batches, n_rows = sample_space_size(mdp, layout, G)
-    if n_rows > max_rows:
-        if layout.startswith("batch:"):
-            _, P, n = parse_layout(layout)
-            what = f", all {P}-tuples of prompt draws with all {n}-tuples of responses each"
-        else:
-            what = {"group": f", all {G}-tuples of responses per prompt", "independent": f", all {G}-tuples of "
-                    f"prompt-response pairs", "single": ""}[layout]
-        raise ValueError(f"the exact sample space of {name!r} has {_count(n_batches)} batches ({_count(n_rows)} "
-                         f"responses{what}), above max_rows={max_rows:,}: use a smaller MDP, group size or layout, "
-                         f"raise max_rows, or use Monte Carlo mode (--mode mc)")
+    n_batches, n_rows = checked_space_size(mdp, name, layout, G, max_rows)
     ctx = context if context is not None else ExactContext(mdp, policy)
     calls_before = dict(ctx.hook_calls)
     sol = ctx.sol
@@ -335,44 +399,21 @@ def exact_moments(mdp, policy, estimator, group_size: int = 1, *, dtype=torch.fl
     pi = sol.logp.exp()
     leaves_ro = leaf_rollouts(mdp, sol)
     ref_all = ref_log_probs(ref_policy, tree, leaves_ro) if ref_policy is not None else None
-    D = pmap.logit_dim
-    per_batch = rows_per_batch(layout, G)
-    chunk_batches = max(1, _CHUNK_ENTRIES // max(D * per_batch, 1))
-    shift = sol.grad_logits.reshape(-1).to(torch.float64)
-    s1 = torch.zeros(D, dtype=torch.float64)
-    s2 = torch.zeros(D, D, dtype=torch.float64)
-    total_p = 0.0
-    tokens = 0.0
+    per_batch, _, per_group = layout_shape(layout, G)
+    chunk_batches = max(1, _CHUNK_ENTRIES // max(pmap.logit_dim * per_batch, 1))
+    sums = _MomentSums(sol.grad_logits.reshape(-1).to(torch.float64))
     for rows, batch_b, p_n in _space_chunks(mdp, sol, layout, G, chunk_batches):
         ro = _take(leaves_ro, rows)
-        if layout == "group":
-            ro.group = batch_b.clone()
-        elif layout.startswith("batch:"):  # one group per prompt draw, as verl's uid
-            ro.group = torch.arange(rows.numel()) // G
-        else:
-            ro.group = torch.arange(rows.numel())
+        ro.group = torch.arange(rows.numel()) // per_group  # the group, one per prompt draw (verl's uid), or the row
         rb = make_batch(estimator, ro, batch_b, dtype, None if ref_all is None else ref_all[rows])
-        try:
-            out = estimator(rb, ctx)
-        except PluginError:  # the plug-in's own failure, not a refusal of exact mode
-            raise
-        except ValueError as exc:
-            raise ValueError(f"exact mode refused for {name!r}: {exc}") from exc
-        coef = checked_coef(estimator, out, ro.tokens.shape)
-        nt = token_nt(tree, ro.nodes)
-        d = batch_logit_gradients(coef, nt, ro.tokens, pi, batch_b, p_n.numel()) - shift
-        pd = p_n.unsqueeze(1) * d
-        s1 += pd.sum(0)
-        s2 += d.T @ pd
-        total_p += float(p_n.sum())
-        tokens += float((p_n[batch_b] * ro.length.to(torch.float64)).sum())
-    if abs(total_p - 1.0) > 1e-9:
-        raise ValueError(f"the sample space's probabilities sum to {total_p!r}, not 1")
-    cov_logit = s2 - torch.outer(s1, s1)
-    return ExactMoments(mean=pmap.to_params(shift + s1), cov=pmap.param_cov(cov_logit) if with_cov else None,
-                        variance_trace=max(pmap.param_trace(cov_logit), 0.0), num_batches=n_batches,
-                        num_rows=n_rows, tokens_per_batch=tokens,
-                        hook_calls=_calls_since(calls_before, ctx.hook_calls), total_prob=total_p)
+        out = run_exact(estimator, name, rb, ctx)
+        sums.add(checked_coef(estimator, out, ro.tokens.shape), token_nt(tree, ro.nodes), ro, pi, batch_b, p_n)
+    if abs(sums.total_p - 1.0) > 1e-9:
+        raise ValueError(f"the sample space's probabilities sum to {sums.total_p!r}, not 1")
+    mean, cov, trace = sums.moments(pmap, with_cov)
+    return ExactMoments(mean=mean, cov=cov, variance_trace=trace, num_batches=n_batches, num_rows=n_rows,
+                        tokens_per_batch=sums.tokens, hook_calls=_calls_since(calls_before, ctx.hook_calls),
+                        total_prob=sums.total_p)
 
 
 def _calls_since(before: dict, after: dict) -> dict:

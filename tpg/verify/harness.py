@@ -67,15 +67,13 @@ from ..exact.markov import choose_engine, markov_kl, solve_markov
 from .context import ExactContext, MonteCarloContext
 from .markov_context import MarkovMonteCarloContext
 from .exact_moments import DEFAULT_MAX_ROWS, batch_layout, exact_moments
-from .montecarlo import (CALIBRATED_FROM_N, DEFAULT_POWER, TARGET_COSINE, family_verdicts, mc_test,
-                         sample_gradient_terms)
+from .montecarlo import CALIBRATED_FROM_N, DEFAULT_POWER, TARGET_COSINE, family_verdicts, sample_gradient_terms
+from .record_fields import (TOKEN_PROBE_BATCHES, exact_record_fields, mc_record_fields,  # noqa: F401 (re-exported)
+                            probe_hook_tokens)
 from .score import ParamMap, RowParamMap
-from .verdict import EXACT_VERDICTS, MC_VERDICTS, Verdict, exact_verdict
+from .verdict import EXACT_VERDICTS, MC_VERDICTS, Verdict
 
 from .defaults import DEFAULT_ALPHA, DEFAULT_SAMPLES, MODES  # noqa: E402  (torch-free home: tpg verify --help)
-#: Batches sampled to measure the tokens that hooks spend, in exact mode.
-TOKEN_PROBE_BATCHES = 256
-_SAMPLING_HOOKS = ("continuation_values", "greedy_rm")
 
 
 def default_reference(policy, seed: int = 0, scale: float = 0.5):
@@ -267,30 +265,17 @@ def _verify_one(prob: _Problem, est, spec_text: str, mode: str, group_size: int,
         ctx = prob.exact_context(ref)
         mom = exact_moments(prob.mdp, prob.policy, est, group_size, dtype=torch.float64, with_cov=False,
                             max_rows=max_rows, ref_policy=ref, context=ctx, param_map=prob.pmap)
-        v = exact_verdict(mom.mean, target, dtype=dtype)
-        hook_tokens, tokens_exact = 0.0, True
-        if any(h in mom.hook_calls for h in _SAMPLING_HOOKS):
-            if hasattr(est, "reset"):
-                est.reset()
-            gen = torch.Generator().manual_seed(int(seed) + 1)
-            gs = sample_gradient_terms(prob.mdp, prob.policy, est, TOKEN_PROBE_BATCHES, group_size, generator=gen,
-                                       ref_policy=ref, context=prob.mc_context(gen, ref))
-            hook_tokens, tokens_exact = gs.hook_tokens_per_batch, False
-        rec.update(v.as_dict())
-        rec.update({"alpha": None, "n_samples": mom.num_batches, "variance_trace": mom.variance_trace,
-                    "tokens_per_batch": mom.tokens_per_batch + hook_tokens, "hook_tokens_per_batch": hook_tokens,
-                    "tokens_exact": tokens_exact})
+
+        def probe(gen, batches):
+            return sample_gradient_terms(prob.mdp, prob.policy, est, batches, group_size, generator=gen,
+                                         ref_policy=ref, context=prob.mc_context(gen, ref))
+        rec.update(exact_record_fields(mom, target, dtype, *probe_hook_tokens(mom.hook_calls, est, seed, probe)))
     else:
         gen = torch.Generator().manual_seed(int(seed))
         ctx = prob.mc_context(gen, ref)
         gs = sample_gradient_terms(prob.mdp, prob.policy, est, samples, group_size, generator=gen, ref_policy=ref,
                                    context=ctx, engine=prob.engine)
-        res = mc_test(gs, target, prob.pi, prob.pmap, alpha=alpha, seed=seed, target_cosine=target_cosine)
-        rec.update(res.verdict.as_dict())
-        rec["_mc"] = res
-        rec.update({"alpha": alpha, "n_samples": samples, "variance_trace": res.variance_trace,
-                    "tokens_per_batch": gs.tokens_per_batch, "hook_tokens_per_batch": gs.hook_tokens_per_batch,
-                    "tokens_exact": False})
+        rec.update(mc_record_fields(gs, target, prob, alpha, seed, target_cosine))
     rec["error"] = None
     return _clean(rec)
 

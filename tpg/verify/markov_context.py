@@ -7,7 +7,9 @@ hook off the stored tree. When the policy and the rewards depend on the state on
 hooks from ``[H, V + P]`` tables, and the sampler needs no tree either, so estimators with hooks run
 at long horizons (``H = 1024``). :class:`MarkovExactContext` (``exact = True``) and
 :class:`MarkovMonteCarloContext` (``exact = False``) mirror the two tree contexts' semantics; they
-are separate classes (not subclasses) because every method of the tree contexts reads the tree.
+are not subclasses of them (their state-indexed methods read the tree), but share with them what does not
+depend on how states are indexed: the bookkeeping, the tabular critic's fit and each mode's own hooks
+(:mod:`tpg.verify.context`).
 
 What is exact, and why (``c(s) = sum_{k<t} gamma^k r_k`` is the reward already earned, a function
 of the whole prefix, not of ``(t, prev)``):
@@ -45,8 +47,7 @@ import torch
 
 from ..exact.markov import (backward_values, check_markov, markov_unsupported_reason, path_token_rewards,
                             prefix_response_values, prefix_states, shared_log_probs, solve_markov, zra_value_tables)
-from ..rollouts import sample, sample_continuations
-from .context import CRITIC_KINDS
+from .context import CRITIC_KINDS, _ContextBase, _ExactMode, _MonteCarloMode
 
 
 def batch_states(mdp, prompt_b: torch.Tensor, tokens_bt: torch.Tensor) -> torch.Tensor:
@@ -84,28 +85,21 @@ def ref_row_log_probs(ref_policy, mdp, ro) -> torch.Tensor:
     return torch.where(rows >= 0, lp[rows.clamp(min=0), tok], torch.zeros((), dtype=torch.float64))
 
 
-class _MarkovContext:
+class _MarkovContext(_ContextBase):
     """Hooks shared by both Markov contexts; everything comes from the Markov solution's tables."""
-
-    exact: bool = True
 
     def __init__(self, mdp, policy, seed: int = 0, ref_policy=None, sol=None):
         check_markov(mdp, policy)
-        self.mdp = mdp
-        self.policy = policy
-        self.ref_policy = ref_policy
-        self.seed = int(seed)
-        self.sol = sol if sol is not None else solve_markov(mdp, policy, with_grad=False)
-        self.tokens_sampled = 0
-        self.critic_tokens = 0
-        self.hook_calls: dict[str, int] = {}
-        self._critic_cache: dict = {}
-        self._greedy = None
-        self._remaining_len = None
+        super().__init__(mdp, policy, seed, ref_policy,
+                         sol if sol is not None else solve_markov(mdp, policy, with_grad=False))
 
-    # -------------------------------------------------------------- bookkeeping
-    def _called(self, name: str) -> None:
-        self.hook_calls[name] = self.hook_calls.get(name, 0) + 1
+    # -------------------------------------------------------------- states
+    def _num_states(self) -> int:
+        return self.mdp.horizon * (self.mdp.vocab_size + self.mdp.num_prompts)
+
+    def _rollout_states(self, ro) -> torch.Tensor:
+        """The flat state ``t (V + P) + prev`` before each token of ``ro``, ``[B, H]`` (:func:`batch_states`)."""
+        return batch_states(self.mdp, ro.prompt, ro.tokens)
 
     def _pi(self) -> torch.Tensor:
         return self.sol.logp.exp()
@@ -119,32 +113,25 @@ class _MarkovContext:
         return self._remaining_len
 
     # -------------------------------------------------------------- hooks
-    def greedy_rm(self, prompt_b: torch.Tensor) -> torch.Tensor:
-        """``RM`` of the argmax-decoded response to each prompt, ``[B]`` (deterministic in both modes)."""
-        self._called("greedy_rm")
-        if self._greedy is None:
-            mdp = self.mdp
-            H, V, P, eos = mdp.horizon, mdp.vocab_size, mdp.num_prompts, mdp.eos_token
-            best = self.sol.logp.argmax(2).tolist()  # [H][R]
-            tokens = torch.zeros(P, H, dtype=torch.long)
-            length = torch.full((P,), H, dtype=torch.long)
-            for p in range(P):
-                prev = V + p
-                for t in range(H):
-                    w = best[t][prev]
-                    tokens[p, t] = w
-                    if w == eos:
-                        length[p] = t + 1
-                        break
-                    prev = w
-            mask = torch.arange(H) < length.unsqueeze(1)
-            r = path_token_rewards(mdp, torch.arange(P), tokens, mask)
-            rm = r @ (mdp.gamma ** torch.arange(H, dtype=torch.float64))
-            self._greedy = (rm, length)
-        prompt_b = torch.as_tensor(prompt_b, dtype=torch.long)
-        rm_p, len_p = self._greedy
-        self.tokens_sampled += int(len_p[prompt_b].sum())
-        return rm_p[prompt_b].clone()
+    def _greedy_responses(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(RM, length)`` of the argmax-decoded response to each prompt, ``[P]`` each."""
+        mdp = self.mdp
+        H, V, P, eos = mdp.horizon, mdp.vocab_size, mdp.num_prompts, mdp.eos_token
+        best = self.sol.logp.argmax(2).tolist()  # [H][R]
+        tokens = torch.zeros(P, H, dtype=torch.long)
+        length = torch.full((P,), H, dtype=torch.long)
+        for p in range(P):
+            prev = V + p
+            for t in range(H):
+                w = best[t][prev]
+                tokens[p, t] = w
+                if w == eos:
+                    length[p] = t + 1
+                    break
+                prev = w
+        mask = torch.arange(H) < length.unsqueeze(1)
+        r = path_token_rewards(mdp, torch.arange(P), tokens, mask)
+        return r @ (mdp.gamma ** torch.arange(H, dtype=torch.float64)), length
 
     def prompt_values(self, prompt_b: torch.Tensor) -> torch.Tensor:
         """Exact ``V'(s_1) = E[RM(W) | x]`` of each prompt, ``[B]``."""
@@ -205,41 +192,6 @@ class _MarkovContext:
             self._critic_cache[key] = torch.randn(self.mdp.horizon * R, generator=gen, dtype=torch.float64) * sigma
         return self._critic_cache[key]
 
-    def _tabular_critic(self, gamma: float, options: dict) -> torch.Tensor:
-        """A table over the flat states ``t R + prev`` fitted to sampled returns ``g^(T-t) RM`` (the
-        tree contexts' update rule, over (t, prev) cells instead of tree nodes)."""
-        steps = int(options.get("steps", 20))
-        samples = int(options.get("samples", 64))
-        lr = options.get("lr")
-        lr = None if lr is None else float(lr)
-        seed = int(options.get("critic_seed", self.seed))
-        if steps < 0 or samples < 1 or (lr is not None and not 0 < lr <= 1):
-            raise ValueError(f"tabular critic needs steps >= 0, samples >= 1 and lr in (0, 1]; "
-                             f"got steps={steps}, samples={samples}, lr={lr}")
-        key = ("tabular", float(gamma), steps, samples, lr, seed)
-        if key in self._critic_cache:
-            return self._critic_cache[key]
-        mdp = self.mdp
-        H, R = mdp.horizon, mdp.vocab_size + mdp.num_prompts
-        table = torch.zeros(H * R, dtype=torch.float64)
-        seen_total = torch.zeros(H * R, dtype=torch.float64)
-        gen = torch.Generator().manual_seed(seed)
-        t_idx = torch.arange(1, H + 1, dtype=torch.float64)
-        for _ in range(steps):
-            ro = sample(mdp, self.policy, num_prompts=samples, generator=gen)
-            self.critic_tokens += ro.num_tokens
-            states = batch_states(mdp, ro.prompt, ro.tokens)
-            ret = ro.rm.unsqueeze(1) * float(gamma) ** (ro.length.unsqueeze(1).to(torch.float64) - t_idx)
-            n, g = states[ro.mask], ret[ro.mask]
-            visits = torch.zeros(H * R, dtype=torch.float64).index_add_(0, n, torch.ones_like(g))
-            err = torch.zeros(H * R, dtype=torch.float64).index_add_(0, n, g - table[n])
-            seen_total += visits
-            hit = visits > 0
-            step = visits[hit] / seen_total[hit] if lr is None else torch.full_like(visits[hit], lr)
-            table[hit] += step * err[hit] / visits[hit]
-        self._critic_cache[key] = table
-        return table
-
     def critic_values(self, batch, kind: str, gamma: float, options: dict) -> torch.Tensor:
         """``V_hat(s_t)`` for ``t = 1 .. H + 1``, ``[B, H + 1]`` (0 from the complete response on);
         see the module docstring for what each kind is here."""
@@ -274,7 +226,7 @@ class _MarkovContext:
         return out
 
 
-class MarkovExactContext(_MarkovContext):
+class MarkovExactContext(_ExactMode, _MarkovContext):
     """Expectations instead of samples (``exact = True``), for shared policies on compact rewards at
     any horizon; see the module docstring.
 
@@ -285,25 +237,16 @@ class MarkovExactContext(_MarkovContext):
         sol: the :class:`~tpg.exact.markov.MarkovSolution` of ``(mdp, policy)`` when already computed.
     """
 
-    exact = True
-
     def continuation_values(self, prompt_b, prefix_bt, prefix_len_b, num_continuations: int) -> torch.Tensor:
         """``E[RM(W) | prefix] = V'(prefix)`` exactly, ``[B]``; counts ``K E[remaining tokens]``."""
-        self._called("continuation_values")
-        if int(num_continuations) < 1:
-            raise ValueError(f"num_continuations must be >= 1, got {num_continuations!r}")
+        self._check_continuations(num_continuations)
         t_b, prev_b, done_b = prefix_states(self.mdp, prompt_b, prefix_bt, prefix_len_b)
         rem = self.remaining_length()[t_b.clamp(max=self.mdp.horizon - 1), prev_b]
         self.tokens_sampled += float(num_continuations) * float(torch.where(done_b, 0.0, rem).sum())
         return prefix_response_values(self.mdp, self.sol, prompt_b, prefix_bt, prefix_len_b)
 
-    def random_generator(self) -> torch.Generator:
-        self._called("random_generator")
-        raise ValueError("exact mode cannot take the expectation over an estimator's own random draws "
-                         "(random anchors); use Monte Carlo mode (--mode mc)")
 
-
-class MarkovMonteCarloContext(_MarkovContext):
+class MarkovMonteCarloContext(_MonteCarloMode, _MarkovContext):
     """Samples (``exact = False``), for shared policies on compact rewards at any horizon; see the
     module docstring.
 
@@ -313,29 +256,6 @@ class MarkovMonteCarloContext(_MarkovContext):
         seed: default seed of the fixed critics (``noise=fixed``, ``tabular``).
         ref_policy, sol: as for :class:`MarkovExactContext`.
     """
-
-    exact = False
-
-    def __init__(self, mdp, policy, generator: torch.Generator | None = None, seed: int = 0, ref_policy=None,
-                 sol=None):
-        super().__init__(mdp, policy, seed=seed, ref_policy=ref_policy, sol=sol)
-        self.generator = generator if generator is not None else torch.Generator().manual_seed(int(seed))
-
-    def continuation_values(self, prompt_b, prefix_bt, prefix_len_b, num_continuations: int) -> torch.Tensor:
-        """Mean ``RM`` of ``K`` sampled continuations of each prefix, ``[B]``; counts their tokens."""
-        self._called("continuation_values")
-        prompt_b = torch.as_tensor(prompt_b, dtype=torch.long).flatten()
-        K = int(num_continuations)
-        if prompt_b.numel() == 0:
-            return torch.zeros(0, dtype=torch.float64)
-        ro = sample_continuations(self.mdp, self.policy, prompt_b, prefix_bt, prefix_len_b, K,
-                                  generator=self.generator)
-        self.tokens_sampled += ro.num_tokens
-        return ro.rm.view(-1, K).mean(1)
-
-    def random_generator(self) -> torch.Generator:
-        self._called("random_generator")
-        return self.generator
 
 
 __all__ = ["MarkovExactContext", "MarkovMonteCarloContext", "batch_states", "ref_row_log_probs", "token_rows"]

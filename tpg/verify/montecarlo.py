@@ -54,7 +54,7 @@ from .context import MonteCarloContext, node_paths
 from .exact_moments import batch_layout, checked_coef, make_batch, ref_log_probs, rows_per_batch
 from .markov_context import MarkovMonteCarloContext, ref_row_log_probs, token_rows
 from .score import (ParamMap, RowParamMap, batch_logit_gradients, batch_projections, batch_sq_norms,
-                    centered_directions, logit_gradient)
+                    centered_directions, logit_gradient, token_nt)
 from .verdict import (Verdict, cosine_of_rel_bias, f_noncentrality_for_power, holm_adjust, holm_levels, hotelling_test,
                       mc_verdict, rel_bias_of_cosine, scale_test, t_shift_for_power)
 
@@ -81,6 +81,20 @@ class GradientSamples:
     num_batches: int
     tokens_per_batch: float
     hook_tokens_per_batch: float
+
+    @classmethod
+    def from_chunks(cls, coefs: list, nts: list, toks: list, bids: list, num_batches: int, horizon: int,
+                    tokens: float, hook_tokens: float) -> "GradientSamples":
+        """The chunks of a sampler (per-token coefficients, rows, tokens ``[B_i, H]`` and batch ids ``[B_i]``,
+        ids non-decreasing across chunks) as one :class:`GradientSamples` (empty tensors when no chunk
+        has a row); ``tokens`` and ``hook_tokens`` are the run's totals (response tokens of the batches,
+        tokens the hooks sampled), reported per batch."""
+        empty = torch.zeros(0, horizon, dtype=torch.long)
+        return cls(coef_bt=torch.cat(coefs) if coefs else torch.zeros(0, horizon, dtype=torch.float64),
+                   nt_bt=torch.cat(nts) if nts else empty, tok_bt=torch.cat(toks) if toks else empty,
+                   batch_b=torch.cat(bids) if bids else torch.zeros(0, dtype=torch.long), num_batches=num_batches,
+                   tokens_per_batch=(tokens + hook_tokens) / num_batches,
+                   hook_tokens_per_batch=hook_tokens / num_batches)
 
 
 def sample_gradient_terms(mdp, policy, estimator, num_batches: int, group_size: int = 1, *,
@@ -117,9 +131,8 @@ def sample_gradient_terms(mdp, policy, estimator, num_batches: int, group_size: 
         def rows_and_ref(ro):
             if ro.nodes is None:  # the sampler stores node ids only when it walks the tree
                 ro.nodes = torch.where(ro.mask, node_paths(tree, ro.prompt, ro.tokens, ro.mask)[:, :H], -1)
-            nodes = ro.nodes
             ref = ref_log_probs(ref_policy, tree, ro) if ref_policy is not None else None
-            return torch.where(nodes >= 0, tree.nt_index_n[nodes.clamp(min=0)], torch.full_like(nodes, -1)), ref
+            return token_nt(tree, ro.nodes), ref
     layout, G = batch_layout(estimator, group_size)
     per_batch = rows_per_batch(layout, G)
     per_chunk = max(1, CHUNK_ROWS // per_batch)
@@ -147,10 +160,8 @@ def sample_gradient_terms(mdp, policy, estimator, num_batches: int, group_size: 
         bids.append(batch_b + done)
         tokens += ro.num_tokens
         done += n
-    hook = float(ctx.tokens_sampled - hook_before)
-    return GradientSamples(coef_bt=torch.cat(coefs), nt_bt=torch.cat(nts), tok_bt=torch.cat(toks),
-                           batch_b=torch.cat(bids), num_batches=num_batches,
-                           tokens_per_batch=(tokens + hook) / num_batches, hook_tokens_per_batch=hook / num_batches)
+    return GradientSamples.from_chunks(coefs, nts, toks, bids, num_batches, H, tokens,
+                                       float(ctx.tokens_sampled - hook_before))
 
 
 def _rows_of(samples: GradientSamples, lo: int, hi: int) -> slice:

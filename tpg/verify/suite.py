@@ -232,16 +232,20 @@ def run_suite(name: str = "standard", settings: tuple[Setting, ...] | None = Non
         for setting in settings:
             mdp, policy = mdp_from_spec(setting.mdp)
             facts = _facts(mdp, setting.group_size)
+            behaviours: dict = {}  # spec -> the behaviour resolved on this setting, shared by its entries
             for entry in entries:
-                off = {} if entry.behaviour is None and entry.loss is None else \
-                    {"behaviour": entry.behaviour, "loss": entry.loss}
+                off, f = {}, facts
+                if entry.behaviour is not None or entry.loss is not None:
+                    spec = entry.behaviour or "pi"
+                    if spec not in behaviours:
+                        from ..offpolicy import resolve_behaviour
+
+                        behaviours[spec] = resolve_behaviour(spec, mdp, policy)
+                    off = {"behaviour": behaviours[spec], "loss": entry.loss}
+                    # the prediction reads the behaviour's exact mismatch on this setting
+                    f = replace(facts, mismatch=behaviours[spec].mismatch)
                 rec = verify(mdp, policy, entry.spec, group_size=setting.group_size, mode="exact",
                              on_error="record", **off)[0]
-                f = facts
-                if off:  # the prediction reads the behaviour's exact mismatch on this setting
-                    from ..offpolicy import resolve_behaviour
-
-                    f = replace(facts, mismatch=resolve_behaviour(entry.behaviour or "pi", mdp, policy).mismatch)
                 verdict, scale = entry.expect(f)
                 rec.update({"setting": setting.name, "entry": entry.label, "expected": verdict,
                             "expected_scale": scale, "why": entry.why})

@@ -63,8 +63,6 @@ SIZES = {"temperature": ((1.0, 1.5, 2.0, 3.0), (1.0, 1.25, 1.5, 2.0, 3.0, 4.0)),
          "top_p": ((0.0, 0.1, 0.2, 0.5), (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)),
          "logit_noise": ((0.0, 0.25, 0.5, 1.0), (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)),
          "stale": ((0.0, 1.0, 2.0, 4.0), (0.0, 1.0, 2.0, 4.0, 8.0, 16.0))}
-SIZE_NAMES = {"temperature": "engine temperature T", "top_p": "mass cut by top-p, 1 - p",
-              "logit_noise": "logit noise sigma", "stale": "staleness k (exact ascent steps)"}
 #: the step of stale:k,lr= per problem kind (a transformer moves far per unit step)
 STALE_LR = {"tabular": 0.5, "transformer": 0.02}
 TAB_PROBLEMS = tuple(f"mdp:{fam}:vocab=3,horizon=3,eos=0,prompts=2,weights=random,seed={s}"
