@@ -110,6 +110,20 @@ def test_figure_script_without_results_says_so(tmp_path):
         mod.main(cache_dir=str(tmp_path), out_dir=str(tmp_path))
 
 
+def test_figure_script_help_names_the_figure():
+    """``python -m tpg.paper_repro.NAME --help`` describes the figure (its docstring's first line, not
+    the module name ``__main__``) and every flag."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "tpg.paper_repro.gamma_bias", "--help"], capture_output=True,
+                         text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": ""})
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stdout.split())
+    assert "Figure gamma_bias: bias of GAE with gamma < 1" in text and "__main__" not in text
+    assert "result cache (default .tpg-cache)" in text and "where NAME.png and NAME.pdf go" in text
+
+
 def test_tiny_results_agree_with_the_theory(tiny_cache):
     _, f = tiny_cache
     b = f["bias"]

@@ -268,6 +268,32 @@ def test_recorded_policies_case_file_and_checkpoint(problem, tmp_path):
     assert torch.allclose(behaviour_log_probs(other, mdp, pol), want, atol=1e-14)
 
 
+def test_file_reads_what_tpg_train_writes(tmp_path):
+    """``file:CKPT`` on a real ``tpg train`` checkpoint (the sha256 envelope around the state): the
+    trained policy's log-probabilities, not the initial ones; a checkpoint with one changed byte is
+    refused, naming the file."""
+    import copy
+
+    from tpg.train.config import TrainConfig
+    from tpg.train.trainer import read_checkpoint, train
+
+    spec = "dense:vocab=3,horizon=3,eos=0,prompts=2"
+    ckpt = tmp_path / "run.csv.ckpt"
+    train(TrainConfig(mdp=spec, iters=2, out=str(tmp_path / "run.csv"), progress=False, measure_memory=False))
+    mdp, pol = mdp_from_spec(spec)
+    trained = copy.deepcopy(pol)
+    trained.load_state_dict(read_checkpoint(ckpt)["policy"])
+    want = torch.log_softmax(_logits(mdp, trained), -1)
+    assert (want - torch.log_softmax(_logits(mdp, pol), -1)).abs().max() > 1e-3  # training moved the policy
+    assert torch.allclose(behaviour_log_probs(f"file:{ckpt}", mdp, pol), want, atol=1e-14)
+    data = ckpt.read_bytes()
+    mid = len(data) // 2
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(data[:mid] + bytes([data[mid] ^ 0x40]) + data[mid + 1:])
+    with pytest.raises(ValueError, match=r"behaviour file: '.*bad\.ckpt'"):
+        behaviour_log_probs(f"file:{bad}", mdp, pol)
+
+
 def test_sampler_follows_mu_and_never_leaves_its_support(problem):
     """Responses sampled from the behaviour policy have mu's exact frequencies (chi-square), and the
     responses top-k removes are never drawn."""

@@ -1,4 +1,5 @@
-"""Atomic file writes whose errors name the file the user asked for.
+"""Atomic file writes whose errors name the file the user asked for, and the checksummed envelope
+that ``tpg train`` writes its checkpoints in (:func:`unwrap_checkpoint`, for every reader of them).
 
 A write goes to a dotted temporary file in the destination's directory, is flushed to disk, and
 is renamed over the destination (``os.replace``, atomic on POSIX), so a reader or a crash never
@@ -65,4 +66,36 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes, fsync: bool = True)
             pass
 
 
-__all__ = ["write_bytes_atomic", "temp_path", "ensure_parent", "nearest_existing_dir"]
+#: the format tag of the envelope around a ``tpg train`` checkpoint's state
+#: (:func:`tpg.train.trainer.checkpoint_bytes`): ``{"format", "sha256", "state": uint8 tensor}``
+CHECKPOINT_ENVELOPE = "tpg-train-checkpoint-sha256/1"
+
+
+def unwrap_checkpoint(obj, where: str):
+    """The state inside a ``torch.load``-ed checkpoint envelope
+    ``{"format": CHECKPOINT_ENVELOPE, "sha256": hex digest of S, "state": S as a uint8 tensor}``, ``S``
+    the ``torch.save`` bytes of the state, verified against its sha256; anything else (a checkpoint of
+    the layout from before the checksum, another object) is returned unchanged.
+
+    ``ValueError`` starting with ``where`` (e.g. the file's name) when the envelope is damaged."""
+    if not (isinstance(obj, dict) and obj.get("format") == CHECKPOINT_ENVELOPE):
+        return obj
+    import hashlib
+    import io
+
+    import torch
+
+    payload, digest = obj.get("state"), obj.get("sha256")
+    if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8 or not isinstance(digest, str):
+        raise ValueError(f"{where} is damaged: its envelope lacks the state or the checksum")
+    data = payload.numpy().tobytes()
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise ValueError(f"{where} is damaged: its sha256 does not match its contents")
+    try:
+        return torch.load(io.BytesIO(data), weights_only=True)
+    except Exception as exc:  # written by another tool under the same tag: any error of torch's reader
+        raise ValueError(f"{where} cannot be read as a checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+__all__ = ["write_bytes_atomic", "temp_path", "ensure_parent", "nearest_existing_dir", "CHECKPOINT_ENVELOPE",
+           "unwrap_checkpoint"]

@@ -75,6 +75,7 @@ from pathlib import Path
 
 import torch
 
+from .._io import unwrap_checkpoint
 from ..estimators.estimator import Option
 from ..exact.engine import solve
 from ..policies.base import Policy
@@ -383,6 +384,8 @@ def _file_logits(path: str, mdp, policy) -> torch.Tensor:
     except Exception as exc:  # a truncated or foreign file
         raise ValueError(f"behaviour file: cannot read {path!r} as a case file (.json) or a torch checkpoint: "
                          f"{exc}") from None
+    # what `tpg train` writes: the state inside a checksummed envelope, verified here
+    state = unwrap_checkpoint(state, f"behaviour file: {path!r}")
     if isinstance(state, dict) and isinstance(state.get("policy"), dict):
         state = state["policy"]
     if not isinstance(state, dict):

@@ -146,9 +146,10 @@ def cli(main) -> None:
     import argparse
     import sys
 
-    p = argparse.ArgumentParser(description=(main.__module__ or "figure"))
-    p.add_argument("--cache-dir", default=".tpg-cache")
-    p.add_argument("--out-dir", default="figures")
+    doc = getattr(sys.modules.get(main.__module__), "__doc__", None) or "Draw one figure."
+    p = argparse.ArgumentParser(description=" ".join(doc.strip().split("\n\n")[0].split()))  # its first paragraph
+    p.add_argument("--cache-dir", default=".tpg-cache", help="result cache (default .tpg-cache)")
+    p.add_argument("--out-dir", default="figures", help="where NAME.png and NAME.pdf go (default figures)")
     args = p.parse_args()
     try:
         paths = main(cache_dir=args.cache_dir, out_dir=args.out_dir)

@@ -84,6 +84,7 @@ from pathlib import Path
 
 import torch
 
+from .._io import CHECKPOINT_ENVELOPE, unwrap_checkpoint
 from ..estimators import ResponseBatch, ppo_clip_loss
 from ..estimators.kl import KL_LOSS_KINDS, canonical_kl_kind, kl_value
 from ..exact.engine import solve
@@ -99,8 +100,6 @@ from .methods import build_estimator, needs_learned_critic
 from .offpolicy import behaviour_table, parse_train_behaviour
 
 CHECKPOINT_FORMAT = "tpg-train-checkpoint/1"
-#: the file layout around a checkpoint's state: its torch bytes and their sha256 (:func:`checkpoint_bytes`)
-CHECKPOINT_ENVELOPE = "tpg-train-checkpoint-sha256/1"
 #: columns that differ between two runs of the same seed (time and memory measurements)
 UNREPRODUCIBLE_COLUMNS = ("wall_s", "eval_s", "peak_mem_bytes")
 LOG_COLUMNS = ("iter", "J", "kl_ref", "entropy", "entropy_token", "length", "grad_norm", "loss", "clip_frac",
@@ -596,9 +595,6 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 
     ``ValueError`` naming the file when it is not a checkpoint, is truncated, or any byte differs
     from what was written, or when a field is missing or of the wrong type."""
-    import hashlib
-    import io
-
     where = f"TrainConfig.checkpoint: {str(path)!r}"
 
     def load(source):
@@ -608,15 +604,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
             raise ValueError(f"{where} cannot be read as a checkpoint (truncated, damaged or another kind of "
                              f"file: {_one_line(exc)})") from None
 
-    state = load(path)
-    if isinstance(state, dict) and state.get("format") == CHECKPOINT_ENVELOPE:
-        payload, digest = state.get("state"), state.get("sha256")
-        if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8 or not isinstance(digest, str):
-            raise ValueError(f"{where} is damaged: its envelope lacks the state or the checksum")
-        data = payload.numpy().tobytes()
-        if hashlib.sha256(data).hexdigest() != digest:
-            raise ValueError(f"{where} is damaged: its sha256 does not match its contents")
-        state = load(io.BytesIO(data))
+    state = unwrap_checkpoint(load(path), where)  # verified against its sha256
     _check_state(state, where)
     return state
 
