@@ -183,6 +183,30 @@ class TestDask:
         with pytest.raises(ValueError, match="address is for the dask and ray backends"):
             run_study(_dist_study.study(grid), backend="processes", address="tcp://127.0.0.1:1", cache_dir=tmp_path)
 
+    @pytest.mark.slow  # waits out the probe's timeout
+    def test_an_address_that_never_answers_is_one_line(self, tmp_path, monkeypatch):
+        """A server that accepts and never speaks (not a dask scheduler): dask's handshake waits past
+        its own timeout (it hung the command for minutes), so the probe's process is killed after
+        CONNECT_TIMEOUT + PROBE_STARTUP and the refusal is one line naming the address."""
+        import socket
+
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        held = []
+        threading.Thread(target=lambda: held.extend(listener.accept() for _ in range(4)), daemon=True).start()
+        monkeypatch.setattr(runner, "CONNECT_TIMEOUT", 1.0)
+        monkeypatch.setattr(runner, "PROBE_STARTUP", 8.0)
+        try:
+            start = time.monotonic()
+            with pytest.raises(ValueError, match=r"^address: no dask scheduler answered at 'tcp://127\.0\.0\.1:"):
+                run_study(_dist_study.study([_dist_study.Cell(a=0)]), backend="dask",
+                          address=f"tcp://127.0.0.1:{listener.getsockname()[1]}", cache_dir=tmp_path,
+                          progress=False)
+            assert time.monotonic() - start < runner.CONNECT_TIMEOUT + runner.PROBE_STARTUP + 2
+        finally:
+            listener.close()
+
     def test_worker_with_other_tpg_code_is_refused(self, cluster, tmp_path, monkeypatch):
         """A worker whose tpg source differs from the driver's computes nothing (here the driver's
         digest is made to differ)."""
@@ -418,3 +442,21 @@ def test_readme_ray_commands_local_and_at_a_cluster_address(reference, tmp_path)
         assert proc.returncode == 0, proc.stderr
         assert f"cells ran on: ray cluster {client}" in proc.stdout
         assert_same_cells(cached_cells(tmp_path / "client"), reference)
+
+
+@pytest.mark.slow  # waits out the probe's timeout
+def test_a_ray_address_nobody_serves_is_one_line(tmp_path, monkeypatch):
+    """A HOST:PORT where no ray cluster runs (ray itself retries such an address for minutes): the
+    probe's process is killed after CONNECT_TIMEOUT + PROBE_STARTUP and the refusal is one line."""
+    pytest.importorskip("ray")
+    monkeypatch.setattr(runner, "CONNECT_TIMEOUT", 2.0)
+    monkeypatch.setattr(runner, "PROBE_STARTUP", 20.0)
+    address = f"127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=rf"^address: (no ray cluster answered|cannot connect to a ray cluster) "
+                                         rf"at '{re.escape(address)}'") as info:
+        run_study(_dist_study.study([_dist_study.Cell(a=0)]), backend="ray", address=address,
+                  cache_dir=tmp_path, progress=False)
+    assert "\n" not in str(info.value)
+    assert time.monotonic() - start < runner.CONNECT_TIMEOUT + runner.PROBE_STARTUP + 5
+    assert not list(tmp_path.rglob("*.parquet"))

@@ -366,6 +366,71 @@ def _cell_on_worker(run_cell: Callable, study_name: str, cell: Any, cache_dir: s
     return done
 
 
+#: seconds allowed for the probe's Python and dask start-up, beyond ``CONNECT_TIMEOUT``
+PROBE_STARTUP = 15.0
+_PROBE_DASK = """
+import os, sys
+from dask.distributed import Client
+client = Client(sys.argv[1], timeout=float(sys.argv[2]), set_as_default=False)
+print(client.scheduler_info()["id"], flush=True)
+os._exit(0)  # skip the client's shutdown: only the answer matters here
+"""
+
+
+def _probe_dask_scheduler(address: str, where: str) -> None:
+    """Check, in a child process killed after ``CONNECT_TIMEOUT`` (plus its start-up), that a dask
+    scheduler answers at ``address``; ``ValueError`` naming ``where`` otherwise.
+
+    Why a child process: a server at that address that is not a dask scheduler (an HTTP server, a
+    port reused by another service) can make ``Client(address, timeout=...)`` hang well past its
+    timeout, or fail deep in the protocol and then hang again in the client's clean-up; a process
+    can always be killed."""
+    import subprocess
+
+    try:
+        proc = subprocess.run([sys.executable, "-c", _PROBE_DASK, address, str(CONNECT_TIMEOUT)],
+                              capture_output=True, text=True, timeout=CONNECT_TIMEOUT + PROBE_STARTUP)
+    except subprocess.TimeoutExpired:
+        raise ValueError(f"{where}: no dask scheduler answered at {address!r} within {CONNECT_TIMEOUT:g} s "
+                         f"(is it a `dask scheduler` address, tcp://HOST:PORT?)") from None
+    if proc.returncode != 0 or not proc.stdout.strip():
+        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        reason = lines[-1].strip() if lines else f"exit status {proc.returncode}"
+        raise ValueError(f"{where}: cannot connect to a dask scheduler at {address!r} within "
+                         f"{CONNECT_TIMEOUT:g} s ({reason})")
+
+
+_PROBE_RAY = """
+import os, sys
+import ray
+ray.init(address=sys.argv[1], include_dashboard=False, logging_level="ERROR")
+print(ray.get_runtime_context().get_node_id(), flush=True)
+os._exit(0)
+"""
+
+
+def _probe_ray_cluster(address: str, where: str) -> None:
+    """Check, in a child process killed after ``CONNECT_TIMEOUT`` (plus its start-up), that a ray
+    cluster answers at ``address`` (``auto`` or ``HOST:PORT``; not ``ray://``, whose client server
+    does not survive a killed client); ``ValueError`` naming ``where`` otherwise.
+    Ray itself retries a dead address (a stale ``/tmp/ray/ray_current_cluster`` left by an earlier
+    ``ray start``) for minutes, printing warnings."""
+    import subprocess
+
+    try:
+        proc = subprocess.run([sys.executable, "-c", _PROBE_RAY, address], capture_output=True, text=True,
+                              timeout=CONNECT_TIMEOUT + PROBE_STARTUP)
+    except subprocess.TimeoutExpired:
+        raise ValueError(f"{where}: no ray cluster answered at {address!r} within {CONNECT_TIMEOUT:g} s (with "
+                         f"auto: is the cluster that `ray start --head` left in /tmp/ray still running?)") from None
+    if proc.returncode != 0 or not proc.stdout.strip():
+        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        reason = lines[-1].strip() if lines else f"exit status {proc.returncode}"
+        hint = ("; if the cluster uses token authentication (the default of `ray start`), set RAY_AUTH_MODE=token"
+                if address != "auto" and "RAY_AUTH_MODE" not in os.environ else "")
+        raise ValueError(f"{where}: cannot connect to a ray cluster at {address!r} ({reason}){hint}")
+
+
 class ClusterSession:
     """One connection to a dask or ray cluster, shared by the :func:`run_study` calls made while
     it is open (:func:`cluster_session`), started on first use and closed by :meth:`close`.
@@ -425,10 +490,11 @@ class ClusterSession:
             raise ValueError("backend 'dask' needs dask[distributed]: pip install 'tpg[dask]'") from None
         address = self.address or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
         if address is not None:
+            where = "address" if self.address else "DASK_SCHEDULER_ADDRESS"
+            _probe_dask_scheduler(address, where)
             try:
                 client = Client(address, timeout=CONNECT_TIMEOUT, set_as_default=False)
-            except (OSError, TimeoutError, ValueError) as exc:
-                where = "address" if self.address else "DASK_SCHEDULER_ADDRESS"
+            except Exception as exc:  # any failure of dask's handshake: one line, not its traceback
                 raise ValueError(f"{where}: cannot connect to a dask scheduler at {address!r} within "
                                  f"{CONNECT_TIMEOUT:g} s ({type(exc).__name__}: {exc})") from None
             self.client, self._owns_client = client, True
@@ -475,6 +541,8 @@ class ClusterSession:
         else:
             # the workers of a cluster elsewhere import tpg from the driver's files, shipped with the job
             env = {"py_modules": [str(d) for d in _code_dirs()], "excludes": ["__pycache__", "*.pyc"]}
+            if not address.startswith("ray://"):  # the Ray Client fails fast itself, and a killed probe
+                _probe_ray_cluster(address, "address" if self.address else "RAY_ADDRESS")  # upsets its server
             try:
                 ray.init(address=address, runtime_env=env, **kw)
             except (ConnectionError, RuntimeError, ValueError) as exc:
