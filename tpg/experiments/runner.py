@@ -366,69 +366,54 @@ def _cell_on_worker(run_cell: Callable, study_name: str, cell: Any, cache_dir: s
     return done
 
 
-#: seconds allowed for the probe's Python and dask start-up, beyond ``CONNECT_TIMEOUT``
+#: seconds allowed for the probe's Python and dask/ray start-up, beyond ``CONNECT_TIMEOUT``
 PROBE_STARTUP = 15.0
-_PROBE_DASK = """
+#: what the probe's child process runs, per backend: connect to sys.argv[1], print an id, and
+#: leave with os._exit, skipping the client's shutdown (only the answer matters)
+_PROBES = {
+    "dask": ("a dask scheduler", """
 import os, sys
 from dask.distributed import Client
 client = Client(sys.argv[1], timeout=float(sys.argv[2]), set_as_default=False)
 print(client.scheduler_info()["id"], flush=True)
-os._exit(0)  # skip the client's shutdown: only the answer matters here
-"""
-
-
-def _probe_dask_scheduler(address: str, where: str) -> None:
-    """Check, in a child process killed after ``CONNECT_TIMEOUT`` (plus its start-up), that a dask
-    scheduler answers at ``address``; ``ValueError`` naming ``where`` otherwise.
-
-    Why a child process: a server at that address that is not a dask scheduler (an HTTP server, a
-    port reused by another service) can make ``Client(address, timeout=...)`` hang well past its
-    timeout, or fail deep in the protocol and then hang again in the client's clean-up; a process
-    can always be killed."""
-    import subprocess
-
-    try:
-        proc = subprocess.run([sys.executable, "-c", _PROBE_DASK, address, str(CONNECT_TIMEOUT)],
-                              capture_output=True, text=True, timeout=CONNECT_TIMEOUT + PROBE_STARTUP)
-    except subprocess.TimeoutExpired:
-        raise ValueError(f"{where}: no dask scheduler answered at {address!r} within {CONNECT_TIMEOUT:g} s "
-                         f"(is it a `dask scheduler` address, tcp://HOST:PORT?)") from None
-    if proc.returncode != 0 or not proc.stdout.strip():
-        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-        reason = lines[-1].strip() if lines else f"exit status {proc.returncode}"
-        raise ValueError(f"{where}: cannot connect to a dask scheduler at {address!r} within "
-                         f"{CONNECT_TIMEOUT:g} s ({reason})")
-
-
-_PROBE_RAY = """
+os._exit(0)
+""", "is it a `dask scheduler` address, tcp://HOST:PORT?"),
+    "ray": ("a ray cluster", """
 import os, sys
 import ray
 ray.init(address=sys.argv[1], include_dashboard=False, logging_level="ERROR")
 print(ray.get_runtime_context().get_node_id(), flush=True)
 os._exit(0)
-"""
+""", "with auto: is the cluster that `ray start --head` left in /tmp/ray still running?"),
+}
 
 
-def _probe_ray_cluster(address: str, where: str) -> None:
-    """Check, in a child process killed after ``CONNECT_TIMEOUT`` (plus its start-up), that a ray
-    cluster answers at ``address`` (``auto`` or ``HOST:PORT``; not ``ray://``, whose client server
-    does not survive a killed client); ``ValueError`` naming ``where`` otherwise.
-    Ray itself retries a dead address (a stale ``/tmp/ray/ray_current_cluster`` left by an earlier
-    ``ray start``) for minutes, printing warnings."""
+def _probe_cluster(backend: str, address: str, where: str) -> None:
+    """Check, in a child process killed after ``CONNECT_TIMEOUT`` plus ``PROBE_STARTUP``, that a
+    dask scheduler or ray cluster answers at ``address``; ``ValueError`` naming ``where`` otherwise.
+
+    Why a child process: a server at that address that is not a dask scheduler (an HTTP server, a
+    port reused by another service) can make ``Client(address, timeout=...)`` hang well past its
+    timeout, or fail deep in the protocol and hang again in the client's clean-up; ray retries a
+    dead address (a stale ``/tmp/ray/ray_current_cluster`` left by an earlier ``ray start``) for
+    minutes. A process can always be killed. Not for ``ray://`` addresses: the Ray Client fails
+    fast on its own, and its server does not survive a killed client."""
     import subprocess
 
+    what, script, hint = _PROBES[backend]
     try:
-        proc = subprocess.run([sys.executable, "-c", _PROBE_RAY, address], capture_output=True, text=True,
-                              timeout=CONNECT_TIMEOUT + PROBE_STARTUP)
+        proc = subprocess.run([sys.executable, "-c", script, address, str(CONNECT_TIMEOUT)],
+                              capture_output=True, text=True, timeout=CONNECT_TIMEOUT + PROBE_STARTUP)
     except subprocess.TimeoutExpired:
-        raise ValueError(f"{where}: no ray cluster answered at {address!r} within {CONNECT_TIMEOUT:g} s (with "
-                         f"auto: is the cluster that `ray start --head` left in /tmp/ray still running?)") from None
+        raise ValueError(f"{where}: no {what[2:]} answered at {address!r} within {CONNECT_TIMEOUT:g} s "
+                         f"({hint})") from None
     if proc.returncode != 0 or not proc.stdout.strip():
         lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
         reason = lines[-1].strip() if lines else f"exit status {proc.returncode}"
-        hint = ("; if the cluster uses token authentication (the default of `ray start`), set RAY_AUTH_MODE=token"
-                if address != "auto" and "RAY_AUTH_MODE" not in os.environ else "")
-        raise ValueError(f"{where}: cannot connect to a ray cluster at {address!r} ({reason}){hint}")
+        auth = ("; if the cluster uses token authentication (the default of `ray start`), set RAY_AUTH_MODE=token"
+                if backend == "ray" and address != "auto" and "RAY_AUTH_MODE" not in os.environ else "")
+        raise ValueError(f"{where}: cannot connect to {what} at {address!r} within {CONNECT_TIMEOUT:g} s "
+                         f"({reason}){auth}")
 
 
 class ClusterSession:
@@ -491,7 +476,7 @@ class ClusterSession:
         address = self.address or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
         if address is not None:
             where = "address" if self.address else "DASK_SCHEDULER_ADDRESS"
-            _probe_dask_scheduler(address, where)
+            _probe_cluster("dask", address, where)
             try:
                 client = Client(address, timeout=CONNECT_TIMEOUT, set_as_default=False)
             except Exception as exc:  # any failure of dask's handshake: one line, not its traceback
@@ -542,7 +527,7 @@ class ClusterSession:
             # the workers of a cluster elsewhere import tpg from the driver's files, shipped with the job
             env = {"py_modules": [str(d) for d in _code_dirs()], "excludes": ["__pycache__", "*.pyc"]}
             if not address.startswith("ray://"):  # the Ray Client fails fast itself, and a killed probe
-                _probe_ray_cluster(address, "address" if self.address else "RAY_ADDRESS")  # upsets its server
+                _probe_cluster("ray", address, "address" if self.address else "RAY_ADDRESS")  # upsets its server
             try:
                 ray.init(address=address, runtime_env=env, **kw)
             except (ConnectionError, RuntimeError, ValueError) as exc:
