@@ -106,10 +106,19 @@ def test_the_light_catalog_is_the_registry():
     assert {n: tuple(cls.all_options()) for n, cls in ESTIMATORS.items()} == OPTION_NAMES
     assert COMMON_OPTION_NAMES == tuple(COMMON_OPTIONS) and RENAMED_OPTIONS == REAL_RENAMED
     assert TRAIN_ALIASES == {alias: base for alias, (base, _) in ALIASES.items()}
+    # the classes' option declarations are the torch-free ones, objects and all
+    from tpg.estimators.options import ESTIMATOR_OPTIONS
+
+    assert {n: cls.OPTIONS for n, cls in ESTIMATORS.items()} == ESTIMATOR_OPTIONS
 
 
 BAD_VERIFY_SPECS = ["grpx", "grpo:std=1", "grpo:std_norm", "grpo:eps=1,eps=2", "ppo_gae:lamda=0.9", "trepo:k=4",
-                    "rloo;grpx", "missing_plugin.py:fn"]
+                    "rloo;grpx", "missing_plugin.py:fn",
+                    # values out of their range: the same Option objects parse them
+                    "grpo:eps=-1", "grpo:std_norm=maybe", "grpo:kl=k9", "grpo:kl_beta=-0.1", "rloo:agg=mean",
+                    "ppo_gae:lambda=1.5", "ppo_gae:critic=oracle", "ppo_gae:steps=2.5", "trepo:anchors=every:0",
+                    "trepo:fill=linear", "trepo:K=0", "reinforce_pp:gamma=nan", "reinforce_baseline:baseline=min",
+                    "all:agg=mean", "rloo;grpo:eps=inf"]
 
 
 @pytest.mark.parametrize("spec", BAD_VERIFY_SPECS)
@@ -129,7 +138,7 @@ def test_the_light_check_refuses_what_verify_refuses_with_its_words(spec):
 
 
 @pytest.mark.parametrize("spec", ["grpx", "grpo:std=1", "grpo:kl=k3", "rloo:kl_beta=0.1", "ppo:lamda=1",
-                                  "missing_plugin.py:fn"])
+                                  "missing_plugin.py:fn", "ppo:lambda=2", "grpo:eps=-1", "trepo:K=0"])
 def test_the_light_check_refuses_what_train_refuses_with_its_words(spec):
     from tpg.estimators.names import check_estimator_spec
     from tpg.train.methods import build_estimator

@@ -92,6 +92,13 @@ print(codes, sorted(m for m in ("torch", "numpy", "pandas", "scipy") if m in sys
       ["train", "--estimator", "grpx", "--mdp", "dense:vocab=3"], ["train", "--mdp", "dense:vocab=1"],
       ["train", "--algo", "grpo:kl=k3", "--task", "copy"], ["train", "--estimator", "rloo", "--task", "copy:vocab=99"]],
      [2] * 13),
+    # option values out of range, in verify's and train's specs
+    ([["verify", "--mdp", "dense:vocab=3", "--estimator", "grpo:eps=-1"],
+      ["verify", "--mdp", "dense:vocab=3", "--estimator", "trepo:anchors=every:0"],
+      ["verify", "--mdp", "dense:vocab=3", "--estimator", "rloo;ppo_gae:critic=oracle"],
+      ["verify", "--mdp", "dense:vocab=3", "--estimator", "all:agg=mean"],
+      ["train", "--estimator", "ppo:lambda=2", "--mdp", "dense:vocab=3"]],
+     [2] * 5),
     ([["prove", "--help"], ["figures", "--help"], ["report", "--help"], ["probe", "--help"]], [0, 0, 0, 0]),
 ])
 def test_help_and_spec_errors_do_not_import_torch(argvs, codes):

@@ -33,7 +33,7 @@ from typing import Protocol
 
 import torch
 
-AGG_MODES = ("seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean", "token-mean", "token-sum")
+from .options import AGG_MODES  # noqa: E402  (declared torch-free, with the options)
 
 
 @dataclass

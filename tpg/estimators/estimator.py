@@ -19,101 +19,17 @@ Options every estimator has:
 from __future__ import annotations
 
 import inspect
-import math
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from .base import AGG_MODES, EstimatorOutput, ResponseBatch, aggregation_weights
-from .kl import KL_ALIASES, KL_KINDS, KL_LOSS_KINDS, canonical_kl_kind, kl_loss_coef, kl_reward_penalty, log_ratio
+from .base import EstimatorOutput, ResponseBatch, aggregation_weights
+from .kl import KL_LOSS_KINDS, kl_loss_coef, kl_reward_penalty, log_ratio
 #: options renamed since earlier releases, old name -> new name (accepted with a FutureWarning for one release):
 #: defined in the torch-free .names, which checks the command line's specs
 from .names import RENAMED_OPTIONS
-
-_TRUE = ("true", "1", "yes", "on")
-_FALSE = ("false", "0", "no", "off")
-
-
-@dataclass(frozen=True)
-class Option:
-    """One option of an estimator: its kind, default, allowed values and a help line.
-
-    ``kind`` is ``float``, ``int``, ``bool``, ``choice`` (one of ``choices``) or ``custom``
-    (``parser(value) -> parsed`` raises ``ValueError`` with the allowed forms)."""
-
-    default: Any
-    kind: str
-    help: str
-    choices: tuple = ()
-    low: float | None = None
-    high: float | None = None
-    parser: Callable[[Any], Any] | None = None
-    allowed: str = ""
-
-    def describe_allowed(self) -> str:
-        if self.kind == "choice":
-            return " | ".join(self.choices)
-        if self.kind == "bool":
-            return "true | false"
-        if self.kind in ("float", "int"):
-            lo = "-inf" if self.low is None else f"{self.low:g}"
-            hi = "inf" if self.high is None else f"{self.high:g}"
-            return f"{'an integer' if self.kind == 'int' else 'a number'} in [{lo}, {hi}]"
-        return self.allowed
-
-    def parse(self, owner: str, name: str, value: Any) -> Any:
-        def bad(got):
-            return ValueError(f"{owner}: option {name!r} must be {self.describe_allowed()}; got {got!r}")
-
-        if self.kind == "custom":
-            try:
-                return self.parser(value)
-            except ValueError as e:
-                raise ValueError(f"{owner}: option {name!r}: {e}") from None
-        if self.kind == "bool":
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
-                return value.strip().lower() in _TRUE
-            raise bad(value)
-        if self.kind == "choice":
-            v = str(value).strip()
-            if v not in self.choices:
-                raise bad(value)
-            return v
-        if self.kind in ("float", "int"):
-            try:
-                if self.kind == "int":
-                    if isinstance(value, float) and not value.is_integer():
-                        raise ValueError
-                    v = int(value) if not isinstance(value, str) else int(value.strip())
-                else:
-                    v = float(value)
-            except (TypeError, ValueError):
-                raise bad(value) from None
-            if isinstance(v, float) and not math.isfinite(v):
-                raise bad(value)
-            if (self.low is not None and v < self.low) or (self.high is not None and v > self.high):
-                raise bad(value)
-            return v
-        raise AssertionError(f"unknown option kind {self.kind}")
-
-
-def _parse_kl(value: Any) -> str:
-    try:
-        return canonical_kl_kind(str(value).strip())
-    except ValueError:
-        raise ValueError(f"must be one of {' | '.join(KL_KINDS + tuple(KL_ALIASES))}; got {value!r}") from None
-
-
-COMMON_OPTIONS: dict[str, Option] = {
-    "agg": Option("seq-mean-token-sum", "choice", "aggregation mode (verl's loss_agg_mode); 'customary' "
-                  "selects the method's own", choices=AGG_MODES + ("customary",)),
-    "kl": Option("none", "custom", "KL regularisation: none, k1 in the reward, or k1/k2/k3 as a loss",
-                 parser=_parse_kl, allowed=" | ".join(KL_KINDS + tuple(KL_ALIASES))),
-    "kl_beta": Option(0.1, "float", "KL coefficient beta", low=0.0),
-}
+#: the options' declarations are torch-free (the command line checks specs before importing torch)
+from .options import COMMON_OPTIONS, ESTIMATOR_OPTIONS, Option  # noqa: F401  (re-exported)
 
 
 def _renamed_options(owner: str, options: dict) -> dict:

@@ -8,8 +8,9 @@ one response follows verl: mean 0 and std 1, i.e. it keeps its own reward as its
 
 from __future__ import annotations
 
-from .estimator import Estimator, Option
+from .estimator import Estimator
 from .functional import dense_ids, grpo_advantages, opo_advantages, rloo_advantages
+from .options import ESTIMATOR_OPTIONS
 
 
 def _broadcast(adv_b, batch):
@@ -45,10 +46,7 @@ class GRPO(Estimator):
     name = "grpo"
     needs_groups = True
     customary_agg = "seq-mean-token-mean"
-    OPTIONS = {
-        "std_norm": Option(True, "bool", "divide by the group std (verl's norm_adv_by_std_in_grpo)"),
-        "eps": Option(1e-6, "float", "added to the group std", low=0.0),
-    }
+    OPTIONS = ESTIMATOR_OPTIONS["grpo"]
 
     def compute(self, batch, ctx, penalty_bt):
         ids, _ = dense_ids(batch.batch, batch.group)

@@ -41,18 +41,7 @@ from __future__ import annotations
 
 import torch
 
-KL_KINDS = ("none", "k1_reward", "k1", "k2", "k3")
-KL_ALIASES = {"low_var_kl": "k3"}
-KL_LOSS_KINDS = ("k1", "k2", "k3")
-
-
-def canonical_kl_kind(kind: str) -> str:
-    """The canonical name of a KL option value (``low_var_kl`` -> ``k3``)."""
-    kind = KL_ALIASES.get(kind, kind)
-    if kind not in KL_KINDS:
-        allowed = ", ".join(KL_KINDS + tuple(KL_ALIASES))
-        raise ValueError(f"option 'kl' must be one of {allowed}; got {kind!r}")
-    return kind
+from .options import KL_ALIASES, KL_KINDS, KL_LOSS_KINDS, canonical_kl_kind  # noqa: F401  (declared torch-free)
 
 
 def log_ratio(logp_bt: torch.Tensor, ref_logp_bt: torch.Tensor | None, mask_bt: torch.Tensor) -> torch.Tensor:

@@ -1,14 +1,17 @@
-"""The estimator catalog's names and option names, free of torch.
+"""The estimator catalog's names and options, checked free of torch.
 
-``tpg verify --estimator grpx`` and ``tpg train --estimator grpo:std=1`` must be refused at once, but
+``tpg verify --estimator grpx`` and ``tpg train --estimator grpo:eps=-1`` must be refused at once, but
 the catalog's classes live in modules that import torch (about two seconds). This module holds the
-names only: every catalog name, in catalog order, with its option names in the order the classes
-declare them (:meth:`~tpg.estimators.Estimator.all_options`), the training methods' aliases and the
-renamed options. A test checks all of it against the real registry, so the two cannot drift;
-option *values* are checked by the estimators themselves, once torch is loaded.
+names -- every catalog name, in catalog order, with its option names in the order the classes declare
+them (:meth:`~tpg.estimators.Estimator.all_options`), the training methods' aliases and the renamed
+options -- and checks a spec's option values with the :class:`~tpg.estimators.options.Option` objects
+the estimators themselves use (:mod:`.options`). A test checks all of it against the real registry,
+so the two cannot drift. Checks across options and plug-ins' option values are left to the estimators,
+once torch is loaded.
 
 :func:`check_estimator_spec` raises the ``ValueError`` the real code would raise for an unknown
-name, an unknown option, a malformed option list or a missing plug-in file, with the same words.
+name, an unknown option, an option value out of its range, a malformed option list or a missing
+plug-in file, with the same words.
 """
 
 from __future__ import annotations
@@ -16,22 +19,11 @@ from __future__ import annotations
 import os
 import re
 
-#: every catalog estimator's options, in the registry's order (:data:`tpg.estimators.CATALOG`)
-_COMMON = ("agg", "kl", "kl_beta")
-OPTION_NAMES: dict[str, tuple[str, ...]] = {
-    "reinforce": _COMMON,
-    "reward_to_go": _COMMON,
-    "reinforce_baseline": ("baseline", *_COMMON),
-    "rloo": _COMMON,
-    "remax": _COMMON,
-    "grpo": ("std_norm", "eps", *_COMMON),
-    "dr_grpo": _COMMON,
-    "opo": _COMMON,
-    "reinforce_pp": ("gamma", *_COMMON),
-    "reinforce_pp_baseline": _COMMON,
-    "ppo_gae": ("gamma", "lambda", "critic", "sigma", "noise", "steps", "samples", "lr", *_COMMON),
-    "trepo": ("anchors", "fill", "K", *_COMMON),
-}
+from .options import COMMON_OPTIONS, ESTIMATOR_OPTIONS
+
+#: every catalog estimator's option names, in the registry's order (:data:`tpg.estimators.CATALOG`)
+_COMMON = tuple(COMMON_OPTIONS)
+OPTION_NAMES: dict[str, tuple[str, ...]] = {name: (*own, *_COMMON) for name, own in ESTIMATOR_OPTIONS.items()}
 CATALOG: tuple[str, ...] = tuple(OPTION_NAMES)
 #: the options every estimator (and every plug-in) takes
 COMMON_OPTION_NAMES = _COMMON
@@ -71,7 +63,7 @@ def parse_options(text: str, where: str) -> dict[str, str]:
 def _check_catalog_spec(spec: str, training: bool) -> None:
     name, _, rest = spec.strip().partition(":")
     name = name.strip()
-    keys = list(parse_options(rest, spec))
+    keys = list(parse_options(rest, spec))  # malformed lists first, as the registry does
     base = TRAIN_ALIASES.get(name, name) if training else name
     if base not in OPTION_NAMES:
         if training:
@@ -82,9 +74,12 @@ def _check_catalog_spec(spec: str, training: bool) -> None:
         raise ValueError("set the KL with --kl and --kl-beta (TrainConfig.kl, kl_beta), not in the spec: "
                          "training adds the KL loss term itself")
     allowed = OPTION_NAMES[base]
-    for key in keys:
+    options = {**ESTIMATOR_OPTIONS[base], **COMMON_OPTIONS}
+    for key, value in parse_options(rest, spec).items():
         if key not in allowed and RENAMED_OPTIONS.get(key) not in allowed:
             raise ValueError(f"{base}: unknown option {key!r}; allowed options: {', '.join(allowed)}")
+        key = key if key in allowed else RENAMED_OPTIONS[key]
+        options[key].parse(base, key, value)
 
 
 def _check_plugin_file(spec: str) -> None:
@@ -98,9 +93,10 @@ def _check_plugin_file(spec: str) -> None:
 def check_estimator_spec(spec: str, training: bool = False) -> None:
     """Refuse, without importing torch, what :func:`tpg.verify` (or, with ``training``, ``tpg train``)
     would refuse by name: an unknown estimator or method, an option it does not have, a malformed option
-    list, a plug-in file that does not exist, and (training) KL options in the spec. The message is the
-    real one, with the prefix the command line adds (the spec, or ``TrainConfig.estimator``); values
-    are left to the estimators. ``all``, ``all:OPTIONS`` and ``;``-separated lists are checked item by
+    list, an option value out of its range, a plug-in file that does not exist, and (training) KL options
+    in the spec. The message is the real one, with the prefix the command line adds (the spec, or
+    ``TrainConfig.estimator``); checks across options and plug-ins' option values are left to the
+    estimators. ``all``, ``all:OPTIONS`` and ``;``-separated lists are checked item by
     item, as :func:`~tpg.estimators.expand_spec` does."""
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"an estimator spec must be a non-empty string, got {spec!r}")

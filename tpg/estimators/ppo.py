@@ -8,20 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from .estimator import Estimator, Option
+from .estimator import Estimator
 from .functional import gae_advantages
-
-CRITICS = ("exact", "tabular", "zero", "noisy")
-#: The options of the critic's source (beside ``critic``), passed to ``ctx.critic_values``: shared by
-#: PPO/GAE and the plug-ins that take ``values`` (:mod:`tpg.estimators.plugin`).
-CRITIC_OPTIONS = {
-    "sigma": Option(0.1, "float", "noise std of critic=noisy", low=0.0),
-    "noise": Option("fixed", "choice", "critic=noisy: a fixed perturbation or fresh noise per call",
-                    choices=("fixed", "fresh")),
-    "steps": Option(20, "int", "critic=tabular: fitting rounds", low=0),
-    "samples": Option(64, "int", "critic=tabular: sampled responses per round", low=1),
-    "lr": Option(0.5, "float", "critic=tabular: step size of the table update", low=0.0, high=1.0),
-}
+from .options import CRITIC_OPTIONS, CRITICS, ESTIMATOR_OPTIONS  # noqa: F401  (declared torch-free; re-exported)
 
 
 class PPOGAE(Estimator):
@@ -51,12 +40,7 @@ class PPOGAE(Estimator):
 
     name = "ppo_gae"
     customary_agg = "token-mean"
-    OPTIONS = {
-        "gamma": Option(1.0, "float", "GAE discount", low=0.0, high=1.0),
-        "lambda": Option(1.0, "float", "GAE lambda", low=0.0, high=1.0),
-        "critic": Option("exact", "choice", "where V comes from", choices=CRITICS),
-        **CRITIC_OPTIONS,
-    }
+    OPTIONS = ESTIMATOR_OPTIONS["ppo_gae"]
 
     def compute(self, batch, ctx, penalty_bt):
         B, H = batch.mask.shape

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from .estimator import Estimator, Option, tokens_between, tokens_counter
+from .estimator import Estimator, tokens_between, tokens_counter
 from .functional import discounted_returns
+from .options import ESTIMATOR_OPTIONS
 
 
 class Reinforce(Estimator):
@@ -65,8 +66,7 @@ class ReinforceBaseline(Estimator):
     """
 
     name = "reinforce_baseline"
-    OPTIONS = {"baseline": Option("exact", "choice", "exact prompt value (oracle) or running mean per prompt",
-                                  choices=("exact", "running"))}
+    OPTIONS = ESTIMATOR_OPTIONS["reinforce_baseline"]
 
     def __init__(self, **options):
         super().__init__(**options)

@@ -7,8 +7,9 @@ with verl's ``N + 1e-8`` denominators, the variance Bessel-corrected.
 
 from __future__ import annotations
 
-from .estimator import Estimator, Option
+from .estimator import Estimator
 from .functional import dense_ids, discounted_returns, grpo_advantages, whiten_by_batch
+from .options import ESTIMATOR_OPTIONS
 
 
 class ReinforcePP(Estimator):
@@ -26,7 +27,7 @@ class ReinforcePP(Estimator):
     name = "reinforce_pp"
     batch_coupled = True
     customary_agg = "token-mean"
-    OPTIONS = {"gamma": Option(1.0, "float", "discount of the reward-to-go", low=0.0, high=1.0)}
+    OPTIONS = ESTIMATOR_OPTIONS["reinforce_pp"]
 
     def compute(self, batch, ctx, penalty_bt):
         G = discounted_returns(self.token_rewards(batch, penalty_bt), batch.mask, self.options["gamma"])

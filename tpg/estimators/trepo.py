@@ -57,30 +57,11 @@ import math
 
 import torch
 
-from .estimator import Estimator, Option, tokens_between, tokens_counter
+from .estimator import Estimator, tokens_between, tokens_counter
 from .functional import discounted_returns
+from .options import ESTIMATOR_OPTIONS, FILLS, parse_anchors  # noqa: F401  (re-exported)
 
-FILLS = ("segment", "interpolate", "ipw")
 MAX_EXACT_SUBSETS = 5000
-
-
-def parse_anchors(value) -> tuple[str, int | None]:
-    """``all`` | ``every:k`` | ``random:m`` | ``segments:d`` -> ``(kind, int or None)``."""
-    if isinstance(value, tuple):
-        value = ":".join(str(v) for v in value if v is not None)
-    text = str(value).strip()
-    allowed = "all | every:K (K >= 1) | random:M (M >= 1) | segments:TOKEN (a token id >= 0)"
-    if text == "all":
-        return ("all", None)
-    kind, sep, arg = text.partition(":")
-    if kind in ("every", "random", "segments") and sep:
-        try:
-            n = int(arg)
-        except ValueError:
-            n = None
-        if n is not None and (n >= 1 or (kind == "segments" and n >= 0)):
-            return (kind, n)
-    raise ValueError(f"must be {allowed}; got {value!r}")
 
 
 def anchor_states(kind: str, arg: int | None, tokens_bt: torch.Tensor, mask_bt: torch.Tensor,
@@ -153,12 +134,7 @@ class TRePO(Estimator):
     """
 
     name = "trepo"
-    OPTIONS = {
-        "anchors": Option(("all", None), "custom", "where V^ is estimated", parser=parse_anchors,
-                          allowed="all | every:K | random:M | segments:TOKEN"),
-        "fill": Option("segment", "choice", "how tokens between anchors get advantages", choices=FILLS),
-        "K": Option(4, "int", "continuations per anchor prefix", low=1),
-    }
+    OPTIONS = ESTIMATOR_OPTIONS["trepo"]
 
     def _check_options(self) -> None:
         kind, _ = self.options["anchors"]
