@@ -99,6 +99,16 @@ print(codes, sorted(m for m in ("torch", "numpy", "pandas", "scipy") if m in sys
       ["verify", "--mdp", "dense:vocab=3", "--estimator", "all:agg=mean"],
       ["train", "--estimator", "ppo:lambda=2", "--mdp", "dense:vocab=3"]],
      [2] * 5),
+    # behaviour and loss specs: names, options, ranges, cross-option rules, plug-in files
+    ([["verify", "--mdp", "dense:vocab=3", "--estimator", "rloo", "--behaviour", "temperature:-1"],
+      ["verify", "--mdp", "dense:vocab=3", "--estimator", "rloo", "--behaviour", "top_p:0.9+stale:2"],
+      ["verify", "--mdp", "dense:vocab=3", "--estimator", "rloo", "--behaviour", "mix:0.5,pi"],
+      ["verify", "--mdp", "dense:vocab=3", "--estimator", "rloo", "--loss", "ppo_clip:eps=-1"],
+      ["verify", "--mdp", "dense:vocab=3", "--estimator", "rloo", "--loss", "mis:2,1"],
+      ["verify", "--mdp", "dense:vocab=3", "--estimator", "rloo", "--loss", "no_such_file.py:fn"],
+      ["train", "--estimator", "rloo", "--mdp", "dense:vocab=3", "--behaviour", "top_q:0.9"],
+      ["train", "--estimator", "rloo", "--mdp", "dense:vocab=3", "--loss", "tis:2,cap=3"]],
+     [2] * 8),
     ([["prove", "--help"], ["figures", "--help"], ["report", "--help"], ["probe", "--help"]], [0, 0, 0, 0]),
 ])
 def test_help_and_spec_errors_do_not_import_torch(argvs, codes):

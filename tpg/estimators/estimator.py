@@ -29,7 +29,7 @@ from .kl import KL_LOSS_KINDS, kl_loss_coef, kl_reward_penalty, log_ratio
 #: defined in the torch-free .names, which checks the command line's specs
 from .names import RENAMED_OPTIONS
 #: the options' declarations are torch-free (the command line checks specs before importing torch)
-from .options import COMMON_OPTIONS, ESTIMATOR_OPTIONS, Option  # noqa: F401  (re-exported)
+from .options import COMMON_OPTIONS, Option  # noqa: F401  (Option re-exported)
 
 
 def _renamed_options(owner: str, options: dict) -> dict:

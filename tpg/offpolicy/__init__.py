@@ -17,17 +17,27 @@ Modules: :mod:`.behaviour` (the behaviour specs, ``mu`` on the tree, the mismatc
 ``Cov_mu[g]`` by enumeration; dynamic sampling's conditioning), :mod:`.montecarlo` (batches sampled
 from ``mu``), :mod:`.record` (the verifier's off-policy record fields).
 
+:mod:`.specs` declares and parses the behaviour and loss specs without torch; the names below are imported
+on first use (:mod:`tpg._lazy`).
+
 Layering: this package sits between the verifier's engines (:mod:`tpg.verify.exact_moments`,
 :mod:`tpg.verify.score`, :mod:`tpg.verify.montecarlo`, :mod:`tpg.verify.verdict`) and its harness
 (:func:`tpg.verify.verify`), which imports it lazily.
 """
 
-from .behaviour import (STAGES, Behaviour, BehaviourPolicy, behaviour_log_probs, describe_behaviours, mismatch_report,
-                        parse_chain, resolve_behaviour, stale_policy)
-from .exact import HOOKS, OffPolicyMoments, keep_probabilities, offpolicy_moments
-from .losses import LOSSES, Loss, LossInputs, PluginLoss, describe_losses, get_loss, loss_coefficients
-from .montecarlo import sample_offpolicy_terms
-from .record import OffPolicySetup, format_offpolicy_header, prepare_offpolicy
+from .._lazy import lazy_exports
+
+_EXPORTS = {
+    **{n: ".behaviour" for n in ("STAGES", "Behaviour", "BehaviourPolicy", "behaviour_log_probs",
+                                 "describe_behaviours", "mismatch_report", "parse_chain", "resolve_behaviour",
+                                 "stale_policy")},
+    **{n: ".exact" for n in ("HOOKS", "OffPolicyMoments", "keep_probabilities", "offpolicy_moments")},
+    **{n: ".losses" for n in ("LOSSES", "Loss", "LossInputs", "PluginLoss", "describe_losses", "get_loss",
+                              "loss_coefficients")},
+    "sample_offpolicy_terms": ".montecarlo",
+    **{n: ".record" for n in ("OffPolicySetup", "format_offpolicy_header", "prepare_offpolicy")},
+    **{n: ".specs" for n in ("check_loss_spec", "parse_behaviour")},
+}
 
 __all__ = [
     # behaviours
@@ -39,4 +49,7 @@ __all__ = [
     "offpolicy_moments", "OffPolicyMoments", "keep_probabilities", "sample_offpolicy_terms", "HOOKS",
     # the verifier's records
     "prepare_offpolicy", "OffPolicySetup", "format_offpolicy_header",
+    # the spec grammar, torch-free (the command line checks specs with it before torch loads)
+    "parse_behaviour", "check_loss_spec",
 ]
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

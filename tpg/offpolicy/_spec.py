@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 
-from ..estimators.estimator import Option
+from ..estimators.options import Option
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 

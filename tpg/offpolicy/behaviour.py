@@ -76,12 +76,13 @@ from pathlib import Path
 import torch
 
 from .._io import unwrap_checkpoint
-from ..estimators.estimator import Option
 from ..exact.engine import solve
 from ..policies.base import Policy
-from ._spec import bind_args, canonical, fmt_value, positive, split_head, split_top, unwrap
+from ._spec import fmt_value
+from .specs import PRECISION_NAMES, STAGE_DECLS, StageNode, mix_spec, parse_behaviour, stage_spec
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+assert tuple(PRECISIONS) == PRECISION_NAMES
 #: Iterations allowed per backward step of ``stale``.
 STALE_MAX_ITER = 500
 #: Convergence of a backward step: ``max |Delta theta| <= STALE_TOL * max(1, max |theta|)``.
@@ -125,25 +126,33 @@ class _Env:
 
 
 class Stage:
-    """One stage of a behaviour chain: logits ``[N_nt, V]`` in, logits out (``-inf`` = outside the support)."""
+    """One stage of a behaviour chain: logits ``[N_nt, V]`` in, logits out (``-inf`` = outside the support).
+
+    A subclass sets ``name``; its ``positional`` arguments, ``OPTIONS``, ``help`` line and ``source``
+    (it replaces its input, so it may only start a chain) come from its torch-free declaration,
+    :data:`tpg.offpolicy.specs.STAGE_DECLS` (unless the class defines them itself)."""
 
     name = ""
     positional: tuple[str, ...] = ()
-    OPTIONS: dict[str, Option] = {}
-    source = False  # replaces its input (may only start a chain)
+    OPTIONS: dict = {}
+    source = False
     help = ""
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        decl = STAGE_DECLS.get(cls.__dict__.get("name", ""))
+        if decl is not None:
+            for attr, value in (("positional", decl.positional), ("OPTIONS", decl.options), ("help", decl.help),
+                                ("source", decl.source)):
+                if attr not in cls.__dict__:
+                    setattr(cls, attr, value)
 
     def __init__(self, values: dict):
         self.values = values
 
-    @classmethod
-    def parse(cls, rest: str, where: str) -> "Stage":
-        args = split_top(rest, ",", where) if rest else []
-        return cls(bind_args(f"behaviour {cls.name}", args, cls.positional, cls.OPTIONS))
-
     @property
     def spec(self) -> str:
-        return canonical(self.name, self.values, self.positional, self.OPTIONS)
+        return stage_spec(self.name, self.values)
 
     def apply(self, z_nv: torch.Tensor, env: _Env) -> torch.Tensor:
         raise NotImplementedError
@@ -176,7 +185,6 @@ def _mask(z_nv: torch.Tensor, keep_nv: torch.Tensor) -> torch.Tensor:
 
 class Identity(Stage):
     name = "pi"
-    help = "the training policy itself (mu = pi)"
 
     def apply(self, z_nv, env):
         return z_nv
@@ -184,9 +192,6 @@ class Identity(Stage):
 
 class Temperature(Stage):
     name = "temperature"
-    positional = ("T",)
-    OPTIONS = {"T": positive(1.0, "temperature")}
-    help = "softmax(z / T)"
 
     def apply(self, z_nv, env):
         return z_nv / self.values["T"]
@@ -194,9 +199,6 @@ class Temperature(Stage):
 
 class TopK(Stage):
     name = "top_k"
-    positional = ("k",)
-    OPTIONS = {"k": Option(1, "int", "tokens kept per state (ties at the boundary all kept)", low=1)}
-    help = "the k most likely tokens per state (ties kept), renormalised"
 
     def apply(self, z_nv, env):
         p = _probs(z_nv)
@@ -209,9 +211,6 @@ class TopK(Stage):
 
 class TopP(Stage):
     name = "top_p"
-    positional = ("p",)
-    OPTIONS = {"p": positive(1.0, "nucleus mass", high=1.0)}
-    help = "nucleus: the most likely tokens up to mass p (ties kept together), renormalised"
 
     def apply(self, z_nv, env):
         if self.values["p"] >= 1.0:
@@ -226,9 +225,6 @@ class TopP(Stage):
 
 class MinP(Stage):
     name = "min_p"
-    positional = ("m",)
-    OPTIONS = {"m": Option(0.0, "float", "fraction of the most likely token's probability", low=0.0, high=1.0)}
-    help = "tokens with p >= m * max p, renormalised"
 
     def apply(self, z_nv, env):
         p = _probs(z_nv)
@@ -238,10 +234,6 @@ class MinP(Stage):
 
 class LogitNoise(Stage):
     name = "logit_noise"
-    positional = ("sigma", "seed")
-    OPTIONS = {"sigma": Option(0.1, "float", "noise standard deviation", low=0.0),
-               "seed": Option(0, "int", "seed of the fixed noise draw", low=0)}
-    help = "z + sigma * N(0, 1), one fixed seeded draw per (state, token)"
 
     def apply(self, z_nv, env):
         gen = torch.Generator().manual_seed(int(self.values["seed"]))
@@ -251,9 +243,6 @@ class LogitNoise(Stage):
 
 class Precision(Stage):
     name = "precision"
-    positional = ("dtype",)
-    OPTIONS = {"dtype": Option("bf16", "choice", "the dtype the logits are rounded to", choices=tuple(PRECISIONS))}
-    help = "the logits rounded to bf16 | fp16 | fp32"
 
     def apply(self, z_nv, env):
         return z_nv.to(PRECISIONS[self.values["dtype"]]).to(torch.float64)
@@ -342,11 +331,6 @@ def stale_policy(mdp, policy, steps: int, lr: float):
 
 class Stale(Stage):
     name = "stale"
-    positional = ("k",)
-    OPTIONS = {"k": Option(1, "int", "gradient-ascent steps behind pi", low=0),
-               "lr": positive(0.5, "step size eta of theta <- theta + eta grad J")}
-    source = True
-    help = "the policy k exact gradient-ascent steps (size lr) before pi"
 
     def apply(self, z_nv, env):
         mu, info = stale_policy(env.mdp, env.policy, int(self.values["k"]), float(self.values["lr"]))
@@ -402,17 +386,6 @@ def _file_logits(path: str, mdp, policy) -> torch.Tensor:
 
 class File(Stage):
     name = "file"
-    positional = ("path",)
-    OPTIONS = {"path": Option("", "custom", "a tpg-case/1 JSON file or a tpg train checkpoint",
-                              parser=lambda v: str(v), allowed="a file path")}
-    source = True
-    help = "a recorded policy: a case file (.json) or a tpg train checkpoint (.ckpt/.pt)"
-
-    @classmethod
-    def parse(cls, rest, where):
-        if not rest:
-            raise ValueError("behaviour file: give a path, file:PATH")
-        return cls({"path": unwrap(rest)})
 
     def apply(self, z_nv, env):
         return _file_logits(self.values["path"], env.mdp, env.policy)
@@ -443,9 +416,6 @@ class Chain(Stage):
 
 class Mix(Stage):
     name = "mix"
-    positional = ("w",)
-    OPTIONS = {"w": Option(0.5, "float", "weight of the first component", low=0.0, high=1.0)}
-    help = "the per-state mixture w mu_1 + (1 - w) mu_2 of two chains"
 
     def __init__(self, values: dict, first: Stage, second: Stage):
         super().__init__(values)
@@ -455,21 +425,9 @@ class Mix(Stage):
     def source(self) -> bool:
         return self.first.source or self.second.source
 
-    @classmethod
-    def parse(cls, rest, where):
-        args = split_top(rest, ",", where) if rest else []
-        if len(args) != 3:
-            raise ValueError(f"behaviour mix: give mix:w,SPEC1,SPEC2 (a nested spec with commas in parentheses), "
-                             f"got {len(args)} argument(s) in {rest!r}")
-        values = bind_args("behaviour mix", args[:1], cls.positional, cls.OPTIONS)
-        return cls(values, parse_chain(args[1], where), parse_chain(args[2], where))
-
     @property
     def spec(self) -> str:
-        def sub(s):
-            text = s.spec
-            return f"({text})" if ("," in text or "+" in text) else text
-        return f"mix:{fmt_value(self.values['w'])},{sub(self.first)},{sub(self.second)}"
+        return mix_spec(self.values["w"], self.first.spec, self.second.spec)
 
     def apply(self, z_nv, env):
         w = float(self.values["w"])
@@ -482,36 +440,21 @@ class Mix(Stage):
 
 STAGES: dict[str, type[Stage]] = {c.name: c for c in (Identity, Temperature, TopK, TopP, MinP, LogitNoise,
                                                       Precision, Stale, File, Mix)}
-_ALIASES = {"on_policy": "pi", "identity": "pi", "temp": "temperature"}
+assert tuple(STAGES) == tuple(STAGE_DECLS)
 
 
 def parse_chain(text: str, where: str | None = None) -> Stage:
-    """The stage (or chain of stages) a behaviour spec names; ``ValueError`` naming the bad part."""
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"a behaviour spec must be a non-empty string, got {text!r}")
-    where = where or f"behaviour {text.strip()!r}"
-    parts = [p for p in split_top(unwrap(text), "+", where)]
-    if any(not p.strip() for p in parts):
-        raise ValueError(f"{where}: an empty stage in the chain {text!r}")
-    stages = []
-    for i, part in enumerate(parts):
-        if len(split_top(unwrap(part), "+", where)) > 1:
-            st = parse_chain(part, where)
-        else:
-            name, rest = split_head(part, "behaviour")
-            name = _ALIASES.get(name, name)
-            if name not in STAGES:
-                raise ValueError(f"unknown behaviour {name!r}; the behaviours are {', '.join(STAGES)} "
-                                 f"(chain them with '+', e.g. temperature:0.7+top_p:0.9)")
-            cls = STAGES[name]
-            if not cls.positional and name not in ("mix", "file") and rest:
-                raise ValueError(f"behaviour {name} takes no arguments, got {rest!r}")
-            st = cls.parse(rest, where)
-        if i > 0 and st.source:
-            raise ValueError(f"behaviour {st.spec!r} replaces the policy (stale, file), so it must start the chain, "
-                             f"not follow {'+'.join(s.spec for s in stages)!r}")
-        stages.append(st)
-    return stages[0] if len(stages) == 1 else Chain(stages)
+    """The stage (or chain of stages) a behaviour spec names; ``ValueError`` naming the bad part (the
+    parse is :func:`tpg.offpolicy.specs.parse_behaviour`'s, which the command line runs before torch loads)."""
+    return _build(parse_behaviour(text, where))
+
+
+def _build(node: StageNode) -> Stage:
+    if node.name == "chain":
+        return Chain([_build(p) for p in node.parts])
+    if node.name == "mix":
+        return Mix(node.values, _build(node.parts[0]), _build(node.parts[1]))
+    return STAGES[node.name](node.values)
 
 
 # ------------------------------------------------------------------------------ resolution

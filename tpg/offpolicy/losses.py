@@ -93,40 +93,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ..estimators.estimator import Option
 from ..estimators.names import PLUGIN_SPEC, parse_options
 from ..estimators.plugin import load_function
-from ._spec import bind_args, canonical, split_head, split_top
+from ._spec import canonical
+from .specs import (FILTER_MODES, LOSS_COMMON_OPTIONS, LOSS_DECLS, OLD_OPTION, check_loss_values,  # noqa: F401
+                    parse_loss)
 
-FILTER_MODES = ("false", "new_prompts", "same_prompt")
-
-
-def _parse_filter(value) -> str:
-    v = str(value).strip().lower()
-    if v in ("false", "0", "no", "off", "none"):
-        return "false"
-    if v in ("true", "1", "yes", "on", "new_prompts", "dapo"):
-        return "new_prompts"
-    if v == "same_prompt":
-        return "same_prompt"
-    raise ValueError(f"must be false | true (= new_prompts) | new_prompts | same_prompt; got {value!r}")
-
-
-def _parse_old(value) -> str:
-    v = str(value).strip().lower()
-    if v not in ("mu", "pi"):
-        raise ValueError(f"must be mu (the behaviour's log-probs) or pi (the trainer's recomputed log pi); "
-                         f"got {value!r}")
-    return v
-
-
-COMMON_OPTIONS: dict[str, Option] = {
-    "filter_degenerate_groups": Option("false", "custom", "DAPO dynamic sampling: drop groups whose rewards are all "
-                                       "equal (new_prompts: refill with new prompts; same_prompt: resample the group)",
-                                       parser=_parse_filter, allowed="false | true | new_prompts | same_prompt"),
-}
-_OLD = Option("mu", "custom", "which log-prob is pi_old: mu (as sampled) or pi (recomputed by the trainer)",
-              parser=_parse_old, allowed="mu | pi")
+#: the options every loss has (declared torch-free in :mod:`tpg.offpolicy.specs`, with the catalog's)
+COMMON_OPTIONS = LOSS_COMMON_OPTIONS
 
 
 @dataclass
@@ -157,13 +131,22 @@ class LossInputs:
 class Loss:
     """Base class of the policy losses (see the module docstring).
 
-    Subclasses set ``name``, ``positional`` (argument order), ``OPTIONS`` and implement
-    :meth:`token_loss` (per-token ``l_t``, aggregated with the weights) or :meth:`batch_total`."""
+    Subclasses set ``name`` and implement :meth:`token_loss` (per-token ``l_t``, aggregated with the
+    weights) or :meth:`batch_total`; a catalog loss's ``positional`` (argument order), ``OPTIONS`` and
+    ``help`` come from its torch-free declaration, :data:`tpg.offpolicy.specs.LOSS_DECLS`."""
 
     name = ""
     positional: tuple[str, ...] = ()
-    OPTIONS: dict[str, Option] = {}
+    OPTIONS: dict = {}
     help = ""
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        decl = LOSS_DECLS.get(cls.__dict__.get("name", ""))
+        if decl is not None:
+            for attr, value in (("positional", decl.positional), ("OPTIONS", decl.options), ("help", decl.help)):
+                if attr not in cls.__dict__:
+                    setattr(cls, attr, value)
 
     def __init__(self, **values):
         opts = self.all_options()
@@ -176,16 +159,13 @@ class Loss:
         self._check()
 
     @classmethod
-    def all_options(cls) -> dict[str, Option]:
+    def all_options(cls) -> dict:
         return {**cls.OPTIONS, **COMMON_OPTIONS}
-
-    @classmethod
-    def from_args(cls, rest: str) -> "Loss":
-        args = split_top(rest, ",", f"loss {cls.name}") if rest else []
-        return cls(**bind_args(f"loss {cls.name}", args, cls.positional, cls.all_options(), fill=False))
 
     def _check(self) -> None:
         """Cross-option checks (``ValueError``)."""
+        if self.name in LOSS_DECLS:
+            check_loss_values(self.name, self.values)
 
     @property
     def spec(self) -> str:
@@ -235,7 +215,6 @@ def _level_ratio(level: str, logp_bt, inp: LossInputs) -> torch.Tensor:
 
 class PG(Loss):
     name = "pg"
-    help = "no correction: -A log pi"
 
     @property
     def is_pg(self) -> bool:
@@ -247,7 +226,6 @@ class PG(Loss):
 
 class ISToken(Loss):
     name = "is_token"
-    help = "per-token importance ratio: -(pi/mu) A"
 
     def token_loss(self, logp_bt, inp):
         return -_log_ratio(logp_bt, inp.logp_mu_bt, inp.mask_bt).exp() * inp.advantages_bt
@@ -255,21 +233,13 @@ class ISToken(Loss):
 
 class ISSeq(Loss):
     name = "is_seq"
-    help = "sequence importance weight: -sg(prod_t pi/mu) A log pi"
 
     def token_loss(self, logp_bt, inp):
         return -_level_ratio("seq", logp_bt, inp) * inp.advantages_bt * logp_bt
 
 
-_LEVEL = Option("token", "choice", "ratio of the correction: per token, per sequence, or the geometric mean",
-                choices=("token", "seq", "geo"))
-
-
 class TIS(Loss):
     name = "tis"
-    positional = ("C",)
-    OPTIONS = {"C": Option(2.0, "float", "cap of the importance weight", low=0.0), "level": _LEVEL}
-    help = "truncated IS: -sg(min(pi/mu, C)) A log pi"
 
     def token_loss(self, logp_bt, inp):
         rho = _level_ratio(self.values["level"], logp_bt, inp)
@@ -278,16 +248,6 @@ class TIS(Loss):
 
 class MIS(Loss):
     name = "mis"
-    positional = ("lo", "hi")
-    OPTIONS = {"lo": Option(0.5, "float", "lowest ratio kept", low=0.0),
-               "hi": Option(2.0, "float", "highest ratio kept", low=0.0),
-               "level": _LEVEL,
-               "reweight": Option(True, "bool", "weight kept tokens by their ratio (IcePop) or by 1")}
-    help = "masked IS: tokens with pi/mu outside [lo, hi] dropped"
-
-    def _check(self):
-        if self.values["lo"] > self.values["hi"]:
-            raise ValueError(f"loss mis: lo must be <= hi; got lo={self.values['lo']:g}, hi={self.values['hi']:g}")
 
     def token_loss(self, logp_bt, inp):
         rho = _level_ratio(self.values["level"], logp_bt, inp)
@@ -314,24 +274,8 @@ class _Clipped(Loss):
         return torch.maximum(-adv_bt * r_bt, -adv_bt * r_bt.clamp(1.0 - lo, 1.0 + hi))
 
 
-def _clip_opts(eps_default: float) -> dict:
-    return {"eps": Option(eps_default, "float", "clip range (both sides unless clip_low/clip_high)", low=0.0),
-            "clip_low": Option(-1.0, "float", "lower clip 1 - clip_low (-1: eps)", low=-1.0),
-            "clip_high": Option(-1.0, "float", "upper clip 1 + clip_high (-1: eps)", low=-1.0),
-            "old": _OLD}
-
-
 class PPOClip(_Clipped):
     name = "ppo_clip"
-    positional = ("eps",)
-    OPTIONS = {**_clip_opts(0.2), "dual_clip": Option(0.0, "float", "dual-clip constant c > 1 for A < 0 (0: off)",
-                                                      low=0.0)}
-    help = "PPO clipped surrogate (clip-higher, dual clip), ratio pi/pi_old"
-
-    def _check(self):
-        c = self.values["dual_clip"]
-        if c != 0.0 and c <= 1.0:
-            raise ValueError(f"loss ppo_clip: dual_clip must be > 1 (or 0 for off); got {c:g}")
 
     def token_loss(self, logp_bt, inp):
         r = _log_ratio(logp_bt, self.old_logp(logp_bt, inp), inp.mask_bt).exp()
@@ -345,9 +289,6 @@ class PPOClip(_Clipped):
 
 class GSPO(_Clipped):
     name = "gspo"
-    positional = ("eps",)
-    OPTIONS = _clip_opts(4e-4)
-    help = "GSPO: geometric-mean sequence ratio on every token, clipped"
 
     def _check(self):
         if not {"eps", "clip_low"} & self._given:  # the paper's asymmetric default: 3e-4 below, 4e-4 above
@@ -362,11 +303,6 @@ class GSPO(_Clipped):
 
 class CISPO(_Clipped):
     name = "cispo"
-    positional = ("eps",)
-    OPTIONS = {"eps": Option(0.2, "float", "upper clip 1 + eps of the IS weight", low=0.0),
-               "clip_low": Option(-1.0, "float", "lower clip 1 - clip_low of the IS weight (-1: none)", low=-1.0),
-               "old": _OLD}
-    help = "CISPO: -sg(clip(pi/pi_old)) A log pi"
 
     def token_loss(self, logp_bt, inp):
         r = _log_ratio(logp_bt.detach(), self.old_logp(logp_bt, inp), inp.mask_bt).exp()
@@ -376,6 +312,7 @@ class CISPO(_Clipped):
 
 
 LOSSES: dict[str, type[Loss]] = {c.name: c for c in (PG, ISToken, ISSeq, TIS, MIS, PPOClip, GSPO, CISPO)}
+assert tuple(LOSSES) == tuple(LOSS_DECLS)
 
 
 # ------------------------------------------------------------------------------ plug-ins
@@ -409,7 +346,7 @@ def _plugin_value(v: str):
 class PluginLoss(Loss):
     """A user's policy loss (see the module docstring for the two forms)."""
 
-    OPTIONS = {"old": _OLD}
+    OPTIONS = {"old": OLD_OPTION}
 
     def __init__(self, fn, label: str, extra: dict | None = None, **values):
         self.name = label
@@ -554,10 +491,8 @@ def get_loss(spec) -> Loss:
     text = spec.strip()
     if PLUGIN_SPEC.match(text):
         return load_loss_plugin(text)
-    name, rest = split_head(text, "loss")
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; the losses are {', '.join(LOSSES)} (or a plug-in FILE.py:FUNCTION)")
-    return LOSSES[name].from_args(rest)
+    name, given = parse_loss(text)  # the command line's torch-free check, the same words
+    return LOSSES[name](**given)
 
 
 def loss_coefficients(loss: Loss, logp_bt: torch.Tensor, inp: LossInputs,

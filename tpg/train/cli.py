@@ -57,13 +57,23 @@ def _add_train(sub) -> None:
 
 
 def _check_train_specs(args) -> None:
-    """The problem and estimator specs, before torch loads (a mistyped one answers at once)."""
+    """The problem, estimator, behaviour and loss specs, before torch loads (a mistyped one answers at
+    once; what only the trainer refuses, e.g. dynamic sampling, is checked by :class:`TrainConfig`)."""
     from ..cli import check_problem_specs
     from ..estimators.names import check_estimator_spec
 
     check_problem_specs(args)
     for spec in args.estimator or ():
         check_estimator_spec(spec, training=True)
+    if getattr(args, "behaviour", None) is not None or getattr(args, "loss", None) is not None:
+        from ..offpolicy.specs import check_loss_spec, parse_behaviour
+
+        for name, check in (("behaviour", parse_behaviour), ("loss", check_loss_spec)):
+            if getattr(args, name) is not None:
+                try:
+                    check(getattr(args, name))
+                except ValueError as exc:
+                    raise ValueError(f"TrainConfig.{name}: {exc}") from None
 
 
 def cmd_train(args) -> int:

@@ -137,8 +137,8 @@ def _add_offpolicy_args(p) -> None:
 
 def _check_specs(args) -> None:
     """Parse the spec strings before anything imports torch, so that a mistyped key, value or range, an
-    unknown estimator or option, or a missing plug-in file is refused at once (:mod:`tpg.mdp.specs`,
-    :mod:`tpg.estimators.names`; option values are checked by the estimators themselves)."""
+    unknown estimator, behaviour, loss or option, or a missing plug-in file is refused at once
+    (:mod:`tpg.mdp.specs`, :mod:`tpg.estimators.names`, :mod:`tpg.offpolicy.specs`)."""
     from ..cli import check_problem_specs, check_threads
     from ..estimators.names import check_estimator_spec
 
@@ -148,6 +148,13 @@ def _check_specs(args) -> None:
         parse_target_reward(args.target_reward)
     for spec in getattr(args, "estimator", None) or ():
         check_estimator_spec(spec)
+    if getattr(args, "behaviour", None) is not None or getattr(args, "loss", None) is not None:
+        from ..offpolicy.specs import check_loss_spec, parse_behaviour
+
+        if args.behaviour is not None:
+            parse_behaviour(args.behaviour)
+        if args.loss is not None:
+            check_loss_spec(args.loss)
     check_threads(getattr(args, "threads", None))
 
 
