@@ -164,7 +164,8 @@ def test_old_pi_reads_the_recomputed_log_probs_when_given():
     ({"behaviour": "top_p:0.9+stale:1"}, "TrainConfig.behaviour"),
     ({"behaviour": "nucleus:0.9"}, "TrainConfig.behaviour: unknown behaviour"),
     ({"loss": "bogus"}, "TrainConfig.loss: unknown loss"),
-    ({"loss": "tis:2,filter_degenerate_groups=true"}, "TrainConfig.loss: filter_degenerate_groups"),
+    ({"resample_rounds": -1}, r"TrainConfig.resample_rounds: must be in \[0, 1000\], got -1"),
+    ({"resample_rounds": 2.5}, "TrainConfig.resample_rounds: must be an integer"),
     ({"loss": ""}, "TrainConfig.loss"),
 ])
 def test_bad_behaviour_or_loss_names_the_field(kw, match):
@@ -194,3 +195,88 @@ def test_resume_refuses_another_behaviour(tmp_path):
     train(quick(behaviour="stale:1", loss="pg", iters=2, out=out))
     with pytest.raises(ValueError, match="TrainConfig.behaviour"):
         train(quick(behaviour="stale:2", loss="pg", iters=4, out=out, resume=True))
+
+
+# -- dynamic sampling (DAPO) -------------------------------------------------------------------------
+SPARSE = "sparse:vocab=3,horizon=2,prompts=3,p=0.3,seed=4"
+
+
+def _draws(mode, n, **kw):
+    """``n`` batches of the trainer's dynamic sampling from the initial policy (no update between them)."""
+    tr = Trainer(quick(mdp=SPARSE, group_size=3, prompts=4, loss=f"pg:filter_degenerate_groups={mode}", **kw))
+    return tr, [tr._sample_batch(tr.policy) for _ in range(n)]
+
+
+def _exact_q(tr, G):
+    from tpg.exact import solve
+    from tpg.offpolicy.exact import keep_probabilities
+
+    sol = solve(tr.mdp, tr.policy, with_grad=False)
+    return keep_probabilities(tr.mdp, sol.response_prob, sol.response_rm, G), tr.mdp.prompt_weights
+
+
+def test_dynamic_sampling_keeps_only_groups_whose_rewards_differ_and_counts_every_token():
+    tr, draws = _draws("true", 40)
+    dropped = 0
+    for ro, counts in draws:
+        rm = ro.rm.view(-1, 3)
+        assert bool((rm.amax(1) > rm.amin(1)).all())  # every kept group is informative
+        assert counts["groups_kept"] == 4 == ro.batch_size // 3  # ten extra rounds always filled the batch here
+        assert counts["tokens_sampled"] >= ro.num_tokens
+        assert torch.equal(ro.group, torch.arange(4).repeat_interleave(3))
+        dropped += counts["groups_dropped"]
+    assert dropped > 20  # the problem does make degenerate groups (the filter is exercised)
+    # a negative control: without the filter degenerate groups do reach the update
+    tr0 = Trainer(quick(mdp=SPARSE, group_size=3, prompts=4, loss="pg"))
+    rms = torch.cat([tr0._sample_batch(tr0.policy)[0].rm.view(-1, 3) for _ in range(40)])
+    assert bool((rms.amax(1) == rms.amin(1)).any())
+
+
+def _prompt_counts(draws, P):
+    return torch.bincount(torch.cat([ro.prompt.view(-1, 3)[:, 0] for ro, _ in draws]), minlength=P).double()
+
+
+def _chi2_p(counts, probs):
+    from scipy.stats import chisquare
+
+    probs = probs / probs.sum()
+    return chisquare(counts.numpy(), (probs * counts.sum()).numpy()).pvalue
+
+
+@pytest.mark.parametrize("mode", ["true", "same_prompt"])
+def test_dynamic_sampling_draws_the_law_the_verifier_conditions_on(mode):
+    """new_prompts: a kept group's prompt follows rho(x) q_x / Z; same_prompt: it follows rho (the prompt is
+    kept, its group redrawn), as docs of tpg.offpolicy.exact state and the exact verdicts assume. Each law is
+    accepted and the other one rejected by the same chi-square test on the same draws (seeded)."""
+    tr, draws = _draws(mode, 300)
+    q, rho = _exact_q(tr, 3)
+    assert float(q.max() - q.min()) > 0.3  # the two laws differ enough for the test to tell them apart
+    counts = _prompt_counts(draws, 3)
+    law, other = (rho * q, rho) if mode == "true" else (rho, rho * q)
+    assert _chi2_p(counts, law) > 1e-3
+    assert _chi2_p(counts, other) < 1e-6
+
+
+def test_dynamic_sampling_with_no_group_kept_makes_no_update():
+    """All rewards equal (sparse with p=0: RM = 0 everywhere): every group is dropped, every round."""
+    log = train(quick(mdp="sparse:vocab=3,horizon=2,prompts=2,p=0", group_size=2, prompts=2, iters=2, resample_rounds=3,
+                      loss="pg:filter_degenerate_groups=true"))
+    assert (log["groups_kept"].iloc[1:] == 0).all() and (log["groups_dropped"].iloc[1:] == 2 * 4).all()
+    assert log["grad_norm"].iloc[1:].isna().all() and (log["J"] == log["J"].iloc[0]).all()
+    assert (log["tokens_sampled"].iloc[1:] > 0).all()
+
+
+def test_dynamic_sampling_rounds_bound_the_resampling():
+    tr, draws = _draws("true", 30, resample_rounds=0)
+    kept = [c["groups_kept"] for _, c in draws]
+    assert min(kept) < 4 and all(c["groups_kept"] + c["groups_dropped"] == 4 for _, c in draws)
+
+
+def test_a_dynamic_sampling_run_learns_repeats_and_resumes(tmp_path):
+    kw = dict(mdp=SPARSE, group_size=3, loss="pg:filter_degenerate_groups=same_prompt", iters=6)
+    a, b = train(quick(**kw)), train(quick(**kw))
+    same_log(a, b)
+    assert a["J"].iloc[-1] > a["J"].iloc[0] and (a["groups_dropped"].iloc[1:] > 0).any()
+    out = str(tmp_path / "run.csv")
+    train(quick(**{**kw, "iters": 3}, out=out))
+    same_log(a, train(quick(**kw, out=out, resume=True)))

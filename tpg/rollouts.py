@@ -79,6 +79,31 @@ class Rollouts:
         return Rollouts(**kw)
 
 
+def cat_rollouts(parts: list[Rollouts]) -> Rollouts:
+    """The rows of ``parts`` (batches of one MDP, each group a contiguous run of rows) in order, as one
+    batch; group ids keep each part's groups apart and are renumbered ``0, 1, ...`` in row order."""
+    if not parts:
+        raise ValueError("cat_rollouts needs at least one batch")
+    first = parts[0]
+    kw = {}
+    for f in fields(first):
+        vals = [getattr(r, f.name) for r in parts]
+        if isinstance(vals[0], torch.Tensor):
+            kw[f.name] = torch.cat(vals)
+        elif vals[0] is None:
+            kw[f.name] = None
+        else:
+            if any(v != vals[0] for v in vals[1:]):
+                raise ValueError(f"cat_rollouts: the batches differ in {f.name}")
+            kw[f.name] = vals[0]
+    offset, groups = 0, []
+    for r in parts:
+        groups.append(r.group + offset)
+        offset += int(r.group.max()) + 1 if r.batch_size else 0
+    _, kw["group"] = torch.unique_consecutive(torch.cat(groups), return_inverse=True)
+    return Rollouts(**kw)
+
+
 # ---------------------------------------------------------------------------- size guards
 #: Bytes every sampled (response, position) cell holds at least: an int64 token, a float64
 #: log-probability and a float64 token reward (the batch also holds a mask, node ids and per-row

@@ -75,7 +75,12 @@ class TrainConfig:
     loss: str | None = _f(None, "form each minibatch's loss with this policy loss of the catalog instead of the "
                           "built-in PPO clip (which is ppo_clip:CLIP_EPS with pi_old = the sampler): pg, is_token, "
                           "is_seq, tis:C, mis:lo,hi, ppo_clip:eps[,...], gspo[:eps], cispo:eps, or a plug-in "
-                          "FILE.py:FUNCTION (tpg offpolicy-help); --clip-eps then does not apply", metavar="SPEC")
+                          "FILE.py:FUNCTION (tpg offpolicy-help); --clip-eps then does not apply; with "
+                          "filter_degenerate_groups=true|same_prompt, DAPO's dynamic sampling", metavar="SPEC")
+    resample_rounds: int = _f(10, "dynamic sampling (a --loss with filter_degenerate_groups): extra sampling rounds "
+                              "per iteration to replace dropped all-equal-reward groups (verl's max_num_gen_batches); "
+                              "past them the update uses the groups kept (logged as groups_kept; none: no update)",
+                              metavar="N")
     threads: int = _f(1, "torch intra-op CPU threads of this process during the run (tiny models run fastest, "
                       "and reproducibly, on one; results may differ bitwise between thread counts)", metavar="N")
     seed: int = _f(0, "training seed in [0, 2^32 - 1]: sampling, continuations, minibatch order (the problem's "
@@ -105,13 +110,15 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.{name}: {msg}")
 
         for name in ("iters", "prompts", "group_size", "epochs", "minibatches", "checkpoint_every", "seed",
-                     "threads"):
+                     "threads", "resample_rounds"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool):
                 bad(name, f"must be an integer, got {v!r}")
         for name, low in (("prompts", 1), ("group_size", 1), ("epochs", 1), ("minibatches", 1), ("threads", 1)):
             if getattr(self, name) < low:
                 bad(name, f"must be >= {low}, got {getattr(self, name)}")
+        if not 0 <= self.resample_rounds <= 1000:
+            bad("resample_rounds", f"must be in [0, 1000], got {self.resample_rounds}")
         for name in ("iters", "checkpoint_every"):
             if getattr(self, name) < 0:
                 bad(name, f"must be >= 0, got {getattr(self, name)}")
@@ -176,12 +183,9 @@ class TrainConfig:
             from ..offpolicy.losses import get_loss
 
             try:
-                loss = get_loss(self.loss)
+                get_loss(self.loss)
             except ValueError as exc:
                 bad("loss", str(exc))
-            if loss.filter != "false":
-                bad("loss", "filter_degenerate_groups (DAPO's dynamic sampling) is verified exactly by tpg verify "
-                            "--loss but not run by the trainer; drop the option")
 
     # ------------------------------------------------------------------ derived values
     @property

@@ -54,8 +54,12 @@ Log columns (one row per iteration; row 0 is the initial policy, before any upda
   or masked, while ``w A != 0``), ``rm_mean`` (the batch's mean ``RM``), ``critic_loss`` (PPO);
 * ``kl_mu_pi`` — exact per-token ``KL(mu || pi)`` along ``mu``'s responses of the iteration's behaviour
   (0 on-policy; NaN on row 0);
+* ``groups_kept``, ``groups_dropped`` — the groups the update used and those dynamic sampling (a loss
+  with ``filter_degenerate_groups``) dropped for equal rewards (``prompts`` and 0 without it; NaN and
+  0 on row 0). When ``resample_rounds`` extra rounds leave some slots unfilled the update uses the
+  groups kept, and with none kept the iteration makes no update (``grad_norm``, ``loss`` NaN);
 * ``tokens`` — policy forward tokens spent on sampling: the batch's sampled tokens
-  (``tokens_sampled``) plus the estimator's extra ones (``tokens_extra``: TRePO's
+  (``tokens_sampled``, dropped groups' included) plus the estimator's extra ones (``tokens_extra``: TRePO's
   continuations, ReMax's greedy responses); ``tokens_total`` cumulative;
 * ``wall_s`` — seconds of the training step (sampling, advantages, updates; the memory meter's
   overhead included when on); ``eval_s`` — seconds of the exact evaluation;
@@ -90,7 +94,7 @@ from ..estimators.kl import KL_LOSS_KINDS, canonical_kl_kind, kl_value
 from ..exact.engine import solve
 from ..offpolicy.behaviour import resolve_behaviour
 from ..offpolicy.losses import LossInputs, get_loss
-from ..rollouts import check_batches_fit, sample
+from ..rollouts import cat_rollouts, check_batches_fit, sample
 from ..verify.context import MonteCarloContext, node_paths
 from .config import RESUME_FREE_FIELDS, TrainConfig, renamed_fields
 from .critic import make_critic
@@ -103,11 +107,13 @@ CHECKPOINT_FORMAT = "tpg-train-checkpoint/1"
 #: columns that differ between two runs of the same seed (time and memory measurements)
 UNREPRODUCIBLE_COLUMNS = ("wall_s", "eval_s", "peak_mem_bytes")
 LOG_COLUMNS = ("iter", "J", "kl_ref", "entropy", "entropy_token", "length", "grad_norm", "loss", "clip_frac",
-               "rm_mean", "critic_loss", "kl_mu_pi", "tokens", "tokens_sampled", "tokens_extra", "tokens_total",
+               "rm_mean", "critic_loss", "kl_mu_pi", "groups_kept", "groups_dropped", "tokens", "tokens_sampled",
+               "tokens_extra", "tokens_total",
                "wall_s", "eval_s", "held_bytes", "peak_mem_bytes", "method", "spec", "behaviour", "policy_loss",
                "critic", "seed", "reward", "problem")
 #: values of the off-policy columns in the rows of a checkpoint written before they existed (on-policy runs)
-_OFFPOLICY_DEFAULTS = {"kl_mu_pi": math.nan, "behaviour": "pi", "policy_loss": None}
+_OFFPOLICY_DEFAULTS = {"kl_mu_pi": math.nan, "behaviour": "pi", "policy_loss": None, "groups_kept": math.nan,
+                       "groups_dropped": 0}
 
 
 def _renamed_columns(row: dict) -> dict:
@@ -319,8 +325,10 @@ class Trainer:
         cfg, est = self.config, self.estimator
         with torch.no_grad():
             mu = self._behaviour_now()
-            ro = sample(self.mdp, self.policy if mu is None else mu.policy, num_prompts=cfg.prompts,
-                        group_size=cfg.group_size, generator=self.gen)
+            ro, drawn = self._sample_batch(self.policy if mu is None else mu.policy)
+            if ro is None:  # dynamic sampling kept no group: no update this iteration
+                return {**drawn, "tokens_extra": 0, "tokens": drawn["tokens_sampled"],
+                        "kl_mu_pi": 0.0 if mu is None else float(mu.mismatch["kl_token"])}
             nt = self._state_nt(ro)
             logp_mu = ro.logp.to(torch.float64)  # what the sampler reported: log mu (log pi on-policy)
             if mu is not None:  # the trainer recomputes log pi_old of the sampled tokens with its own parameters
@@ -337,7 +345,8 @@ class Trainer:
         if self.critic is not None:
             H = batch.horizon
             returns = torch.where(batch.mask, adv + ctx.last_critic_values[:, :H], torch.zeros((), dtype=adv.dtype))
-        B, M = batch.batch_size, cfg.minibatches
+        B = batch.batch_size
+        M = min(cfg.minibatches, B)  # dynamic sampling may keep fewer responses than minibatches
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
         norms, losses, clipped, critic_losses = [], [], [], []
         n_tokens = float(batch.mask.sum())
@@ -377,7 +386,39 @@ class Trainer:
                 "rm_mean": float(batch.rm.mean()),
                 "critic_loss": sum(critic_losses) / len(critic_losses) if critic_losses else math.nan,
                 "kl_mu_pi": 0.0 if mu is None else float(mu.mismatch["kl_token"]),
-                "tokens_sampled": ro.num_tokens, "tokens_extra": extra, "tokens": ro.num_tokens + extra}
+                **drawn, "tokens_extra": extra, "tokens": drawn["tokens_sampled"] + extra}
+
+    def _sample_batch(self, sampler):
+        """``(rollouts, counts)``: the iteration's groups sampled from ``sampler``. Under dynamic sampling
+        (the loss's ``filter_degenerate_groups``) a group of ``G >= 2`` whose rewards are all equal is
+        dropped and replaced -- by a fresh prompt's group (``new_prompts``, DAPO) or by a new group of the
+        same prompt (``same_prompt``) -- for up to ``resample_rounds`` more sampling rounds, after which
+        the batch holds the groups kept (``None`` when there are none). ``counts``: ``tokens_sampled``
+        (every sampled token, dropped groups' included), ``groups_kept``, ``groups_dropped``."""
+        cfg = self.config
+        G = cfg.group_size
+        mode = "false" if self.loss is None else self.loss.filter
+        ro = sample(self.mdp, sampler, num_prompts=cfg.prompts, group_size=G, generator=self.gen)
+        if mode == "false" or G < 2:
+            return ro, {"tokens_sampled": ro.num_tokens, "groups_kept": cfg.prompts, "groups_dropped": 0}
+        spent, dropped, kept = 0, 0, []
+        for round_ in range(cfg.resample_rounds + 1):
+            spent += ro.num_tokens
+            rm = ro.rm.view(-1, G)
+            ok = rm.amax(1) != rm.amin(1)  # exact equality, as the verifier conditions
+            dropped += int((~ok).sum())
+            if bool(ok.any()):
+                kept.append(ro.index(ok.repeat_interleave(G)))
+            if bool(ok.all()) or round_ == cfg.resample_rounds:
+                break
+            prompts = ro.prompt.view(-1, G)[~ok, 0]
+            if mode == "new_prompts":
+                ro = sample(self.mdp, sampler, num_prompts=int(prompts.numel()), group_size=G, generator=self.gen)
+            else:
+                ro = sample(self.mdp, sampler, prompts=prompts, group_size=G, generator=self.gen)
+        n_kept = sum(r.batch_size for r in kept) // G
+        counts = {"tokens_sampled": spent, "groups_kept": n_kept, "groups_dropped": dropped}
+        return (cat_rollouts(kept) if kept else None), counts
 
     def step(self) -> dict:
         """One training iteration and the exact evaluation after it; returns (and logs) its row."""
@@ -401,7 +442,8 @@ class Trainer:
         ev = self.evaluate()
         cfg = self.config
         row = {"iter": it, **ev, "grad_norm": math.nan, "loss": math.nan, "clip_frac": math.nan,
-               "rm_mean": math.nan, "critic_loss": math.nan, "kl_mu_pi": math.nan, "tokens": 0, "tokens_sampled": 0, "tokens_extra": 0,
+               "rm_mean": math.nan, "critic_loss": math.nan, "kl_mu_pi": math.nan, "groups_kept": math.nan,
+               "groups_dropped": 0, "tokens": 0, "tokens_sampled": 0, "tokens_extra": 0,
                "wall_s": 0.0, "held_bytes": self.held_bytes(), "peak_mem_bytes": math.nan}
         row.update(stats)
         row.update(tokens_total=self.tokens_total, method=self.method, spec=self.estimator.spec,
