@@ -101,3 +101,23 @@ def test_the_grammar_imports_no_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_users_own_stage_object_keeps_its_own_spec():
+    """Stage objects (not specs) are accepted by resolve_behaviour: a user's subclass with its own name and
+    options writes its spec from its own declarations, not the catalog's."""
+    from tpg.estimators.options import Option
+    from tpg.offpolicy.behaviour import Stage, Temperature
+
+    class Sharpen(Stage):
+        name = "sharpen"
+        positional = ("k",)
+        OPTIONS = {"k": Option(2.0, "float", "factor", low=0.0)}
+
+        def apply(self, z_nv, env):
+            return z_nv * self.values["k"]
+
+    class Tagged(Temperature):
+        OPTIONS = {**Temperature.OPTIONS, "extra": Option(0, "int", "a user's tag")}
+
+    assert Sharpen({"k": 3.0}).spec == "sharpen:3" and Tagged({"T": 2.0, "extra": 3}).spec == "temperature:2,extra=3"

@@ -401,6 +401,22 @@ def test_a_checkpoint_and_a_log_of_the_old_field_names_still_resume(tmp_path):
     assert read_checkpoint(ck)["config"]["estimator"] == "grpo"
 
 
+def test_a_checkpoint_from_before_a_config_field_existed_resumes(tmp_path):
+    """A checkpoint written before resample_rounds existed (its config lacks the field) ran with the field's
+    default behaviour: it resumes under the default and is refused under another value."""
+    from tpg.train.trainer import checkpoint_bytes, read_checkpoint
+
+    ck = tmp_path / "old.ckpt"
+    train(quick(estimator="grpo", iters=2, checkpoint=str(ck)))
+    state = read_checkpoint(ck)
+    del state["config"]["resample_rounds"]
+    ck.write_bytes(checkpoint_bytes(state))
+    with pytest.raises(ValueError, match="TrainConfig.resample_rounds: the checkpoint was made with resample_rounds=10"):
+        train(quick(estimator="grpo", iters=4, checkpoint=str(ck), resume=True, resample_rounds=3))
+    resumed = train(quick(estimator="grpo", iters=4, checkpoint=str(ck), resume=True))
+    same_log(resumed, train(quick(estimator="grpo", iters=4)))
+
+
 def test_cli_bad_input_exits_2(cli, capsys):
     assert cli(["train", "--estimator", "grpo", "--mdp", TAB, "--iters", "-2"]) == 2
     assert "tpg: error: TrainConfig.iters" in capsys.readouterr().err

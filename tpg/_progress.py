@@ -3,6 +3,9 @@
 ``progress`` is ``True`` (show a bar), ``False`` (none) or ``None`` (auto: a bar only when stderr is a
 terminal, so logs, pipes and CI output stay free of carriage-return noise). The command line's
 ``--progress/--no-progress`` (absent: auto) passes its value straight through.
+
+:class:`Note` is the warning category of what a long run tells its user in passing (the command line
+prints it as one ``tpg: note: ...`` line on stderr; in Python it is an ordinary warning).
 """
 
 from __future__ import annotations
@@ -32,4 +35,8 @@ def progress_bar(progress: bool | None, **kw):
     return tqdm(disable=not show_progress(progress, kw["file"]), **kw)
 
 
-__all__ = ["show_progress", "progress_bar"]
+class Note(UserWarning):
+    """Something a run tells its user in passing, printed by the command line as ``tpg: note: ...``."""
+
+
+__all__ = ["show_progress", "progress_bar", "Note"]

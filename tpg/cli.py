@@ -348,10 +348,12 @@ def run_command(args) -> int:
 
 
 def _note_warnings(previous):
-    """A ``warnings.showwarning`` that prints deprecations (``FutureWarning``) as one line ``tpg: note: ...``
-    and hands every other warning to ``previous``."""
+    """A ``warnings.showwarning`` that prints deprecations (``FutureWarning``) and tpg's notes
+    (:class:`tpg._progress.Note`) as one line ``tpg: note: ...`` and hands every other warning to ``previous``."""
+    from ._progress import Note
+
     def show(message, category, filename, lineno, file=None, line=None) -> None:
-        if issubclass(category, FutureWarning):
+        if issubclass(category, (FutureWarning, Note)):
             print(f"tpg: note: {message}", file=sys.stderr if file is None else file)
         else:
             previous(message, category, filename, lineno, file, line)

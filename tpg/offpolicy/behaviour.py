@@ -78,8 +78,8 @@ import torch
 from .._io import unwrap_checkpoint
 from ..exact.engine import solve
 from ..policies.base import Policy
-from ._spec import fmt_value
-from .specs import PRECISION_NAMES, STAGE_DECLS, StageNode, mix_spec, parse_behaviour, stage_spec
+from ._spec import canonical, fmt_value
+from .specs import PRECISION_NAMES, STAGE_DECLS, StageNode, mix_spec, parse_behaviour
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 assert tuple(PRECISIONS) == PRECISION_NAMES
@@ -152,7 +152,7 @@ class Stage:
 
     @property
     def spec(self) -> str:
-        return stage_spec(self.name, self.values)
+        return canonical(self.name, self.values, self.positional, self.OPTIONS)
 
     def apply(self, z_nv: torch.Tensor, env: _Env) -> torch.Tensor:
         raise NotImplementedError

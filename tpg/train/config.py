@@ -77,10 +77,10 @@ class TrainConfig:
                           "is_seq, tis:C, mis:lo,hi, ppo_clip:eps[,...], gspo[:eps], cispo:eps, or a plug-in "
                           "FILE.py:FUNCTION (tpg offpolicy-help); --clip-eps then does not apply; with "
                           "filter_degenerate_groups=true|same_prompt, DAPO's dynamic sampling", metavar="SPEC")
-    resample_rounds: int = _f(10, "dynamic sampling (a --loss with filter_degenerate_groups): extra sampling rounds "
-                              "per iteration to replace dropped all-equal-reward groups (verl's max_num_gen_batches); "
-                              "past them the update uses the groups kept (logged as groups_kept; none: no update)",
-                              metavar="N")
+    resample_rounds: int = _f(10, "dynamic sampling (a --loss with filter_degenerate_groups): sampling rounds after "
+                              "the first to replace dropped all-equal-reward groups (0: none; like verl's "
+                              "max_num_gen_batches - 1, but where verl stops with an error the update uses the "
+                              "groups kept, logged as groups_kept; none kept: no update)", metavar="N")
     threads: int = _f(1, "torch intra-op CPU threads of this process during the run (tiny models run fastest, "
                       "and reproducibly, on one; results may differ bitwise between thread counts)", metavar="N")
     seed: int = _f(0, "training seed in [0, 2^32 - 1]: sampling, continuations, minibatch order (the problem's "

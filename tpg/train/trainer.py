@@ -82,13 +82,15 @@ import os
 import signal
 import threading
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import torch
 
 from .._io import CHECKPOINT_ENVELOPE, unwrap_checkpoint
+from .._progress import Note
 from ..estimators import ResponseBatch, ppo_clip_loss
 from ..estimators.kl import KL_LOSS_KINDS, canonical_kl_kind, kl_value
 from ..exact.engine import solve
@@ -220,6 +222,7 @@ class Trainer:
         self.iteration = 0
         self.rows: list[dict] = []
         self.tokens_total = 0
+        self._noted_unfilled = False  # the same_prompt note is given once per run
         self._sol = None
 
     # ------------------------------------------------------------------ pieces
@@ -417,6 +420,13 @@ class Trainer:
             else:
                 ro = sample(self.mdp, sampler, prompts=prompts, group_size=G, generator=self.gen)
         n_kept = sum(r.batch_size for r in kept) // G
+        if mode == "same_prompt" and n_kept < cfg.prompts and not self._noted_unfilled:
+            self._noted_unfilled = True
+            warnings.warn(f"dynamic sampling same_prompt: iteration {self.iteration + 1} left "
+                          f"{cfg.prompts - n_kept} of {cfg.prompts} prompts without a non-degenerate group after "
+                          f"{cfg.resample_rounds} extra rounds; such iterations drop those prompts, so the kept "
+                          f"prompts lean towards those whose rewards vary (not rho, the law tpg verify conditions "
+                          f"on); groups_kept in the log shows when (noted once per run)", Note, stacklevel=2)
         counts = {"tokens_sampled": spent, "groups_kept": n_kept, "groups_dropped": dropped}
         return (cat_rollouts(kept) if kept else None), counts
 
@@ -549,8 +559,10 @@ class Trainer:
         for f in fields(TrainConfig):
             if f.name in RESUME_FREE_FIELDS:
                 continue
-            if saved.get(f.name) != getattr(trainer.config, f.name):
-                raise ValueError(f"TrainConfig.{f.name}: the checkpoint was made with {f.name}={saved.get(f.name)!r}, "
+            # a field the checkpoint lacks is newer than it: that run had the field's default behaviour
+            was = saved[f.name] if f.name in saved else (None if f.default is MISSING else f.default)
+            if was != getattr(trainer.config, f.name):
+                raise ValueError(f"TrainConfig.{f.name}: the checkpoint was made with {f.name}={was!r}, "
                                  f"not {getattr(trainer.config, f.name)!r}")
         if state["iteration"] > config.iters:
             raise ValueError(f"TrainConfig.iters: the checkpoint is at iteration {state['iteration']}, past "
