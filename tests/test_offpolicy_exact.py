@@ -337,15 +337,12 @@ def test_every_estimator_and_aggregation_mode_combines_with_a_loss(agg):
     _combine(agg, compare_on_policy=True)
 
 
-def test_batch_layouts_where_the_verifier_has_them():
+def test_batch_layouts():
     """verl's batch:PxN layout (P prompt draws with N responses each, from the plug-in layouts): is_token at
     mu = pi is the on-policy verifier, and DAPO's new_prompts filter rescales a leave-one-out estimator by
     1/Z (its degenerate groups have zero advantage; the P slots are independent)."""
-    import importlib
     from pathlib import Path
 
-    if not hasattr(importlib.import_module("tpg.verify.exact_moments"), "rows_per_batch"):
-        pytest.skip("this verifier has no batch:PxN layout yet (it comes with the plug-in layouts)")
     path = Path(__file__).resolve().parent.parent / "examples/plugins/rloo_simple.py"
     mdp, pol = mdp_from_spec(SPARSE)
     sol = solve(mdp, pol)
