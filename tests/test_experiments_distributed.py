@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from _ci import skip_unless_ci
 
 import _dist_study
 import tpg
@@ -343,7 +344,7 @@ class TestRay:
         """A local ray instance with 2 CPUs, started by the runner's own cluster_session."""
         ray = pytest.importorskip("ray")
         if ray.is_initialized():
-            pytest.skip("this process is already connected to a ray cluster")
+            skip_unless_ci("this process is already connected to a ray cluster")
         with cluster_session("ray", n_jobs=2) as s:
             s.connect()
             yield s
